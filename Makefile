@@ -1,0 +1,42 @@
+# ComfyUI-HY-WU: `make demo` runs the built-in demo, `make test` runs the test suite.
+# Both create/refresh the virtual environment .venv/ from the project's own files first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Torch for the venv. A CPU build keeps it small; on a CUDA machine set TORCH_SPEC / TORCH_INDEX,
+# e.g. `make test TORCH_INDEX=https://download.pytorch.org/whl/cu128`.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+
+.PHONY: venv comfyui chromium test test-core demo bench clean
+
+venv: $(VENV)/.stamp
+
+$(VENV)/.stamp: requirements.txt requirements-train.txt requirements-dev.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+comfyui: venv
+	bash scripts/setup_comfyui.sh
+
+chromium:
+	bash scripts/setup_chromium.sh
+
+test: venv comfyui chromium
+	$(PY) -m pytest
+
+# The pure-torch core only (seconds; no ComfyUI needed).
+test-core: venv
+	$(PY) -m pytest tests/test_core_*.py
+
+demo: venv comfyui
+	$(PY) scripts/demo.py
+
+bench: venv
+	$(PY) bench/generator.py
+
+clean:
+	rm -rf $(VENV) .cache output

@@ -1,0 +1,187 @@
+"""The HY-WU parameter generator.
+
+Learned parameter queries (one per rank-anchored token slot) are refined by blocks of
+  self-attention along the layer axis -> self-attention within a layer ->
+  cross-attention to the condition tokens -> feed-forward,
+each pre-RMSNorm with a residual. The condition enters only through cross-attention. Separate
+heads write A- and B-tokens; the B head starts at zero, so a fresh generator's LoRAs are zero
+and the patched base equals the base.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .conditions import Condition, ConditionSpec
+from .functional_lora import GeneratedLoRA
+from .layers import Attention, FeedForward, RMSNorm, rope_angles, rope_angles_2d
+from .targets import TargetSpec
+from .tokenizer import ParameterTokenizer
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(d_model=64, n_blocks=2, n_heads=4, token_width=16),  # tests and micro bases
+    "small": dict(d_model=384, n_blocks=6, n_heads=6, token_width=64),  # SD1.5-sized bases
+    "medium": dict(d_model=1024, n_blocks=12, n_heads=16, token_width=128),
+    "large": dict(d_model=2048, n_blocks=24, n_heads=16, token_width=128),  # DiT bases on big GPUs
+}
+
+
+@dataclass
+class GeneratorConfig:
+    d_model: int = 64
+    n_blocks: int = 2
+    n_heads: int = 4
+    ffn_mult: float = 4.0
+    token_width: int = 16
+    rank: int = 16
+    alpha: float = 64.0
+    row_tokens: int | None = None  # tokens per grid row; None = chosen from the target spec
+    gradient_checkpointing: bool = False
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> "GeneratorConfig":
+        if preset not in PRESETS:
+            raise ValueError(f"unknown generator preset '{preset}'; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[preset], **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GeneratorConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown generator config field(s) {sorted(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class GeneratorBlock(nn.Module):
+    def __init__(self, cfg: GeneratorConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.norm_layers, self.attn_layers = RMSNorm(d), Attention(d, cfg.n_heads)
+        self.norm_inlayer, self.attn_inlayer = RMSNorm(d), Attention(d, cfg.n_heads)
+        self.norm_cross, self.attn_cross = RMSNorm(d), Attention(d, cfg.n_heads)
+        self.norm_ffn, self.ffn = RMSNorm(d), FeedForward(d, cfg.ffn_mult)
+
+    def forward(self, x, context, context_mask, slot_mask, layer_angles, inlayer_angles):
+        b, n, p, d = x.shape
+        # Along the layer axis: sequence = layers, batched over positions.
+        h = self.norm_layers(x).transpose(1, 2).reshape(b * p, n, d)
+        key_mask = slot_mask.t().unsqueeze(0).expand(b, p, n).reshape(b * p, n)
+        h = self.attn_layers(h, key_mask=key_mask, angles=layer_angles)
+        x = x + h.view(b, p, n, d).transpose(1, 2)
+        # Within a layer: sequence = positions, batched over layers.
+        h = self.norm_inlayer(x).reshape(b * n, p, d)
+        key_mask = slot_mask.unsqueeze(0).expand(b, n, p).reshape(b * n, p)
+        h = self.attn_inlayer(h, key_mask=key_mask, angles=inlayer_angles)
+        x = x + h.view(b, n, p, d)
+        # Cross-attention to the condition tokens.
+        h = self.attn_cross(self.norm_cross(x).view(b, n * p, d), context=context, key_mask=context_mask)
+        x = x + h.view(b, n, p, d)
+        return x + self.ffn(self.norm_ffn(x))
+
+
+class HYWUGenerator(nn.Module):
+    def __init__(self, config: GeneratorConfig, targets: TargetSpec, conditions: ConditionSpec):
+        super().__init__()
+        if (config.d_model // config.n_heads) % 4:
+            raise ValueError("d_model / n_heads must be divisible by 4 (2D rotary embedding)")
+        self.tokenizer = tok = ParameterTokenizer(targets, config.rank, config.token_width, config.row_tokens)
+        # Record the resolved row length so a saved generator rebuilds the same grid.
+        self.config = config = replace(config, row_tokens=tok.row_tokens)
+        self.target_spec, self.condition_spec = targets, conditions
+        d, n, p = config.d_model, tok.n_rows, tok.n_positions
+        token_dim = config.rank * config.token_width
+
+        # Parameter queries: input-independent learned embeddings.
+        self.layer_embed = nn.Parameter(torch.randn(n, d) * 0.02)
+        self.position_embed = nn.Parameter(torch.randn(p, d) * 0.02)
+        self.part_embed = nn.Parameter(torch.randn(2, d) * 0.02)  # A-token vs B-token
+
+        self.cond_proj = nn.ModuleDict({s.name: nn.Linear(s.width, d) for s in conditions.sources})
+        self.cond_pos = nn.ParameterDict({s.name: nn.Parameter(torch.randn(s.max_tokens, d) * 0.02) for s in conditions.sources})
+        self.cond_norm = RMSNorm(d)
+
+        self.blocks = nn.ModuleList(GeneratorBlock(config) for _ in range(config.n_blocks))
+        self.out_norm = RMSNorm(d)
+        self.head_a = nn.Linear(d, token_dim)
+        self.head_b = nn.Linear(d, token_dim)
+        nn.init.zeros_(self.head_b.weight)
+        nn.init.zeros_(self.head_b.bias)
+
+        self.register_index_buffers()
+
+    def register_index_buffers(self) -> None:
+        """Slot masks, rotary angles and head scatter indices, derived from the specs (always
+        built on the CPU, so a generator materialised from 'meta' can rebuild them)."""
+        tok, cfg = self.tokenizer, self.config
+        n, head_dim = tok.n_rows, cfg.d_model // cfg.n_heads
+        self.register_buffer("slot_mask", tok.mask, persistent=False)
+        self.register_buffer("slot_part", tok.part, persistent=False)
+        self.register_buffer("layer_angles", rope_angles(torch.arange(n, device="cpu"), head_dim), persistent=False)
+        self.register_buffer("inlayer_angles", rope_angles_2d(tok.part, tok.chunk, head_dim), persistent=False)
+        flat_mask, flat_part = tok.mask.flatten(), tok.part.flatten()
+        self.register_buffer("a_slots", torch.nonzero(flat_mask & (flat_part == 0)).squeeze(1), persistent=False)
+        self.register_buffer("b_slots", torch.nonzero(flat_mask & (flat_part == 1)).squeeze(1), persistent=False)
+        # A entries are scaled by 1/sqrt(d_in) so x @ A^T stays O(1) whatever the layer width.
+        d_in = torch.tensor([t.d_in ** -0.5 for t in self.target_spec.targets], device="cpu")
+        a_scale = d_in.repeat_interleave(torch.tensor(tok.a_chunks, device="cpu"))
+        self.register_buffer("a_scale", a_scale[:, None], persistent=False)
+
+    @property
+    def scale(self) -> float:
+        return self.config.alpha / self.config.rank
+
+    def encode_condition(self, cond: Condition) -> tuple[torch.Tensor, torch.Tensor]:
+        cond.validate(self.condition_spec)
+        dtype = self.layer_embed.dtype
+        tokens, masks = [], []
+        for s in self.condition_spec.sources:
+            t = cond.tokens[s.name].to(self.layer_embed.device, dtype)
+            tokens.append(self.cond_proj[s.name](t) + self.cond_pos[s.name][: t.shape[1]])
+            masks.append(cond.mask(s.name).to(self.layer_embed.device))
+        return self.cond_norm(torch.cat(tokens, 1)), torch.cat(masks, 1)
+
+    def forward(self, cond: Condition) -> torch.Tensor:
+        """Condition -> token grid (batch, rows, positions, rank, token_width)."""
+        context, context_mask = self.encode_condition(cond)
+        b = context.shape[0]
+        n, p = self.slot_mask.shape
+        x = self.layer_embed[:, None] + self.position_embed[None] + self.part_embed[self.slot_part]
+        x = x.unsqueeze(0).expand(b, n, p, -1)
+        inlayer_angles = self.inlayer_angles.unsqueeze(0).expand(b, -1, -1, -1).reshape(b * n, 1, p, -1)
+        args = (context, context_mask, self.slot_mask, self.layer_angles, inlayer_angles)
+        for block in self.blocks:
+            if self.config.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, *args, use_reentrant=False)
+            else:
+                x = block(x, *args)
+        x = self.out_norm(x).reshape(b, n * p, -1)
+        r, w = self.config.rank, self.config.token_width
+        out = x.new_zeros(b, n * p, r * w)
+        out = out.index_copy(1, self.a_slots, self.head_a(x[:, self.a_slots]) * self.a_scale.to(x.dtype))
+        out = out.index_copy(1, self.b_slots, self.head_b(x[:, self.b_slots]))
+        return out.view(b, n, p, r, w)
+
+    def generate(self, cond: Condition) -> GeneratedLoRA:
+        """One LoRA per condition in the batch."""
+        return GeneratedLoRA(self.tokenizer.detokenize(self(cond)), self.scale)
+
+
+def describe(config: GeneratorConfig, targets: TargetSpec, conditions: ConditionSpec) -> dict:
+    """Sizes of a generator for a target spec, without allocating its weights."""
+    with torch.device("meta"):
+        gen = HYWUGenerator(config, targets, conditions)
+    tok = gen.tokenizer
+    return {
+        "targets": len(targets.targets),
+        "parameter_tokens": tok.n_tokens,
+        "token_grid": [tok.n_rows, tok.n_positions],
+        "generated_elements": targets.lora_elements(config.rank),
+        "generator_parameters": sum(p.numel() for p in gen.parameters()),
+    }

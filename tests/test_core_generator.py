@@ -1,0 +1,148 @@
+import copy
+
+import pytest
+import torch
+
+from hywu_nodes.core import Condition, GeneratorConfig, HYWUGenerator, build_target_spec, describe, lora_patched, merge_lora_
+from tiny_models import COND_SPEC, flux_inputs, make_condition, make_generator, tiny_flux, tiny_unet, unet_inputs
+
+def base_params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("family,build,inputs", [("sd15_ip2p", tiny_unet, unet_inputs), ("flux_kontext", tiny_flux, flux_inputs)])
+def test_zero_init_b_leaves_base_output_unchanged(family, build, inputs):
+    model = build()
+    gen = make_generator(model, family)
+    lora = gen.generate(make_condition(2))
+    assert all(not b.any() for _, b in lora.weights.values())
+    assert any(a.abs().sum() > 0 for a, _ in lora.weights.values())
+    x = inputs(2)
+    with torch.no_grad():
+        ref = model(**x)[0]
+        with lora_patched(model, lora):
+            out = model(**x)[0]
+    assert torch.equal(out, ref)
+
+
+def test_optimizer_step_trains_generator_only():
+    unet = tiny_unet()
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    before = base_params(unet)
+    gen = make_generator(unet, "sd15_ip2p")
+    gen_before = {k: v.detach().clone() for k, v in gen.state_dict().items()}
+    opt = torch.optim.AdamW(gen.parameters(), lr=1e-3)
+    x = unet_inputs(2)
+    for _ in range(3):  # step 1 moves the zero B head; afterwards gradients reach every block
+        with lora_patched(unet, gen.generate(make_condition(2))):
+            loss = unet(**x).sample.pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        grads = [p.grad for p in gen.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+        opt.step()
+    after = gen.state_dict()
+    changed = [k for k in gen_before if not torch.equal(gen_before[k], after[k])]
+    assert "head_b.weight" in changed and any(k.startswith("blocks.0.") for k in changed) and "layer_embed" in changed
+    for k, v in unet.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in unet.parameters())
+
+
+def test_samples_are_independent():
+    unet = tiny_unet()
+    gen = make_generator(unet, "sd15_ip2p", nonzero_b=True).eval()
+    c1, c2 = make_condition(3, seed=0), make_condition(3, seed=0)
+    c2.tokens["text"][2] += 1.0
+    c2.tokens["image"][2] -= 1.0
+    x = unet_inputs(3)
+    with torch.no_grad():
+        l1, l2 = gen.generate(c1), gen.generate(c2)
+        with lora_patched(unet, l1):
+            o1 = unet(**x).sample
+        with lora_patched(unet, l2):
+            o2 = unet(**x).sample
+    for name, (a, b) in l1.weights.items():
+        a2, b2 = l2.weights[name]
+        torch.testing.assert_close(a2[:2], a[:2], rtol=0, atol=1e-6)
+        torch.testing.assert_close(b2[:2], b[:2], rtol=0, atol=1e-6)
+    assert not torch.allclose(l2.weights[name][1][2], b[2])
+    torch.testing.assert_close(o2[:2], o1[:2], rtol=0, atol=1e-5)
+    assert (o2[2] - o1[2]).abs().max() > 1e-4
+
+
+def test_functional_lora_equals_merged_weights():
+    unet = tiny_unet()
+    gen = make_generator(unet, "sd15_ip2p", nonzero_b=True).eval()
+    x = unet_inputs(1)
+    with torch.no_grad():
+        lora = gen.generate(make_condition(1))
+        base = unet(**x).sample
+        with lora_patched(unet, lora, strength=0.7):
+            functional = unet(**x).sample
+        merged = merge_lora_(copy.deepcopy(unet), lora, strength=0.7)(**x).sample
+    assert (functional - base).abs().max() > 1e-3  # the LoRA does something
+    torch.testing.assert_close(functional, merged, rtol=1e-4, atol=1e-5)
+
+
+def test_cfg_duplicated_batch_uses_each_samples_lora():
+    unet = tiny_unet()
+    gen = make_generator(unet, "sd15_ip2p", nonzero_b=True).eval()
+    x = unet_inputs(2)
+    doubled = {k: torch.cat([v, v]) if k != "encoder_hidden_states" else torch.cat([torch.zeros_like(v), v]) for k, v in x.items()}
+    with torch.no_grad():
+        lora = gen.generate(make_condition(2))
+        with lora_patched(unet, lora):
+            out = unet(**doubled).sample  # [uncond0, uncond1, cond0, cond1]
+        for i in range(2):
+            single = {k: v[[i, i + 2]] for k, v in doubled.items()}
+            with lora_patched(unet, lora.select(i)):
+                ref = unet(**single).sample
+            torch.testing.assert_close(out[[i, i + 2]], ref, rtol=1e-4, atol=1e-5)
+        explicit = torch.tensor([1, 0, 1, 0])  # an explicit sample -> LoRA map
+        with lora_patched(unet, lora, sample_to_lora=explicit):
+            swapped = unet(**doubled).sample
+    with lora_patched(unet, lora.select(1)), torch.no_grad():
+        ref0 = unet(**{k: v[[0]] for k, v in doubled.items()}).sample
+    torch.testing.assert_close(swapped[[0]], ref0, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="does not divide"), lora_patched(unet, lora):
+        unet(**unet_inputs(3))
+
+
+def test_same_seed_same_lora_and_checkpointing_matches():
+    unet = tiny_unet()
+    cond = make_condition(2)
+    g1 = make_generator(unet, "sd15_ip2p", seed=3, nonzero_b=True)
+    g2 = make_generator(unet, "sd15_ip2p", seed=3, nonzero_b=True, gradient_checkpointing=True)
+    t1, t2 = g1(cond), g2(cond)
+    assert torch.equal(t1, t2)
+    t1.square().sum().backward()
+    t2.square().sum().backward()
+    for (n, p1), (_, p2) in zip(g1.named_parameters(), g2.named_parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-3, msg=n)  # summation order differs
+    assert not torch.equal(make_generator(unet, "sd15_ip2p", seed=4, nonzero_b=True)(cond), t1)
+
+
+def test_condition_errors_are_clear():
+    gen = make_generator(tiny_unet(), "sd15_ip2p")
+    cond = make_condition(2)
+    with pytest.raises(ValueError, match="missing source"):
+        gen(Condition({"text": cond.tokens["text"]}))
+    with pytest.raises(ValueError, match=r"expects \(batch, tokens, 16\)"):
+        gen(Condition({"text": cond.tokens["text"], "image": torch.randn(2, 16, 8)}))
+    with pytest.raises(ValueError, match="different batch sizes"):
+        gen(Condition({"text": cond.tokens["text"], "image": torch.randn(3, 16, 16)}))
+
+
+def test_describe_matches_a_real_generator():
+    unet = tiny_unet()
+    spec = build_target_spec(unet, "sd15_ip2p")
+    cfg = GeneratorConfig.from_preset("tiny", rank=4)
+    info = describe(cfg, spec, COND_SPEC)
+    gen = HYWUGenerator(cfg, spec, COND_SPEC)
+    assert info["generator_parameters"] == sum(p.numel() for p in gen.parameters())
+    assert info["generated_elements"] == sum(a[0].numel() + b[0].numel() for a, b in gen.generate(make_condition(1)).weights.values())
+    assert info["parameter_tokens"] == int(gen.slot_mask.sum())
+    with pytest.raises(ValueError, match="unknown generator preset"):
+        GeneratorConfig.from_preset("huge")
