@@ -1,0 +1,1 @@
+"""HY-WU trainer: `python -m trainer.train --help` (docs/train.md)."""

@@ -1,0 +1,186 @@
+"""Training configuration: dataclasses, YAML loading, ``--section.key=value`` overrides, and
+validation with messages that say what to fix."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from hywu_nodes.core import BASE_FAMILIES, PRESETS
+
+METHODS = ("hywu", "shared_lora", "per_task_lora")
+SOURCES = ("synthetic", "manifest", "parquet")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+@dataclass
+class BaseConfig:
+    family: str = "sd15_ip2p"  # one of BASE_FAMILIES
+    path: str = ""  # local diffusers folder (or, for sd15_ip2p, a single-file checkpoint)
+    tiny: bool = False  # build a seeded tiny base into `path` if it is missing (tests/demo only)
+    resolution: int = 32  # training/condition resolution (square bucket, multiple of 16)
+    text_tokens: int | None = None  # text condition length; None = family default (77 / 512 / 1024)
+    targets: list[str] | None = None  # regexes of adapted linear layers; None = family default
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | manifest (JSONL/CSV) | parquet (folder)
+    path: str = ""  # manifest file or parquet folder
+    n_train: int = 64  # synthetic: number of training examples
+    n_val: int = 4  # validation examples in the PNG grid (from the val split / first rows)
+    tasks: list[str] | None = None  # synthetic: restrict to these tasks
+
+
+@dataclass
+class GeneratorSection:
+    preset: str = "tiny"
+    rank: int = 4
+    alpha: float = 4.0
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TrainSection:
+    method: str = "hywu"  # hywu | shared_lora | per_task_lora
+    max_steps: int = 30
+    batch_size: int = 4  # per process
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+    base_gradient_checkpointing: bool = False
+    drop_text: float | None = None  # CFG dropout of the base's text condition; None = family default
+    drop_image: float | None = None  # CFG dropout of the base's image condition; None = family default
+    timestep_sampling: str = "logit_normal"  # flow families: logit_normal | uniform
+    save_every: int = 0  # steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2
+    validate_every: int = 0  # steps between PNG grids (0 = only at the end)
+    validate_steps: int = 4  # sampler steps of the validation edits
+    log_every: int = 1
+
+
+@dataclass
+class TrainConfig:
+    name: str = "demo"
+    output: str = "output/train/demo"
+    base: BaseConfig = field(default_factory=BaseConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generator: GeneratorSection = field(default_factory=GeneratorSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message says which key and what is allowed."""
+
+
+def _coerce(value: Any, current: Any, key: str) -> Any:
+    if isinstance(value, str) and not isinstance(current, str):
+        raw, value = value, yaml.safe_load(value)  # "true" -> bool, "[a, b]" -> list, "null" -> None
+        if isinstance(value, str):
+            try:
+                value = float(raw) if "." in raw or "e" in raw.lower() else int(raw)  # YAML 1.1 reads "5e-4" as text
+            except ValueError:
+                pass
+    if isinstance(current, bool) and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if current is not None and value is not None and type(value) is not type(current) and not isinstance(current, list):
+        raise ConfigError(f"{key} must be {type(current).__name__}, got {value!r}")
+    return value
+
+
+def apply(cfg: TrainConfig, data: dict, prefix: str = "") -> None:
+    """Merge a nested dict into ``cfg``; unknown keys are errors naming the known ones."""
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        target = cfg
+        if not hasattr(target, key):
+            known = ", ".join(f.name for f in dataclasses.fields(target))
+            raise ConfigError(f"unknown config key '{full}'; known here: {known}")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{full}' is a section; give it keys, e.g. {full}.{dataclasses.fields(current)[0].name}=...")
+            apply(current, value, full + ".")
+        else:
+            setattr(target, key, _coerce(value, current, full))
+
+
+def set_dotted(cfg: TrainConfig, dotted: str, value: str) -> None:
+    parts = dotted.split(".")
+    nested: dict = {}
+    d = nested
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+    d[parts[-1]] = value
+    apply(cfg, nested)
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
+    cfg = TrainConfig()
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a config is a YAML mapping of sections (base, data, generator, train)")
+        apply(cfg, data)
+    for item in overrides:
+        key, sep, value = item.lstrip("-").partition("=")
+        if not sep:
+            raise ConfigError(f"override '{item}' must look like --section.key=value")
+        set_dotted(cfg, key.replace("-", "_"), value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    b, d, g, t = cfg.base, cfg.data, cfg.generator, cfg.train
+    problems = []
+    if b.family not in BASE_FAMILIES:
+        problems.append(f"base.family '{b.family}' is not one of {', '.join(BASE_FAMILIES)}")
+    if not b.path:
+        problems.append("base.path is empty: give the local diffusers folder of the frozen base")
+    if b.resolution % 16 or b.resolution < 16:
+        problems.append(f"base.resolution {b.resolution} must be a positive multiple of 16")
+    if d.source not in SOURCES:
+        problems.append(f"data.source '{d.source}' is not one of {', '.join(SOURCES)}")
+    if d.source != "synthetic" and not d.path:
+        problems.append(f"data.path is empty: data.source={d.source} needs a {'manifest file' if d.source == 'manifest' else 'folder of .parquet files'}")
+    if g.preset not in PRESETS:
+        problems.append(f"generator.preset '{g.preset}' is not one of {', '.join(PRESETS)}")
+    if t.method not in METHODS:
+        problems.append(f"train.method '{t.method}' is not one of {', '.join(METHODS)}")
+    if t.mixed_precision not in PRECISIONS:
+        problems.append(f"train.mixed_precision '{t.mixed_precision}' is not one of {', '.join(PRECISIONS)}")
+    if t.lr_schedule not in ("constant", "cosine"):
+        problems.append(f"train.lr_schedule '{t.lr_schedule}' is not constant or cosine")
+    if t.timestep_sampling not in ("logit_normal", "uniform"):
+        problems.append(f"train.timestep_sampling '{t.timestep_sampling}' is not logit_normal or uniform")
+    if t.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"train.device '{t.device}' is not auto, cpu or cuda")
+    for k in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "validate_steps", "log_every"):
+        if getattr(t, k) < 1:
+            problems.append(f"train.{k} must be at least 1")
+    for k in ("drop_text", "drop_image"):
+        v = getattr(t, k)
+        if v is not None and not 0 <= v < 1:
+            problems.append(f"train.{k} must be in [0, 1)")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

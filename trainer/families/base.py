@@ -1,0 +1,148 @@
+"""What every base family adapter provides, plus helpers they share.
+
+An adapter owns the frozen parts of one base (denoiser, text encoder(s), VAE, noise schedule)
+and answers three questions: how to encode a batch (frozen, no grad), what the generator's
+condition is, and what the loss is for one forward of the denoiser. The caller installs the
+LoRA (``core.lora_patched``) around :meth:`FamilyAdapter.loss` and :meth:`FamilyAdapter.sample`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hywu_nodes.core import Condition, ConditionSpec
+
+
+class BaseFolderError(FileNotFoundError):
+    """The configured base is missing or incomplete; the message names the path and what it needs."""
+
+
+def check_base_folder(path: str, family: str, required: dict[str, str]) -> Path:
+    """Fail at start (not an hour in) when ``path`` is not a usable diffusers folder."""
+    p = Path(path)
+    need = "\n".join(f"    {k}/  ({v})" for k, v in required.items())
+    if not p.exists():
+        raise BaseFolderError(f"base.path {p} does not exist. For base.family={family} it must be a local diffusers folder containing:\n{need}")
+    if not p.is_dir():
+        raise BaseFolderError(f"base.path {p} is a file; base.family={family} needs a local diffusers folder containing:\n{need}\n"
+                              "(convert a single-file checkpoint once with diffusers' from_single_file + save_pretrained)")
+    missing = [k for k in required if not (p / k).is_dir() or not any((p / k).iterdir())]
+    if missing:
+        raise BaseFolderError(f"base.path {p} is missing {', '.join(s + '/' for s in missing)}. For base.family={family} the folder must contain:\n{need}")
+    return p
+
+
+def freeze(*modules: nn.Module) -> None:
+    """Frozen parts: no grads, eval mode (no dropout), never in the optimizer."""
+    for m in modules:
+        m.requires_grad_(False)
+        m.eval()
+
+
+def sample_generators(seed: int, step: int, keys: list[int]) -> list[torch.Generator]:
+    """One CPU generator per sample, keyed by (seed, step, global slot): noise, timesteps and
+    dropout do not depend on how the global batch is split over processes or on resuming."""
+    return [torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + k) for k in keys]
+
+
+def per_sample(gens, fn) -> torch.Tensor:
+    return torch.stack([fn(g) for g in gens])
+
+
+def randn_like_per_sample(gens, shape) -> torch.Tensor:
+    return per_sample(gens, lambda g: torch.randn(shape, generator=g))
+
+
+def uniform_per_sample(gens) -> torch.Tensor:
+    return per_sample(gens, lambda g: torch.rand((), generator=g))
+
+
+def unpatchify_latent(tokens: torch.Tensor, channels: int, h: int, w: int, patch: int = 2) -> torch.Tensor:
+    """Inverse of ``core.patchify_latent``: (B, (h/p)*(w/p), C*p*p) -> (B, C, h, w)."""
+    b = tokens.shape[0]
+    x = tokens.reshape(b, h // patch, w // patch, channels, patch, patch)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(b, channels, h, w)
+
+
+def module_digest(module: nn.Module) -> str:
+    """sha256 over every parameter and buffer (tests: frozen weights stay bit-identical)."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+def read_class_name(folder: Path) -> str:
+    for name in ("config.json",):
+        f = folder / name
+        if f.is_file():
+            return json.loads(f.read_text()).get("_class_name", "")
+    return ""
+
+
+class FamilyAdapter:
+    name = ""
+    default_drop = (0.0, 0.0)  # (text, image) CFG dropout the family's pipelines expect
+    flow = True  # flow matching (else DDPM noise prediction)
+
+    def __init__(self, cfg, device: torch.device, dtype: torch.dtype):
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.resolution = cfg.base.resolution
+        drop_text, drop_image = self.default_drop
+        self.drop_text = drop_text if cfg.train.drop_text is None else cfg.train.drop_text
+        self.drop_image = drop_image if cfg.train.drop_image is None else cfg.train.drop_image
+
+    # Set by subclasses.
+    denoiser: nn.Module
+    condition_spec: ConditionSpec
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.denoiser.enable_gradient_checkpointing()
+
+    @torch.no_grad()
+    def prepare(self, batch: dict, step: int, keys: list[int]) -> dict:
+        """Frozen work for a training batch: encodings, noise, timesteps, dropout."""
+        raise NotImplementedError
+
+    def condition(self, prep: dict) -> Condition:
+        """The generator's input for the batch (never dropped)."""
+        return prep["condition"]
+
+    def loss(self, prep: dict) -> torch.Tensor:
+        """Per-sample loss (B,), float32; run with the LoRA installed."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_condition(self, source: torch.Tensor, instructions: list[str]) -> Condition:
+        """Condition for images (B, 3, H, W) in [0, 1] and instructions, per the condition spec."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, source: torch.Tensor, instructions: list[str], steps: int, seed: int = 0) -> torch.Tensor:
+        """Edit ``source`` (B, 3, R, R) in [0, 1] with the base (plus any installed LoRA)."""
+        raise NotImplementedError
+
+    # Shared pieces --------------------------------------------------------------------------
+    def flow_noisy(self, x0: torch.Tensor, gens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rectified-flow interpolation: x_t = (1 - t) x0 + t noise, target v = noise - x0."""
+        noise = randn_like_per_sample(gens, x0.shape[1:]).to(x0.device, x0.dtype)
+        if self.cfg.train.timestep_sampling == "logit_normal":
+            t = torch.sigmoid(per_sample(gens, lambda g: torch.randn((), generator=g)))
+        else:
+            t = uniform_per_sample(gens)
+        t = t.to(x0.device, torch.float32)
+        tb = t.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+        return (1 - tb) * x0 + tb * noise, t, noise - x0
+
+    def drop_masks(self, gens) -> tuple[torch.Tensor, torch.Tensor]:
+        """Independent per-sample CFG dropout of the base's text and image conditions."""
+        u = per_sample(gens, lambda g: torch.rand(2, generator=g))
+        return (u[:, 0] < self.drop_text).to(self.device), (u[:, 1] < self.drop_image).to(self.device)

@@ -1,0 +1,134 @@
+"""FLUX.1 Kontext: FluxTransformer2DModel; the reference image's packed latent tokens are appended
+to the noisy tokens (position ids with first axis 1), flow-matching loss (target noise - x0).
+
+Conventions (diffusers' FluxKontextPipeline): T5 last_hidden_state padded to ``text_tokens`` is
+the sequence condition, CLIP's pooled output the pooled one; latents are
+``(mode - shift_factor) * scaling_factor``; timestep = sigma in [0, 1]; guidance-distilled
+bases get the embedded guidance value ``flux_guidance`` (1.0) and no CFG dropout by default.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hywu_nodes.core import Condition, patchify_latent, standard_condition_spec
+
+from .base import FamilyAdapter, check_base_folder, freeze, sample_generators, unpatchify_latent
+
+REQUIRED = {
+    "transformer": "FluxTransformer2DModel",
+    "text_encoder": "CLIPTextModel (pooled prompt)",
+    "tokenizer": "CLIPTokenizer files",
+    "text_encoder_2": "T5EncoderModel (sequence prompt)",
+    "tokenizer_2": "T5 tokenizer files",
+    "vae": "AutoencoderKL (16 latent channels for real FLUX)",
+}
+FLUX_GUIDANCE = 1.0
+
+
+class FluxKontext(FamilyAdapter):
+    name = "flux_kontext"
+    default_drop = (0.0, 0.0)
+
+    def __init__(self, cfg, device, dtype):
+        super().__init__(cfg, device, dtype)
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        root = check_base_folder(cfg.base.path, self.name, REQUIRED)
+        self.transformer = FluxTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=dtype).to(device)
+        self.clip = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype).to(device)
+        self.clip_tok = AutoTokenizer.from_pretrained(root / "tokenizer")
+        self.t5 = T5EncoderModel.from_pretrained(root / "text_encoder_2", dtype=dtype).to(device)
+        self.t5_tok = AutoTokenizer.from_pretrained(root / "tokenizer_2")
+        self.vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype).to(device)
+        freeze(self.transformer, self.clip, self.t5, self.vae)
+        self.denoiser = self.transformer
+        self.latent_channels = self.vae.config.latent_channels
+        self.text_tokens = cfg.base.text_tokens or min(512, self.t5_tok.model_max_length)
+        self.condition_spec = standard_condition_spec(
+            text_width=self.t5.config.d_model, text_tokens=self.text_tokens,
+            latent_channels=self.latent_channels, image_resolution=self.resolution, patch=2)
+        self._empty = None
+
+    def frozen_modules(self):
+        return {"transformer": self.transformer, "text_encoder": self.clip, "text_encoder_2": self.t5, "vae": self.vae}
+
+    @torch.no_grad()
+    def encode_text(self, texts):
+        ids = self.t5_tok(texts, padding="max_length", max_length=self.text_tokens, truncation=True, return_tensors="pt").input_ids
+        seq = self.t5(ids.to(self.device)).last_hidden_state
+        cids = self.clip_tok(texts, padding="max_length", max_length=self.clip_tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        pooled = self.clip(cids.to(self.device)).pooler_output
+        return seq, pooled
+
+    @torch.no_grad()
+    def latent(self, images01):
+        x = images01.to(self.device, self.dtype) * 2 - 1
+        lat = self.vae.encode(x).latent_dist.mode()
+        return (lat - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_condition(self, source, instructions):
+        return Condition({"text": self.encode_text(instructions)[0].float(), "image": patchify_latent(self.latent(source).float(), 2)})
+
+    def _ids(self, h, w, first):
+        ids = torch.zeros(h // 2, w // 2, 3)
+        ids[..., 0] = first
+        ids[..., 1] = torch.arange(h // 2)[:, None]
+        ids[..., 2] = torch.arange(w // 2)[None, :]
+        return ids.reshape(-1, 3)
+
+    def _forward(self, noisy_tokens, ref_tokens, t, seq, pooled, h, w):
+        n = noisy_tokens.shape[1]
+        img_ids = torch.cat([self._ids(h, w, 0), self._ids(h, w, 1)]).to(self.device, self.dtype)
+        txt_ids = torch.zeros(seq.shape[1], 3, device=self.device, dtype=self.dtype)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((noisy_tokens.shape[0],), FLUX_GUIDANCE, device=self.device, dtype=torch.float32)
+        out = self.transformer(hidden_states=torch.cat([noisy_tokens, ref_tokens], 1).to(self.dtype), encoder_hidden_states=seq,
+                               pooled_projections=pooled, timestep=t.to(self.dtype), img_ids=img_ids, txt_ids=txt_ids,
+                               guidance=guidance).sample
+        return out[:, :n]
+
+    def _empty_text(self):
+        if self._empty is None:
+            self._empty = self.encode_text([""])
+        return self._empty
+
+    @torch.no_grad()
+    def prepare(self, batch, step, keys):
+        gens = sample_generators(self.cfg.train.seed, step, keys)
+        seq, pooled = self.encode_text(batch["instruction"])
+        src, x0 = self.latent(batch["source"]), self.latent(batch["target"])
+        ref = patchify_latent(src, 2)
+        cond = Condition({"text": seq.float(), "image": ref.float()})
+        drop_t, drop_i = self.drop_masks(gens)
+        eseq, epool = self._empty_text()
+        seq = torch.where(drop_t[:, None, None], eseq.expand_as(seq), seq)
+        pooled = torch.where(drop_t[:, None], epool.expand_as(pooled), pooled)
+        ref = torch.where(drop_i[:, None, None], torch.zeros_like(ref), ref)
+        noisy, t, target = self.flow_noisy(x0, gens)
+        h, w = x0.shape[-2:]
+        return {"condition": cond, "noisy": patchify_latent(noisy, 2), "ref": ref, "t": t, "seq": seq, "pooled": pooled,
+                "target": patchify_latent(target, 2), "hw": (h, w)}
+
+    def loss(self, prep):
+        pred = self._forward(prep["noisy"], prep["ref"], prep["t"], prep["seq"], prep["pooled"], *prep["hw"])
+        return F.mse_loss(pred.float(), prep["target"].float(), reduction="none").flatten(1).mean(1)
+
+    @torch.no_grad()
+    def sample(self, source, instructions, steps, seed=0):
+        seq, pooled = self.encode_text(instructions)
+        src = self.latent(source)
+        ref = patchify_latent(src, 2)
+        h, w = src.shape[-2:]
+        g = torch.Generator().manual_seed(seed)
+        x = patchify_latent(torch.randn(src.shape, generator=g), 2).to(self.device, torch.float32)
+        sigmas = torch.linspace(1, 0, steps + 1)
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):  # Euler on the flow ODE
+            v = self._forward(x, ref, torch.full((x.shape[0],), float(s), device=self.device), seq, pooled, h, w)
+            x = x + (s_next - s) * v.float()
+        lat = unpatchify_latent(x, self.latent_channels, h, w).to(self.dtype)
+        lat = lat / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        return ((self.vae.decode(lat).sample.float() + 1) / 2).clamp(0, 1).cpu()

@@ -1,0 +1,142 @@
+"""Qwen-Image-Edit: QwenImageTransformer2DModel; the source image's packed latent tokens follow the
+noisy tokens (``img_shapes`` lists both), flow-matching loss (target noise - x0).
+
+Conventions (diffusers' QwenImageEditPipeline): the instruction goes through the base's own
+text encoder inside the chat template; the template's system prefix is dropped from the hidden
+states; latents are the VAE mode normalised with ``latents_mean``/``latents_std``; timestep =
+sigma in [0, 1]; true CFG with an empty prompt, so the text condition is dropped 10% by default.
+Limitation: the real pipeline also shows the source image to Qwen2.5-VL inside the prompt; this
+adapter encodes the instruction text only (the image reaches the base as reference latents and
+the generator as VAE tokens).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hywu_nodes.core import Condition, patchify_latent, standard_condition_spec
+
+from .base import FamilyAdapter, check_base_folder, freeze, sample_generators, unpatchify_latent
+
+REQUIRED = {
+    "transformer": "QwenImageTransformer2DModel",
+    "text_encoder": "Qwen2.5-VL (or any transformers model AutoModel loads)",
+    "tokenizer": "its tokenizer files",
+    "vae": "AutoencoderKLQwenImage",
+}
+TEMPLATE = ("<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, background), "
+            "then explain how the user's text instruction should alter or modify the image. Generate a new image that meets the "
+            "user's requirements while maintaining consistency with the original input where appropriate.<|im_end|>\n"
+            "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n")
+
+
+class QwenImageEdit(FamilyAdapter):
+    name = "qwen_image_edit"
+    default_drop = (0.1, 0.0)
+
+    def __init__(self, cfg, device, dtype):
+        super().__init__(cfg, device, dtype)
+        from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+        from transformers import AutoModel, AutoTokenizer
+
+        root = check_base_folder(cfg.base.path, self.name, REQUIRED)
+        self.transformer = QwenImageTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=dtype).to(device)
+        self.text_encoder = AutoModel.from_pretrained(root / "text_encoder", dtype=dtype).to(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+        self.vae = AutoencoderKLQwenImage.from_pretrained(root / "vae", torch_dtype=dtype).to(device)
+        freeze(self.transformer, self.text_encoder, self.vae)
+        self.denoiser = self.transformer
+        self.latent_channels = self.vae.config.z_dim
+        # Template tokens to drop: counted with this tokenizer rather than hard-coded (64 for Qwen2.5-VL).
+        self.drop_idx = len(self.tokenizer(TEMPLATE.split("{}")[0], add_special_tokens=False).input_ids)
+        self.text_tokens = cfg.base.text_tokens or 1024
+        width = getattr(self.text_encoder.config, "hidden_size", None) or self.text_encoder.config.text_config.hidden_size
+        self.condition_spec = standard_condition_spec(
+            text_width=width, text_tokens=self.text_tokens, latent_channels=self.latent_channels,
+            image_resolution=self.resolution, patch=2)
+        mean, std = self.vae.config.latents_mean, self.vae.config.latents_std
+        self.lat_mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.lat_std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self._empty = None
+
+    def frozen_modules(self):
+        return {"transformer": self.transformer, "text_encoder": self.text_encoder, "vae": self.vae}
+
+    @torch.no_grad()
+    def encode_text(self, texts):
+        """(hidden (B, T, W), mask (B, T)) with the template prefix removed, right-padded."""
+        enc = self.tokenizer([TEMPLATE.format(t) for t in texts], padding=True, add_special_tokens=False, return_tensors="pt")
+        ids, mask = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+        hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        rows = [h[m.bool()][self.drop_idx :][: self.text_tokens] for h, m in zip(hidden, mask)]
+        n = max(r.shape[0] for r in rows)
+        out = hidden.new_zeros(len(rows), n, hidden.shape[-1])
+        out_mask = torch.zeros(len(rows), n, dtype=torch.bool, device=self.device)
+        for i, r in enumerate(rows):
+            out[i, : r.shape[0]], out_mask[i, : r.shape[0]] = r, True
+        return out, out_mask
+
+    @torch.no_grad()
+    def latent(self, images01):
+        x = (images01.to(self.device, self.dtype) * 2 - 1)[:, :, None]  # (B, C, 1, H, W): one frame
+        lat = self.vae.encode(x).latent_dist.mode()[:, :, 0]
+        return (lat - self.lat_mean.to(lat.dtype)) / self.lat_std.to(lat.dtype)
+
+    @torch.no_grad()
+    def encode_condition(self, source, instructions):
+        text, mask = self.encode_text(instructions)
+        return Condition({"text": text.float(), "image": patchify_latent(self.latent(source).float(), 2)}, {"text": mask})
+
+    def _forward(self, noisy_tokens, ref_tokens, t, text, mask, h, w):
+        n, b = noisy_tokens.shape[1], noisy_tokens.shape[0]
+        shapes = [[(1, h // 2, w // 2), (1, h // 2, w // 2)]] * b
+        out = self.transformer(hidden_states=torch.cat([noisy_tokens, ref_tokens], 1).to(self.dtype), encoder_hidden_states=text,
+                               encoder_hidden_states_mask=mask, timestep=t.to(self.dtype), img_shapes=shapes).sample
+        return out[:, :n]
+
+    def _empty_text(self, n):
+        if self._empty is None:
+            self._empty = self.encode_text([""])
+        e, m = self._empty
+        pad = n - e.shape[1]
+        if pad > 0:
+            e = torch.cat([e, e.new_zeros(1, pad, e.shape[-1])], 1)
+            m = torch.cat([m, m.new_zeros(1, pad)], 1)
+        return e[:, :n], m[:, :n]
+
+    @torch.no_grad()
+    def prepare(self, batch, step, keys):
+        gens = sample_generators(self.cfg.train.seed, step, keys)
+        text, mask = self.encode_text(batch["instruction"])
+        src, x0 = self.latent(batch["source"]), self.latent(batch["target"])
+        ref = patchify_latent(src, 2)
+        cond = Condition({"text": text.float(), "image": ref.float()}, {"text": mask})
+        drop_t, drop_i = self.drop_masks(gens)
+        etext, emask = self._empty_text(text.shape[1])
+        base_text = torch.where(drop_t[:, None, None], etext.expand_as(text), text)
+        base_mask = torch.where(drop_t[:, None], emask.expand_as(mask), mask)
+        ref = torch.where(drop_i[:, None, None], torch.zeros_like(ref), ref)
+        noisy, t, target = self.flow_noisy(x0, gens)
+        h, w = x0.shape[-2:]
+        return {"condition": cond, "noisy": patchify_latent(noisy, 2), "ref": ref, "t": t, "text": base_text, "mask": base_mask,
+                "target": patchify_latent(target, 2), "hw": (h, w)}
+
+    def loss(self, prep):
+        pred = self._forward(prep["noisy"], prep["ref"], prep["t"], prep["text"], prep["mask"], *prep["hw"])
+        return F.mse_loss(pred.float(), prep["target"].float(), reduction="none").flatten(1).mean(1)
+
+    @torch.no_grad()
+    def sample(self, source, instructions, steps, seed=0):
+        text, mask = self.encode_text(instructions)
+        src = self.latent(source)
+        ref = patchify_latent(src, 2)
+        h, w = src.shape[-2:]
+        g = torch.Generator().manual_seed(seed)
+        x = patchify_latent(torch.randn(src.shape, generator=g), 2).to(self.device, torch.float32)
+        sigmas = torch.linspace(1, 0, steps + 1)
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            v = self._forward(x, ref, torch.full((x.shape[0],), float(s), device=self.device), text, mask, h, w)
+            x = x + (s_next - s) * v.float()
+        lat = unpatchify_latent(x, self.latent_channels, h, w).to(self.dtype)
+        lat = lat * self.lat_std.to(lat.dtype) + self.lat_mean.to(lat.dtype)
+        return ((self.vae.decode(lat[:, :, None]).sample[:, :, 0].float() + 1) / 2).clamp(0, 1).cpu()

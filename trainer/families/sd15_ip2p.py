@@ -1,0 +1,142 @@
+"""SD1.5 InstructPix2Pix: UNet2DConditionModel with 8 input channels (noisy latent + source
+latent), the base scheduler's prediction type (epsilon / v) and noise schedule.
+
+Conventions (diffusers' StableDiffusionInstructPix2PixPipeline and ComfyUI):
+  * text = CLIP last_hidden_state (after the final norm) of the instruction, 77 tokens padded with EOS;
+  * the diffusion latent and the generator's image condition are in the model's scaled space
+    (AutoencoderKL: ``mode() * scaling_factor``; AutoencoderTiny/TAESD latents already are);
+  * the concatenated source latent is the *unscaled* latent, model-space / 0.18215, which is
+    what ComfyUI's InstructPixToPixConditioning feeds the UNet (for TAESD too, where diffusers'
+    own pipeline does not divide: a generator trained that way would see another base in ComfyUI);
+  * CFG dropout: text -> empty-prompt embedding, source latent -> zeros, independently.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hywu_nodes.core import Condition, patchify_latent, standard_condition_spec
+
+from .base import FamilyAdapter, check_base_folder, freeze, randn_like_per_sample, read_class_name, sample_generators
+
+SD15_LATENT_SCALE = 0.18215  # SD1.5 latent format: model-space latent = raw VAE latent * this
+
+REQUIRED = {
+    "unet": "UNet2DConditionModel with in_channels=8",
+    "text_encoder": "transformers CLIPTextModel",
+    "tokenizer": "CLIPTokenizer files",
+    "vae": "AutoencoderKL or AutoencoderTiny",
+    "scheduler": "DDPMScheduler config (prediction type and betas)",
+}
+
+
+class SD15IP2P(FamilyAdapter):
+    name = "sd15_ip2p"
+    default_drop = (0.05, 0.05)  # InstructPix2Pix paper
+    flow = False
+
+    def __init__(self, cfg, device, dtype):
+        super().__init__(cfg, device, dtype)
+        from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        root = check_base_folder(cfg.base.path, self.name, REQUIRED)
+        self.unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype).to(device)
+        if self.unet.config.in_channels != 2 * self.unet.config.out_channels:
+            raise ValueError(f"{root / 'unet'} has in_channels={self.unet.config.in_channels}; an InstructPix2Pix UNet has "
+                             f"2 x {self.unet.config.out_channels} (noisy latent + source latent)")
+        self.text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype).to(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+        vae_cls = AutoencoderTiny if read_class_name(root / "vae") == "AutoencoderTiny" else AutoencoderKL
+        self.vae = vae_cls.from_pretrained(root / "vae", torch_dtype=dtype).to(device)
+        self.scheduler = DDPMScheduler.from_pretrained(root / "scheduler")
+        freeze(self.unet, self.text_encoder, self.vae)
+        self.denoiser = self.unet
+        self.latent_channels = self.unet.config.out_channels
+        self.text_tokens = cfg.base.text_tokens or self.tokenizer.model_max_length
+        self.scaling = float(getattr(self.vae.config, "scaling_factor", 1.0))
+        self.condition_spec = standard_condition_spec(
+            text_width=self.text_encoder.config.hidden_size, text_tokens=self.text_tokens,
+            latent_channels=self.latent_channels, image_resolution=self.resolution, patch=2)
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
+        self._empty = None
+
+    def frozen_modules(self):
+        return {"unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae}
+
+    # Encoders ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(texts, padding="max_length", max_length=self.text_tokens, truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.device)).last_hidden_state
+
+    @torch.no_grad()
+    def vae_latent(self, images01: torch.Tensor) -> torch.Tensor:
+        """Deterministic latent of images in [0, 1], in the space the denoiser works in."""
+        x = (images01.to(self.device, self.dtype) * 2 - 1)
+        out = self.vae.encode(x)
+        return out.latents if hasattr(out, "latents") else out.latent_dist.mode() * self.scaling
+
+    @torch.no_grad()
+    def encode_condition(self, source, instructions):
+        lat = self.vae_latent(source)
+        return Condition({"text": self.encode_text(instructions).float(), "image": patchify_latent(lat.float(), 2)})
+
+    def empty_embedding(self) -> torch.Tensor:
+        if self._empty is None:
+            self._empty = self.encode_text([""])
+        return self._empty
+
+    # Training ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, batch, step, keys):
+        gens = sample_generators(self.cfg.train.seed, step, keys)
+        b = len(keys)
+        text = self.encode_text(batch["instruction"])
+        src_model = self.vae_latent(batch["source"])
+        src = src_model / SD15_LATENT_SCALE  # the IP2P concat, as ComfyUI builds it
+        x0 = self.vae_latent(batch["target"])
+        cond = Condition({"text": text.float(), "image": patchify_latent(src_model.float(), 2)})
+        drop_t, drop_i = self.drop_masks(gens)
+        base_text = torch.where(drop_t[:, None, None], self.empty_embedding().expand(b, -1, -1), text)
+        base_src = torch.where(drop_i[:, None, None, None], torch.zeros_like(src), src)
+        noise = randn_like_per_sample(gens, x0.shape[1:]).to(self.device, x0.dtype)
+        n_train = self.scheduler.config.num_train_timesteps
+        t = torch.stack([torch.randint(0, n_train, (), generator=g) for g in gens]).to(self.device)
+        noisy = self.scheduler.add_noise(x0, noise, t)
+        ptype = self.scheduler.config.prediction_type
+        if ptype == "epsilon":
+            target = noise
+        elif ptype == "v_prediction":
+            target = self.scheduler.get_velocity(x0, noise, t)
+        else:
+            raise ValueError(f"scheduler prediction_type '{ptype}' is not supported (epsilon or v_prediction)")
+        return {"condition": cond, "x": torch.cat([noisy, base_src], 1), "t": t, "text": base_text, "target": target}
+
+    def loss(self, prep):
+        pred = self.unet(prep["x"].to(self.dtype), prep["t"], encoder_hidden_states=prep["text"]).sample
+        return F.mse_loss(pred.float(), prep["target"].float(), reduction="none").flatten(1).mean(1)
+
+    # Validation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, source, instructions, steps, seed=0, text_guidance=7.5, image_guidance=1.5):
+        from diffusers import DDIMScheduler
+
+        sched = DDIMScheduler.from_config(self.scheduler.config)
+        sched.set_timesteps(steps, device=self.device)
+        b = source.shape[0]
+        text = self.encode_text(instructions)
+        src = self.vae_latent(source) / SD15_LATENT_SCALE
+        empty = self.empty_embedding().expand(b, -1, -1)
+        # IP2P's three-way batch: [text + image, image only, neither]; the LoRA index is i % b.
+        texts = torch.cat([text, empty, empty])
+        srcs = torch.cat([src, src, torch.zeros_like(src)])
+        g = torch.Generator().manual_seed(seed)
+        lat = (torch.randn(src.shape, generator=g) * sched.init_noise_sigma).to(self.device, self.dtype)
+        for t in sched.timesteps:
+            x = torch.cat([sched.scale_model_input(torch.cat([lat] * 3), t), srcs], 1)
+            c, i, u = self.unet(x, t, encoder_hidden_states=texts).sample.chunk(3)
+            eps = u + text_guidance * (c - i) + image_guidance * (i - u)
+            lat = sched.step(eps, t, lat).prev_sample
+        out = self.vae.decode(lat / self.scaling).sample
+        return ((out.float() + 1) / 2).clamp(0, 1).cpu()

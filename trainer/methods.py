@@ -1,0 +1,92 @@
+"""What is trained: the HY-WU generator, or the static-LoRA baselines the paper compares to.
+
+Each method turns (trainable module, batch condition, task ids) into a core ``GeneratedLoRA``
+plus the sample -> LoRA index map for ``core.lora_patched``; the loss and the loop are shared,
+so the baselines get exactly the same data, budget and target layers.
+  * ``hywu``: one LoRA per sample, generated from the condition;
+  * ``shared_lora``: one static LoRA (batch 1, broadcast to every sample);
+  * ``per_task_lora``: one static LoRA per task label, indexed by the sample's task.
+Static LoRAs follow PEFT's init: A ~ U(+-1/sqrt(d_in)), B = 0 (the patched base starts equal to the base).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from hywu_nodes.core import GeneratedLoRA, GeneratorConfig, HYWUGenerator, save_generator, to_lora_state_dict
+
+
+class StaticLoRA(nn.Module):
+    """``n`` trainable LoRAs for the targets of a spec."""
+
+    def __init__(self, target_spec, rank: int, alpha: float, n: int = 1):
+        super().__init__()
+        self.target_spec, self.rank, self.alpha, self.n = target_spec, rank, alpha, n
+        self.a = nn.ParameterList()
+        self.b = nn.ParameterList()
+        for t in target_spec.targets:
+            bound = 1 / math.sqrt(t.d_in)
+            self.a.append(nn.Parameter(torch.empty(n, rank, t.d_in).uniform_(-bound, bound)))
+            self.b.append(nn.Parameter(torch.zeros(n, t.d_out, rank)))
+
+    def forward(self) -> dict:
+        return {t.name: (a, b) for t, a, b in zip(self.target_spec.targets, self.a, self.b)}
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class Method:
+    def __init__(self, name: str, module: nn.Module, family: str, tasks: list[str] | None = None):
+        self.name, self.module, self.family, self.tasks = name, module, family, tasks or []
+
+    def lora(self, wrapped: nn.Module, cond, task_id: torch.Tensor) -> tuple[GeneratedLoRA, torch.Tensor | None]:
+        """Call through ``wrapped`` (the DDP/accelerate wrapper) so gradients are synchronised."""
+        inner = self.module
+        if self.name == "hywu":
+            return GeneratedLoRA(inner.tokenizer.detokenize(wrapped(cond)), inner.scale), None
+        weights = wrapped()
+        if self.name == "shared_lora":
+            return GeneratedLoRA(weights, inner.scale), None
+        if (task_id < 0).any():
+            raise ValueError("per_task_lora: a training row has no task label (or one not seen when the run started)")
+        return GeneratedLoRA(weights, inner.scale), task_id
+
+    def save(self, folder: str, name: str, extra: dict) -> list[str]:
+        """Write the user-facing file(s) into ``folder``; returns their paths."""
+        os.makedirs(folder, exist_ok=True)
+        if self.name == "hywu":
+            path = os.path.join(folder, f"{name}.safetensors")
+            save_generator(path, self.module, extra=extra)
+            return [path]
+        lora = GeneratedLoRA(self.module(), self.module.scale)
+        labels = ["shared"] if self.name == "shared_lora" else self.tasks
+        paths = []
+        for i, label in enumerate(labels):
+            path = os.path.join(folder, f"{name}.safetensors" if self.name == "shared_lora" else f"{name}-{label}.safetensors")
+            _atomic_save(to_lora_state_dict(lora, self.family, i), path, {"hywu.method": self.name, "hywu.task": label})
+            paths.append(path)
+        return paths
+
+
+def _atomic_save(tensors: dict, path: str, metadata: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def build_method(cfg, target_spec, condition_spec, tasks: list[str]) -> Method:
+    g, method = cfg.generator, cfg.train.method
+    if method == "hywu":
+        gcfg = GeneratorConfig.from_preset(g.preset, rank=g.rank, alpha=g.alpha, gradient_checkpointing=g.gradient_checkpointing)
+        return Method(method, HYWUGenerator(gcfg, target_spec, condition_spec), cfg.base.family)
+    if method == "shared_lora":
+        return Method(method, StaticLoRA(target_spec, g.rank, g.alpha, 1), cfg.base.family)
+    if not tasks:
+        raise ValueError("train.method=per_task_lora needs task labels in the data (a 'task' column); none were found")
+    return Method(method, StaticLoRA(target_spec, g.rank, g.alpha, len(tasks)), cfg.base.family, tasks)

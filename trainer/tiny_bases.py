@@ -1,0 +1,203 @@
+"""Seeded tiny diffusers base folders for the three families (tests, demo, CPU smoke runs).
+
+Each folder has the layout of the real base (so the family adapters load it the same way):
+  sd15_ip2p:       unet/ text_encoder/ tokenizer/ vae/ (AutoencoderTiny) scheduler/
+  flux_kontext:    transformer/ text_encoder/ (CLIP) tokenizer/ text_encoder_2/ (T5) tokenizer_2/ vae/ scheduler/
+  qwen_image_edit: transformer/ text_encoder/ (Qwen2) tokenizer/ vae/ (AutoencoderKLQwenImage) scheduler/
+Nothing is downloaded: tokenizers get a byte-level vocabulary written here (no merges).
+
+    python -m trainer.tiny_bases sd15_ip2p models/tiny_sd15_ip2p
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("sd15_ip2p", "flux_kontext", "qwen_image_edit")
+VOCAB = 514  # 256 byte chars + 256 end-of-word chars + 2 specials
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP byte -> printable char table (so every byte has a vocab entry)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def write_byte_tokenizer(folder: str | os.PathLike, max_length: int = 77) -> None:
+    """A CLIP BPE tokenizer with only byte tokens: real CLIP tokenization rules, tiny vocab."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = 512, 513
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length, pad_token="<|endoftext|>")
+    tok.save_pretrained(str(folder))
+
+
+def _save_scheduler(folder: Path, flow: bool) -> None:
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if flow:
+        FlowMatchEulerDiscreteScheduler(shift=1.0).save_pretrained(folder / "scheduler")
+    else:
+        DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                      clip_sample=False, prediction_type="epsilon").save_pretrained(folder / "scheduler")
+
+
+def _clip_text(width: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                                        num_attention_heads=2, max_position_embeddings=77, projection_dim=width,
+                                        bos_token_id=512, eos_token_id=513, pad_token_id=513)).eval()
+
+
+def _tiny_taesd():
+    from diffusers import AutoencoderTiny
+
+    return AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                           num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4).eval()
+
+
+def build_sd15(folder: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel(
+        sample_size=4, in_channels=8, out_channels=4, block_out_channels=(32,), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    ).save_pretrained(folder / "unet")
+    _clip_text(32).save_pretrained(folder / "text_encoder")
+    write_byte_tokenizer(folder / "tokenizer")
+    _tiny_taesd().save_pretrained(folder / "vae")
+    _save_scheduler(folder, flow=False)
+
+
+def build_sd15_bench(folder: Path) -> None:
+    """SD1.5-shaped but small enough for CPU benchmarks: two resolution levels, 8 transformer blocks."""
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel(
+        sample_size=8, in_channels=8, out_channels=4, block_out_channels=(64, 128), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=128, attention_head_dim=16, norm_num_groups=16,
+    ).save_pretrained(folder / "unet")
+    _clip_text(128).save_pretrained(folder / "text_encoder")
+    write_byte_tokenizer(folder / "tokenizer")
+    _tiny_taesd().save_pretrained(folder / "vae")
+    _save_scheduler(folder, flow=False)
+
+
+def build_flux(folder: Path) -> None:
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+    ).save_pretrained(folder / "transformer")
+    _clip_text(32).save_pretrained(folder / "text_encoder")
+    write_byte_tokenizer(folder / "tokenizer")
+    T5EncoderModel(T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                            pad_token_id=513, eos_token_id=513, decoder_start_token_id=513)).eval().save_pretrained(folder / "text_encoder_2")
+    write_byte_tokenizer(folder / "tokenizer_2", max_length=32)
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
+                  scaling_factor=0.3611, shift_factor=0.1159).eval().save_pretrained(folder / "vae")
+    _save_scheduler(folder, flow=True)
+
+
+def build_qwen(folder: Path) -> None:
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from transformers import Qwen2Config, Qwen2Model
+
+    QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+    ).save_pretrained(folder / "transformer")
+    Qwen2Model(Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, max_position_embeddings=512, bos_token_id=512, eos_token_id=513,
+                           pad_token_id=513)).eval().save_pretrained(folder / "text_encoder")
+    write_byte_tokenizer(folder / "tokenizer", max_length=512)
+    AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.1, -0.2, 0.0, 0.3],
+                           latents_std=[1.5, 0.8, 1.2, 1.0]).eval().save_pretrained(folder / "vae")
+    _save_scheduler(folder, flow=True)
+
+
+_BUILDERS = {"sd15_ip2p": build_sd15, "flux_kontext": build_flux, "qwen_image_edit": build_qwen, "sd15_bench": build_sd15_bench}
+
+
+def build_tiny_base(family: str, folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a seeded tiny base of ``family`` into ``folder`` (reused when already complete)."""
+    if family not in _BUILDERS:
+        raise ValueError(f"no tiny base '{family}'; known: {', '.join(_BUILDERS)}")
+    folder = Path(folder)
+    marker = folder / "tiny_base.json"
+    if marker.is_file() and json.loads(marker.read_text()) == {"family": family, "seed": seed}:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        _BUILDERS[family](folder)
+    marker.write_text(json.dumps({"family": family, "seed": seed}))
+    return folder
+
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / ".cache" / "tiny_bases"
+# Fewer adapted layers keep CPU tests fast; the default patterns are exercised by the demo config.
+FAST_TARGETS = {
+    "sd15_ip2p": [r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_v)$"],
+    "flux_kontext": [r"transformer_blocks\.\d+\.attn\.(to_q|to_v)$"],
+    "qwen_image_edit": [r"transformer_blocks\.\d+\.attn\.(to_q|to_v)$"],
+}
+
+
+def tiny_config(family: str, output: str | os.PathLike, fast: bool = True, **sections):
+    """A TrainConfig on the cached tiny base of ``family`` with synthetic data (tests, bench).
+    ``sections`` are dicts per section, e.g. ``train={"max_steps": 5}``."""
+    from .config import TrainConfig, apply, validate
+
+    cfg = TrainConfig()
+    cfg.name, cfg.output = f"tiny_{family}", str(output)
+    cfg.base.family, cfg.base.path = family, str(build_tiny_base(family, CACHE / family))
+    cfg.base.resolution = 32
+    if family == "qwen_image_edit":
+        cfg.base.text_tokens = 128
+    if fast:
+        cfg.base.targets = FAST_TARGETS[family]
+    cfg.data.n_train, cfg.data.n_val = 16, 2
+    cfg.generator.rank, cfg.generator.alpha = 4, 4.0
+    cfg.train.max_steps, cfg.train.batch_size, cfg.train.lr, cfg.train.log_every = 20, 4, 1e-3, 5
+    apply(cfg, sections)
+    validate(cfg)
+    return cfg
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Write a seeded tiny diffusers base folder (tests/demo).")
+    p.add_argument("family", choices=sorted(_BUILDERS))
+    p.add_argument("folder")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    print(build_tiny_base(a.family, a.folder, a.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""Train an HY-WU generator (or a static-LoRA baseline) against a frozen diffusers base.
+
+    python -m trainer.train                                   # built-in demo config
+    python -m trainer.train --config trainer/configs/tiny_sd15.yaml --train.lr=3e-4
+    python -m trainer.train --config my.yaml --resume         # continue from the latest complete checkpoint
+    accelerate launch --config_file trainer/configs/accelerate/multi_gpu.yaml -m trainer.train --config my.yaml
+
+Only the generator trains: the base and its encoders are frozen (no grads, eval mode) and the
+LoRA enters the base forward through the core's functional per-sample path.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hywu_nodes.core import build_target_spec, describe, lora_patched
+
+from .config import ConfigError, TrainConfig, load_config
+from .data import BadRow, BatchStream, build_datasets, collate
+from .families import BaseFolderError, check_base, load_family, module_digest
+from .methods import build_method
+from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
+FALLBACK_CONFIG = CONFIG_DIR / "tiny_sd15.yaml"
+
+HELP_EPILOG = f"""
+config keys (YAML sections; override any with --section.key=value):
+  base.family        sd15_ip2p | flux_kontext | qwen_image_edit
+  base.path          local diffusers folder of the frozen base (never a hub id)
+  base.tiny          true: build a seeded tiny base into base.path if missing (tests/demo)
+  base.resolution    square training bucket and condition resolution (multiple of 16)
+  base.text_tokens   text condition length (default: 77 / 512 / 1024 by family)
+  base.targets       list of regexes of adapted linear layers (default: attention + FFN)
+  data.source        synthetic | manifest (.jsonl/.csv) | parquet (folder)
+  data.path          manifest file or parquet folder; data.n_train / data.n_val / data.tasks
+  generator.preset   tiny | small | medium | large; generator.rank, generator.alpha,
+                     generator.gradient_checkpointing
+  train.method       hywu | shared_lora | per_task_lora
+  train.max_steps, train.batch_size (per process), train.grad_accum, train.lr,
+  train.weight_decay, train.warmup_steps, train.lr_schedule (constant|cosine),
+  train.max_grad_norm, train.seed, train.mixed_precision (no|fp16|bf16),
+  train.device (auto|cpu|cuda), train.base_gradient_checkpointing,
+  train.drop_text / train.drop_image (CFG dropout; default per family),
+  train.timestep_sampling (logit_normal|uniform, flow families), train.save_every,
+  train.keep_checkpoints, train.validate_every, train.validate_steps, train.log_every
+
+outputs (in --output):
+  <name>.safetensors       the generator (what "HY-WU Load Generator" reads), or the LoRA(s)
+  checkpoints/step-*/      resumable training state; checkpoints/latest points at the newest
+  samples/step-*.png       source | target | base edit | edit with the generated LoRA
+  summary.json             final loss, steps, samples/s, peak memory, skipped rows
+With no arguments the demo config runs ({DEMO_CONFIG.relative_to(CONFIG_DIR.parent.parent) if DEMO_CONFIG.exists() else FALLBACK_CONFIG.name}).
+"""
+
+
+def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0],
+                                epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config (default: the built-in demo config)")
+    p.add_argument("--output", help="output folder (= output: in the config)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in the output folder")
+    p.add_argument("--max-steps", type=int, help="optimizer steps to train (= train.max_steps)")
+    p.add_argument("--seed", type=int, help="seed of weights init, data order, noise and dropout (= train.seed)")
+    p.add_argument("--method", choices=("hywu", "shared_lora", "per_task_lora"), help="what to train (= train.method)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="= train.device")
+    p.add_argument("--stop-after", type=int, help="checkpoint and exit after this many steps (continue later with --resume)")
+    p.add_argument("--check-frozen", action="store_true", help="hash the frozen base/encoders before and after (debug; slow for big bases)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    args, rest = p.parse_known_args(argv)
+    bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
+    if bad:
+        p.error(f"unrecognised arguments {bad}; config overrides look like --train.lr=1e-4")
+    path = args.config or str(DEMO_CONFIG if DEMO_CONFIG.exists() else FALLBACK_CONFIG)
+    overrides = list(rest)
+    for flag, key in (("output", "output"), ("max_steps", "train.max_steps"), ("seed", "train.seed"),
+                      ("method", "train.method"), ("device", "train.device")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"--{key}={getattr(args, flag)}")
+    return load_config(path, overrides), args
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    except (ImportError, AttributeError):
+        return float("nan")
+
+
+def _lr_lambda(cfg: TrainConfig):
+    t = cfg.train
+
+    def f(step: int) -> float:
+        warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else 1.0
+        if t.lr_schedule == "cosine":
+            return warm * 0.5 * (1 + math.cos(math.pi * min(step, t.max_steps) / t.max_steps))
+        return warm
+
+    return f
+
+
+def _tensorboard(output: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(os.path.join(output, "tensorboard"))
+    except Exception:  # tensorboard not installed: logging is optional
+        return None
+
+
+def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_frozen: bool = False,
+        stop_after: int | None = None) -> dict:
+    """Train per ``cfg``; returns (and writes) the summary. Safe to call in-process (tests).
+    ``check_frozen`` hashes every frozen module before and after (summary["frozen_unchanged"]).
+    ``stop_after``: checkpoint and return after this many steps of this invocation (time-limited jobs)."""
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    t = cfg.train
+    if not (cfg.base.tiny and not Path(cfg.base.path).exists()):
+        check_base(cfg)  # before the engine starts: a wrong path fails in a second, not after model imports
+    cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use --device cpu or auto")
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum, cpu=cpu)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[t.mixed_precision]
+    output = Path(cfg.output)
+    ckpt_root = output / "checkpoints"
+
+    if cfg.base.tiny and not Path(cfg.base.path).exists():
+        if accelerator.is_main_process:
+            from .tiny_bases import build_tiny_base
+
+            build_tiny_base(cfg.base.family, cfg.base.path, seed=0)
+        accelerator.wait_for_everyone()
+    adapter = load_family(cfg, device, weight_dtype)
+    if t.base_gradient_checkpointing:
+        adapter.enable_gradient_checkpointing()
+
+    digests = {k: module_digest(m) for k, m in adapter.frozen_modules().items()} if check_frozen else None
+    train_ds, val_ds = build_datasets(cfg)
+    torch.manual_seed(t.seed)  # same generator init on every process
+    target_spec = build_target_spec(adapter.denoiser, cfg.base.family, include=cfg.base.targets)
+    method = build_method(cfg, target_spec, adapter.condition_spec, train_ds.tasks)
+    module = method.module.to(device).train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    wrapped, optimizer = accelerator.prepare(module, optimizer)  # the scheduler is stepped by hand (once per optimizer step)
+    stream = BatchStream(train_ds, t.batch_size, cfg.base.resolution, t.seed, rank, world)
+
+    start = 0
+    if resume:
+        found = latest_checkpoint(ckpt_root)
+        if found is not None:
+            meta = load_checkpoint(found, module, optimizer, scheduler)
+            start = int(meta["step"])
+            stream.load_state_dict(meta["data"][rank] if rank < len(meta["data"]) else meta["data"][0])
+            accelerator.print(f"resumed from {found} (step {start})")
+        else:
+            accelerator.print(f"--resume: no complete checkpoint under {ckpt_root}; starting from step 0")
+
+    sizes = describe(module.config, target_spec, adapter.condition_spec) if method.name == "hywu" else {
+        "targets": len(target_spec.targets), "lora_parameters": sum(p.numel() for p in params)}
+    info = {"name": cfg.name, "base_family": cfg.base.family, "base_path": str(cfg.base.path), "method": method.name,
+            "resolution": cfg.base.resolution, "config": cfg.to_dict()}
+    val_items = []
+    for i in range(min(len(val_ds), cfg.data.n_val)):
+        try:
+            val_items.append(val_ds.load(i, cfg.base.resolution))
+        except BadRow:
+            pass  # the same row is counted when the training stream reaches it
+    val_batch = collate(val_items, {tk: i for i, tk in enumerate(train_ds.tasks)}) if val_items else None
+
+    def save(step: int):
+        states = gather_object([stream.state_dict()]) if world > 1 else [stream.state_dict()]
+        if accelerator.is_main_process:
+            extra = {"steps": step, "method": method.name, "base_path": str(cfg.base.path), "name": cfg.name}
+            save_checkpoint(ckpt_root, step, module, optimizer, scheduler, states,
+                            lambda folder: method.save(folder, cfg.name, extra), info, keep=t.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    def validate(step: int):
+        if accelerator.is_main_process and val_batch is not None:
+            from .validate import validation_grid
+
+            validation_grid(adapter, method, val_batch, t.validate_steps, str(output / "samples" / f"step-{step:08d}.png"), seed=t.seed)
+        accelerator.wait_for_everyone()
+
+    tb = _tensorboard(str(output), accelerator.is_main_process)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=t.max_steps, initial=start, disable=not (progress and accelerator.is_main_process), desc=cfg.name)
+    global_batch = t.batch_size * world
+    losses: list[float] = []
+    step_times: list[float] = []
+    t0, samples = time.perf_counter(), 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    end = t.max_steps if stop_after is None else min(t.max_steps, start + stop_after)
+    for step in range(start, end):
+        ts = time.perf_counter()
+        step_loss = torch.zeros((), device=device)
+        for micro in range(t.grad_accum):
+            batch = stream.next_batch()
+            keys = [micro * global_batch + rank * t.batch_size + j for j in range(t.batch_size)]
+            prep = adapter.prepare(batch, step, keys)
+            with accelerator.accumulate(wrapped), accelerator.autocast():
+                lora, s2l = method.lora(wrapped, prep["condition"].to(device), batch["task_id"].to(device))
+                # Backward inside the patch: activation checkpointing recomputes the hooked forward.
+                with lora_patched(adapter.denoiser, lora, sample_to_lora=s2l):
+                    loss = adapter.loss(prep).mean()
+                    accelerator.backward(loss)
+                if accelerator.sync_gradients and t.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach() / t.grad_accum
+        scheduler.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_times.append(time.perf_counter() - ts)
+        samples += global_batch * t.grad_accum
+        loss_value = accelerator.reduce(step_loss, reduction="mean").item() if world > 1 else step_loss.item()
+        losses.append(loss_value)
+        done = step + 1
+        if done % t.log_every == 0 or done == t.max_steps:
+            rate = samples / max(time.perf_counter() - t0, 1e-9)
+            lr = scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", peak_mb=f"{_peak_memory_mb(device):.0f}")
+            if tb is not None:
+                tb.add_scalar("train/loss", loss_value, done)
+                tb.add_scalar("train/lr", lr, done)
+                tb.add_scalar("train/samples_per_s", rate, done)
+        bar.update(1)
+        if t.save_every and done % t.save_every == 0 and done < t.max_steps:
+            save(done)
+        if t.validate_every and done % t.validate_every == 0 and done < t.max_steps:
+            validate(done)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    if end < t.max_steps:  # paused: checkpoint only; the final files come when the run completes
+        save(end)
+        accelerator.end_training()
+        return {"name": cfg.name, "steps": end, "paused": True, "resumed_from": start, "losses": losses}
+
+    save(t.max_steps)
+    final_files = []
+    if accelerator.is_main_process:
+        extra = {"steps": t.max_steps, "method": method.name, "base_path": str(cfg.base.path), "name": cfg.name}
+        final_files = method.save(str(output), cfg.name, extra)
+    validate(t.max_steps)
+    skipped = gather_object([dict(stream.skipped)]) if world > 1 else [dict(stream.skipped)]
+    total_skipped: dict[str, int] = {}
+    for s in skipped:
+        for k, v in s.items():
+            total_skipped[k] = total_skipped.get(k, 0) + v
+    summary = {
+        "name": cfg.name, "method": method.name, "base_family": cfg.base.family, "steps": t.max_steps, "resumed_from": start,
+        "processes": world, "global_batch": global_batch * t.grad_accum, "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        "samples_per_s": samples / elapsed if elapsed > 0 and samples else None, "peak_memory_mb": _peak_memory_mb(device),
+        "skipped_rows": total_skipped, "skipped_total": sum(total_skipped.values()), "files": final_files,
+        "sizes": sizes, "device": str(device), "mixed_precision": t.mixed_precision, "losses": losses,
+        "step_times": step_times,
+    }
+    if digests is not None:
+        after = {k: module_digest(m) for k, m in adapter.frozen_modules().items()}
+        summary["frozen_unchanged"] = {k: after[k] == v for k, v in digests.items()}
+        summary["frozen_requires_grad"] = any(p.requires_grad for m in adapter.frozen_modules().values() for p in m.parameters())
+        summary["frozen_training_mode"] = any(m.training for fm in adapter.frozen_modules().values() for m in fm.modules())
+    if accelerator.is_main_process:
+        (output / "summary.json").write_text(json.dumps(summary, indent=1))
+        if total_skipped:
+            print(f"skipped {summary['skipped_total']} bad data row(s): {total_skipped}", file=sys.stderr)
+    if tb is not None:
+        tb.close()
+    accelerator.end_training()
+    return summary
+
+
+def main(argv=None) -> int:
+    try:
+        cfg, args = parse_args(argv)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            return 0
+        summary = run(cfg, resume=args.resume, check_frozen=args.check_frozen, stop_after=args.stop_after)
+    except (ConfigError, BaseFolderError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if summary is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("losses", "sizes", "step_times")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
