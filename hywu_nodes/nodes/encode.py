@@ -1,0 +1,256 @@
+"""HY-WU Condition Encode: image + edit instruction -> HYWU_COND (+ the sampler's CONDITIONING).
+
+The features follow the generator's condition spec exactly as the trainer extracts them
+(docs/TEAM_NOTES.md):
+
+* ``text_hidden_states``: ``clip.encode_from_tokens(clip.tokenize(instruction))`` (the base's own
+  text encoder; for SD1.5 the CLIP-L last layer after the final norm, 77 x 768), truncated to
+  the source's ``max_tokens`` (with a warning).
+* ``vae_latent_patches``: ``square_resize(image, resolution).clamp(0, 1)`` -> ``vae.encode`` -> the
+  denoiser's latent space ``latent_format.process_in(latent)`` -> ``patchify_latent(patch)``.
+* ``clip_vision_tokens``: ``clip_vision.encode_image(image)`` last (or penultimate) hidden state.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from comfy_api.latest import io
+
+from ..core import Condition, ConditionSpec, patchify_latent, square_resize
+from .common import latent_format_for_family, log
+from .types import CATEGORY, EncodedCondition, GeneratorHandle, HYWUCond, HYWUError, HYWUGenerator
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks with messages that say what to do
+# ---------------------------------------------------------------------------------------------
+def check_images(images) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise HYWUError(f"HY-WU Condition Encode: expected an IMAGE batch (batch, height, width, 3), got {shape}. "
+                        "Connect the IMAGE output of Load Image.")
+    b, h, w, c = images.shape
+    if b == 0:
+        raise HYWUError("HY-WU Condition Encode: the image batch is empty. Connect a Load Image node with an image.")
+    if c == 4:
+        raise HYWUError(
+            f"HY-WU Condition Encode: the image has an alpha channel ({h}x{w}, 4 channels, RGBA). HY-WU encodes RGB "
+            "images like the base model's VAE: drop the alpha first (core 'Split Image with Alpha' -> its image "
+            "output), or use the IMAGE output of Load Image, which is RGB.")
+    if c == 1:
+        raise HYWUError(
+            f"HY-WU Condition Encode: the image has one channel ({h}x{w}, grayscale). HY-WU needs an RGB image "
+            "(3 channels): load the picture with Load Image (it converts to RGB), or turn a mask into an "
+            "image with core 'Convert Mask to Image'.")
+    if c != 3:
+        raise HYWUError(f"HY-WU Condition Encode: the image has {c} channels; HY-WU needs RGB images (3 channels).")
+    if min(h, w) < 8:
+        raise HYWUError(f"HY-WU Condition Encode: the image is {h}x{w} pixels; use an image of at least 8x8.")
+    return images
+
+
+def check_instruction(instruction) -> str:
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise HYWUError("HY-WU Condition Encode: the edit instruction is empty. Type what should change in the "
+                        "image, e.g. 'make it a snowy winter scene'.")
+    return instruction.strip()
+
+
+def _family_text(family: str | None, generator_name: str | None) -> str:
+    if generator_name:
+        return f"the generator '{generator_name}' (trained for base family {family})"
+    return f"a generator for base family {family}" if family else "the generator"
+
+
+def encode_text(clip, instruction: str):
+    """(text hidden states (1, T, W), CONDITIONING) from one CLIP encode of the instruction."""
+    if clip is None:
+        raise HYWUError("HY-WU Condition Encode: no CLIP connected. Connect the CLIP output of the checkpoint "
+                        "loader (the base model's own text encoder).")
+    tokens = clip.tokenize(instruction)
+    if getattr(getattr(clip, "patcher", None), "forced_hooks", None) is not None:
+        conditioning = clip.encode_from_tokens_scheduled(tokens)  # the sampler sees the hooked encode
+        text = clip.encode_from_tokens(tokens)
+    else:
+        out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+        text = out.pop("cond")
+        conditioning = [[text, out]]  # what CLIPTextEncode returns: [[cond, {"pooled_output": ...}]]
+    return text, conditioning
+
+
+def _image_tokens_vae(source, images, vae, latent_format, family, generator_name):
+    if vae is None:
+        raise HYWUError(
+            f"HY-WU Condition Encode: {_family_text(family, generator_name)} reads the source image through the "
+            f"base model's VAE (condition '{source.name}'), but no VAE is connected. Connect the VAE output of "
+            "the checkpoint loader to the 'vae' input.")
+    opts = source.options
+    resolution, patch = int(opts.get("resolution", 512)), int(opts.get("patch", 2))
+    resized = square_resize(images.movedim(-1, 1), resolution).clamp(0, 1)  # as the trainer data pipeline
+    latent = vae.encode(resized.movedim(1, -1))
+    latent = latent_format.process_in(latent.float().cpu())
+    if latent.ndim == 5:  # video VAEs (Wan / Qwen-Image) give (B, C, T, h, w); an image is one frame
+        latent = latent[:, :, 0]
+    tokens = patchify_latent(latent, patch)
+    if tokens.shape[-1] != source.width:
+        raise HYWUError(
+            f"HY-WU Condition Encode: the connected VAE gives {latent.shape[1]}-channel latents ({tokens.shape[-1]} "
+            f"values per {patch}x{patch} patch), but {_family_text(family, generator_name)} was trained on "
+            f"{source.width}. Connect the VAE of the base the generator was trained for.")
+    return tokens
+
+
+def _image_tokens_clip_vision(source, images, clip_vision, family, generator_name):
+    if clip_vision is None:
+        raise HYWUError(
+            f"HY-WU Condition Encode: {_family_text(family, generator_name)} reads the source image through a "
+            f"CLIP vision encoder (condition '{source.name}', width {source.width}), but no CLIP_VISION is "
+            "connected. Add a 'Load CLIP Vision' node with the encoder the generator was trained with.")
+    out = clip_vision.encode_image(images, crop=bool(source.options.get("crop", True)))
+    key = "penultimate_hidden_states" if source.options.get("layer") == "penultimate" else "last_hidden_state"
+    tokens = out[key].float().cpu()
+    if tokens.shape[-1] != source.width:
+        raise HYWUError(
+            f"HY-WU Condition Encode: the connected CLIP vision model gives width {tokens.shape[-1]}, but "
+            f"{_family_text(family, generator_name)} was trained on width {source.width}. Load the CLIP vision "
+            "model the generator was trained with.")
+    return tokens
+
+
+@torch.no_grad()
+def build_condition(spec: ConditionSpec, images, text, vae=None, clip_vision=None, latent_format=None,
+                    family: str | None = None, generator_name: str | None = None) -> Condition:
+    """Condition for ``spec`` from already-encoded text hidden states (1 or B rows) and images."""
+    images = check_images(images)
+    batch = images.shape[0]
+    tokens = {}
+    for source in spec.sources:
+        if source.kind == "text_hidden_states":
+            t = text.float().cpu()
+            if t.shape[-1] != source.width:
+                raise HYWUError(
+                    f"HY-WU Condition Encode: the connected CLIP gives text features of width {t.shape[-1]}, but "
+                    f"{_family_text(family, generator_name)} needs width {source.width} (condition '{source.name}'). "
+                    "Connect the text encoder of the checkpoint the generator was trained for, or pick a generator "
+                    "trained for this checkpoint.")
+            if t.shape[1] > source.max_tokens:
+                log.warning("HY-WU: the instruction encodes to %d tokens; the generator reads at most %d, so it is "
+                            "truncated to the first %d (the sampler still gets the whole instruction).",
+                            t.shape[1], source.max_tokens, source.max_tokens)
+                t = t[:, : source.max_tokens]
+            if t.shape[0] == 1 and batch > 1:
+                t = t.expand(batch, -1, -1)
+            elif t.shape[0] != batch:
+                raise HYWUError(f"HY-WU Condition Encode: {t.shape[0]} instructions for {batch} images; give one "
+                                "instruction, or as many as there are images.")
+            tokens[source.name] = t.contiguous()
+        elif source.kind == "vae_latent_patches":
+            if latent_format is None:
+                latent_format = latent_format_for_family(family, getattr(vae, "latent_channels", None))
+            tokens[source.name] = _image_tokens_vae(source, images, vae, latent_format, family, generator_name)
+        elif source.kind == "clip_vision_tokens":
+            t = _image_tokens_clip_vision(source, images, clip_vision, family, generator_name)
+            tokens[source.name] = t[:, : source.max_tokens].contiguous()
+        else:  # pragma: no cover - ConditionSource validates kinds
+            raise HYWUError(f"HY-WU Condition Encode: unknown condition kind '{source.kind}'; update the node pack.")
+        if tokens[source.name].shape[1] > source.max_tokens:
+            raise HYWUError(
+                f"HY-WU Condition Encode: condition '{source.name}' has {tokens[source.name].shape[1]} tokens, the "
+                f"generator reads at most {source.max_tokens}; the generator file's condition spec is inconsistent.")
+    cond = Condition(tokens)
+    try:
+        cond.validate(spec)
+    except ValueError as e:
+        raise HYWUError(f"HY-WU Condition Encode: {e}") from e
+    return cond
+
+
+@torch.no_grad()
+def encode_condition(spec: ConditionSpec, images, instruction: str, clip, vae=None, clip_vision=None,
+                     model_latent_format=None):
+    """Encode ``images`` (B, H, W, 3 in [0, 1]) + ``instruction`` for a generator's ``spec``.
+
+    Returns ``(core Condition, CONDITIONING)``; the CONDITIONING is what CLIPTextEncode gives for
+    the instruction. ``model_latent_format`` is the denoiser's ``comfy.latent_formats`` instance
+    (``model.model.latent_format``); None guesses SD1.5 for 4-channel and Flux for 16-channel VAEs.
+    """
+    instruction = check_instruction(instruction)
+    images = check_images(images)
+    text, conditioning = encode_text(clip, instruction)
+    if isinstance(model_latent_format, type):
+        model_latent_format = model_latent_format()
+    cond = build_condition(spec, images, text, vae=vae, clip_vision=clip_vision, latent_format=model_latent_format)
+    return cond, conditioning
+
+
+def condition_for_generator(encoded: EncodedCondition, generator: GeneratorHandle) -> Condition:
+    """The condition ``generator`` reads: the one already encoded when its spec and family match,
+    else encoded again from the kept inputs."""
+    if (encoded.condition is not None and encoded.spec is not None and encoded.family == generator.family
+            and encoded.spec.to_json() == generator.condition_spec.to_json()):
+        return encoded.condition
+    return build_condition(generator.condition_spec, encoded.images, encoded.text, vae=encoded.vae,
+                           clip_vision=encoded.clip_vision, family=generator.family, generator_name=generator.name)
+
+
+class HYWUConditionEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HYWUConditionEncode",
+            display_name="HY-WU Condition Encode",
+            category=CATEGORY,
+            description="Encodes the source image and the edit instruction into the condition a HY-WU generator "
+                        "reads, and the instruction into the sampler's CONDITIONING (type it once).",
+            inputs=[
+                io.Image.Input("image", tooltip="Source image to edit (RGB). A batch of N images gives N conditions "
+                                                "(and N LoRAs) with the same instruction."),
+                io.String.Input("instruction", multiline=True, dynamic_prompts=True, default="",
+                                tooltip="Edit instruction, e.g. 'make it a snowy winter scene'. Used for the generator "
+                                        "and, through the conditioning output, for the sampler."),
+                io.Clip.Input("clip", tooltip="The base checkpoint's own text encoder (CLIP output of the checkpoint "
+                                              "loader). Must match what the generator was trained with."),
+                HYWUGenerator.Input("generator", optional=True,
+                                    tooltip="Optional: the generator, so the encoders are checked against its condition "
+                                            "spec here and the image is encoded at its resolution. Without it, "
+                                            "Generate LoRA encodes for its generator's spec."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="The base checkpoint's VAE: needed when the generator reads the image as VAE "
+                                     "latent patches (the standard HY-WU condition)."),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="A CLIP vision encoder: needed only for generators trained on CLIP vision "
+                                            "image tokens."),
+            ],
+            outputs=[
+                HYWUCond.Output(display_name="hywu_cond",
+                                tooltip="The generator's condition (one row per image). Connect to HY-WU Generate LoRA."),
+                io.Conditioning.Output(display_name="conditioning",
+                                       tooltip="The instruction encoded by the CLIP, as CLIP Text Encode gives it: the "
+                                               "positive conditioning for the sampler (e.g. via "
+                                               "InstructPixToPixConditioning or ReferenceLatent)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, image, instruction, clip, generator=None, vae=None, clip_vision=None) -> io.NodeOutput:
+        t0 = time.perf_counter()
+        instruction = check_instruction(instruction)
+        images = check_images(image)
+        text, conditioning = encode_text(clip, instruction)
+        if generator is not None:
+            spec, family, name = generator.condition_spec, generator.family, generator.name
+            cond = build_condition(spec, images, text, vae=vae, clip_vision=clip_vision, family=family,
+                                   generator_name=name)
+        else:  # encoded by Generate LoRA for its generator's spec (it knows the spec and the base family)
+            spec, family, name, cond = None, None, None, None
+            if vae is None and clip_vision is None:
+                raise HYWUError("HY-WU Condition Encode: no image encoder connected. HY-WU generators read the source "
+                                "image through the base model's VAE: connect the VAE output of the checkpoint loader "
+                                "to the 'vae' input.")
+        encoded = EncodedCondition(condition=cond, spec=spec, family=family,
+                                   batch_size=images.shape[0], instruction=instruction, text=text.float().cpu(),
+                                   images=images, vae=vae, clip_vision=clip_vision, generator_name=name)
+        log.info("HY-WU: encoded the condition (%d image(s), '%s') in %.3f s", images.shape[0], instruction[:60],
+                 time.perf_counter() - t0)
+        return io.NodeOutput(encoded, conditioning)

@@ -1,0 +1,89 @@
+"""HY-WU Generate LoRA: HYWU_GENERATOR + HYWU_COND -> LORA_MODEL (one LoRA per condition)."""
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+from comfy_api.latest import io
+
+from ..core import GeneratedLoRA, to_lora_state_dict
+from .common import log, offload
+from .encode import condition_for_generator
+from .types import CATEGORY, HYWUCond, HYWUError, HYWUGenerator, HYWULoRA, LoraModel
+
+
+def generate_loras(generator, encoded) -> HYWULoRA:
+    """Run the generator once per condition row on the compute device (through ComfyUI's model
+    management), with a progress bar and interrupt checks between blocks. Returns LoRA 0 as the
+    LORA_MODEL dict, the whole batch attached."""
+    t0 = time.perf_counter()
+    cond = condition_for_generator(encoded, generator)
+    try:
+        cond.validate(generator.condition_spec)
+    except ValueError as e:
+        raise HYWUError(f"HY-WU Generate LoRA: the condition does not fit generator {generator.describe()}: {e}. "
+                        "Connect this generator to HY-WU Condition Encode's generator input to see which encoder "
+                        "is wrong.") from e
+    patcher = generator.patcher
+    mm.load_models_gpu([patcher], force_full_load=True)
+    gen = patcher.model
+    device = patcher.load_device
+    dev = torch.device(device)
+    if any(t.device != dev for t in itertools.chain(gen.parameters(), gen.buffers())):
+        gen.to(device)  # a partial (low-VRAM) load does not apply to this plain torch module
+    n = cond.batch_size
+    pbar = comfy.utils.ProgressBar(n * len(gen.blocks))
+
+    def on_block(module, args, output):
+        mm.throw_exception_if_processing_interrupted()
+        pbar.update(1)
+
+    handles = [b.register_forward_hook(on_block) for b in gen.blocks]
+    batch = []
+    try:
+        with torch.no_grad():
+            for i in range(n):
+                mm.throw_exception_if_processing_interrupted()
+                lora: GeneratedLoRA = gen.generate(cond.select(i).to(device=device, dtype=generator.dtype))
+                batch.append(to_lora_state_dict(lora, generator.family, 0, dtype=torch.float32))
+    finally:
+        for h in handles:
+            h.remove()
+        offload(patcher)
+    seconds = time.perf_counter() - t0
+    norm = sum(float(v.float().pow(2).sum()) for k, v in batch[0].items() if k.endswith("lora_up.weight")) ** 0.5
+    log.info("HY-WU: generated %d LoRA(s) with %s for '%s' in %.3f s (%d modules, |B| of LoRA 0 = %.4g)",
+             n, generator.describe(), encoded.instruction[:60], seconds,
+             sum(k.endswith(".lora_down.weight") for k in batch[0]), norm)
+    return HYWULoRA(batch[0], base_family=generator.family, generator_name=generator.name, batch=batch, index=0)
+
+
+class HYWUGenerateLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HYWUGenerateLoRA",
+            display_name="HY-WU Generate LoRA",
+            category=CATEGORY,
+            description="Runs the HY-WU generator on the condition: one forward pass writes a LoRA for this image "
+                        "and instruction (no test-time training).",
+            inputs=[
+                HYWUGenerator.Input("generator", tooltip="The generator from HY-WU Load Generator."),
+                HYWUCond.Input("hywu_cond", tooltip="The condition from HY-WU Condition Encode (one row per image)."),
+            ],
+            outputs=[
+                LoraModel.Output(
+                    display_name="lora",
+                    tooltip="The generated LoRA as a standard LORA_MODEL (core 'Save LoRA Weights' and 'Load LoRA "
+                            "Model' accept it). A batch of N conditions gives N LoRAs: this socket holds LoRA 0 for "
+                            "core nodes and carries all N; HY-WU Apply Generated LoRA picks one with batch_index."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, generator, hywu_cond) -> io.NodeOutput:
+        return io.NodeOutput(generate_loras(generator, hywu_cond))

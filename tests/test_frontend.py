@@ -1,0 +1,81 @@
+"""ComfyUI's own frontend (comfyui-frontend-package) in headless Chromium: each UI workflow
+loads with every node known and none red, the frontend turns it into the same prompt as its
+API twin, and the runnable ones queue from the browser and complete. Screenshots go to
+output/test_frontend/<workflow>.png."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import frontend
+import hywu_graphs as g
+from test_workflows import UI_NAMES, build_api, load_ui, normalise
+
+SHOTS = g.REPO / "output" / "test_frontend"
+
+
+def _fit_and_shoot(page, path):
+    page.set_viewport_size({"width": 2200, "height": 1000})
+    page.wait_for_timeout(300)
+    page.evaluate("""async () => {
+        // draw titles and widgets also when zoomed out
+        try { await window.app.extensionManager.setting.set('LiteGraph.Canvas.MinFontSizeForLOD', 1); } catch (e) {}
+        // close the 'Nodes 2.0' banner / toasts if present, then fit the graph into view
+        for (const b of document.querySelectorAll('button')) {
+            const r = b.getBoundingClientRect();
+            if (r.top < 45 && r.right > window.innerWidth - 60) b.click();
+        }
+        try { window.app.extensionManager.command.execute('Comfy.Canvas.FitView'); } catch (e) {}
+        window.app.graph.setDirtyCanvas(true, true);
+    }""")
+    page.wait_for_timeout(600)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path))
+
+
+def _wait_new_history(srv, before: set, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        h = srv._get("/history").json()
+        new = [k for k in h if k not in before]
+        for k in new:
+            st = h[k].get("status") or {}
+            if st.get("completed") or st.get("status_str") in ("success", "error"):
+                return k, h[k]
+        time.sleep(0.3)
+    raise AssertionError(f"the prompt queued from the frontend did not finish in {timeout}s\n{srv.log_tail()}")
+
+
+@pytest.mark.parametrize("name", UI_NAMES)
+def test_frontend_loads_converts_and_queues(hywu_env, name):
+    if frontend.chromium_path() is None:
+        pytest.skip("no system chromium (scripts/setup_chromium.sh)")
+    srv = hywu_env.server
+    ui = load_ui(name)
+    with frontend._page(srv.url) as page:
+        page.evaluate("async ([wf, n]) => { await window.app.loadGraphData(wf, true, true, n); }", [ui, name + ".json"])
+        page.wait_for_timeout(500)
+        frontend._close_dialogs(page)
+        nodes = page.evaluate(frontend._NODE_STATE_JS)
+        assert len(nodes) == len(ui["nodes"])
+        missing = [n["type"] for n in nodes if n["missing"]]
+        red = [n["type"] for n in nodes if n["has_errors"]]
+        assert not missing and not red, f"missing node types {missing}, nodes with errors {red}"
+        prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+        assert normalise(prompt) == normalise(g.load_api(name)), "frontend prompt differs from the API twin"
+        if name in build_api.RUNNABLE:
+            before = set(srv._get("/history").json())
+            page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+            pid, entry = _wait_new_history(srv, before)
+            err = srv.execution_error(entry)
+            assert entry["status"]["status_str"] == "success", f"queued from the frontend, failed: {err}"
+            assert srv.output_images(entry)
+            page.wait_for_timeout(800)
+            assert not page.evaluate("() => window.app.lastNodeErrors && Object.keys(window.app.lastNodeErrors).length")
+            red = [n["type"] for n in page.evaluate(frontend._NODE_STATE_JS) if n["has_errors"]]
+            assert not red, f"nodes red after the run: {red}"
+        shot = SHOTS / f"{name}.png"
+        _fit_and_shoot(page, shot)
+    assert shot.stat().st_size > 10_000
+    print(f"screenshot: {shot}")

@@ -1,0 +1,201 @@
+"""Workflows in workflows/: every UI-format workflow (what a user drags in) has an API-format
+twin in workflows/api/ (what the tests queue); they agree, and the runnable ones run through
+POST /prompt + /history and save an image.
+
+Regenerate the UI twins from the API ones with ComfyUI's own frontend (after editing
+workflows/build_api.py):  .venv/bin/python tests/test_workflows.py --regenerate-ui
+"""
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+import hywu_graphs as g
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+sys.path.insert(0, str(g.WORKFLOWS))
+import build_api  # noqa: E402  (workflows/build_api.py)
+
+sys.path.pop(0)
+
+UI_NAMES = sorted(build_api.WORKFLOWS)
+
+
+# ---------------------------------------------------------------------------------------------
+# UI format -> API format (what the frontend's graphToPrompt does for these graphs)
+# ---------------------------------------------------------------------------------------------
+def _is_widget(spec) -> bool:
+    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+
+
+def widget_layout(node_info: dict) -> list[tuple[str, int]]:
+    """(input name, number of extra serialised values after it) for each widget, in order."""
+    out = []
+    for section in ("required", "optional"):
+        for name in node_info.get("input_order", {}).get(section, []):
+            spec = node_info["input"][section][name]
+            if not _is_widget(spec):
+                continue
+            opts = spec[1] if len(spec) > 1 else {}
+            extra = int(bool(opts.get("control_after_generate"))) + int(bool(opts.get("image_upload")))
+            out.append((name, extra))
+    return out
+
+
+def ui_to_api(ui: dict, object_info: dict) -> dict:
+    links = {l[0]: l for l in ui["links"]}
+    api = {}
+    for node in ui["nodes"]:
+        if node.get("mode", 0) in (2, 4):  # muted / bypassed
+            continue
+        info = object_info[node["type"]]
+        inputs = {}
+        values = list(node.get("widgets_values") or [])
+        linked = {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
+        pos = 0
+        for name, extra in widget_layout(info):
+            if pos < len(values) and name not in linked:
+                inputs[name] = values[pos]
+            pos += 1 + extra
+        for inp in node.get("inputs", []):
+            if inp.get("link") is not None:
+                _, origin, slot, *_ = links[inp["link"]]
+                inputs[inp["name"]] = [str(origin), slot]
+        # like graphToPrompt: a node without its own title carries its display name
+        title = node.get("title") or info.get("display_name") or node["type"]
+        entry = {"inputs": inputs, "class_type": node["type"], "_meta": {"title": title}}
+        api[str(node["id"])] = entry
+    return api
+
+
+def normalise(api: dict) -> dict:
+    """Comparable form: numbers as floats, _meta dropped when absent on either side."""
+    def norm(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return v
+        return float(v)
+
+    return {k: {"class_type": n["class_type"], "title": n.get("_meta", {}).get("title"),
+                "inputs": {ik: (iv if isinstance(iv, list) else norm(iv)) for ik, iv in n["inputs"].items()}}
+            for k, n in api.items()}
+
+
+def load_ui(name: str) -> dict:
+    return json.loads((g.WORKFLOWS / f"{name}.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# tests
+# ---------------------------------------------------------------------------------------------
+def test_every_workflow_has_both_twins():
+    ui = {p.stem for p in g.WORKFLOWS.glob("*.json")}
+    api = {p.stem for p in g.API_DIR.glob("*.json")}
+    assert ui == api == set(UI_NAMES), (ui, api)
+    assert {"hywu_edit_sd15_ip2p", "hywu_demo"} <= ui and ui & {"hywu_edit_flux_kontext", "hywu_edit_qwen_image_edit"}
+
+
+def test_api_files_match_their_builder():
+    for name, wf in build_api.WORKFLOWS.items():
+        assert g.load_api(name) == json.loads(json.dumps(wf)), f"workflows/api/{name}.json is stale: run workflows/build_api.py"
+
+
+@pytest.mark.parametrize("name", UI_NAMES)
+def test_ui_and_api_twins_agree(hywu_env, name):
+    object_info = hywu_env.server.object_info()
+    ui = load_ui(name)
+    assert ui.get("version") and ui["nodes"] and ui["links"], "not a UI-format workflow"
+    assert all(n["type"] in object_info for n in ui["nodes"]), "a node type is not registered"
+    assert normalise(ui_to_api(ui, object_info)) == normalise(g.load_api(name))
+
+
+@pytest.mark.parametrize("name", build_api.RUNNABLE)
+def test_runnable_workflow_runs_and_saves_an_image(hywu_env, name):
+    srv = hywu_env.server
+    entry = srv.run(g.load_api(name), timeout=300)
+    paths = srv.output_images(entry)
+    assert paths and all(p.is_file() and p.stat().st_size > 0 for p in paths)
+    print(f"{name}: saved {[p.name for p in paths]}")
+
+
+def test_real_use_sd15_workflow_runs_with_the_micro_models_swapped_in(hywu_env):
+    """The real-use SD1.5 graph is the demo graph with other file names: run it with the micro files."""
+    wf = g.load_api("hywu_edit_sd15_ip2p")
+    wf["1"]["inputs"]["ckpt_name"] = "hywu_micro_sd15_ip2p.safetensors"
+    wf["3"]["inputs"]["generator_name"] = hywu_env.generators["seeded"]
+    wf["9"]["inputs"]["steps"] = 2
+    entry = hywu_env.server.run(wf, timeout=300)
+    assert hywu_env.server.output_images(entry)
+
+
+# ---------------------------------------------------------------------------------------------
+# regenerate the UI twins with the real frontend
+# ---------------------------------------------------------------------------------------------
+def _tidy(ui: dict, name: str) -> dict:
+    """Drop the frontend's null fields, number links 1..n, fix the seed, stable id."""
+    def clean(d):
+        return {k: v for k, v in d.items() if v is not None}
+
+    remap = {old[0]: i + 1 for i, old in enumerate(sorted(ui["links"], key=lambda l: l[0]))}
+    ui["links"] = [[remap[l[0]], *l[1:]] for l in sorted(ui["links"], key=lambda l: l[0])]
+    ui["last_link_id"] = len(remap)
+    for node in ui["nodes"]:
+        for k in [k for k, v in node.items() if v is None]:
+            del node[k]
+        node["inputs"] = [clean(i) for i in node.get("inputs", [])]
+        for i in node["inputs"]:
+            if "link" not in i:
+                i["link"] = None
+            elif i["link"] is not None:
+                i["link"] = remap[i["link"]]
+        node["outputs"] = [clean(o) for o in node.get("outputs", [])]
+        for o in node["outputs"]:
+            o["links"] = [remap[x] for x in (o.get("links") or [])]
+        if node["type"] in ("KSampler", "KSamplerAdvanced") and len(node.get("widgets_values", [])) > 1:
+            node["widgets_values"][1] = "fixed"
+    # re-stack each column so that nodes which grow (Load Image shows its picture) do not overlap
+    columns: dict[float, list] = {}
+    for node in ui["nodes"]:
+        columns.setdefault(round(node["pos"][0]), []).append(node)
+    for nodes in columns.values():
+        nodes.sort(key=lambda n: n["pos"][1])
+        y = nodes[0]["pos"][1]
+        for node in nodes:
+            node["pos"] = [node["pos"][0], y]
+            y += node["size"][1] + 60 + (300 if node["type"] == "LoadImage" else 0)
+    for k in [k for k, v in ui.items() if v is None]:
+        del ui[k]
+    if isinstance(ui.get("extra"), dict):
+        ui["extra"] = clean(ui["extra"])
+    ui["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"hywu-comfy/workflows/{name}"))
+    return ui
+
+
+def regenerate_ui(url: str) -> list[Path]:
+    import frontend
+
+    written = []
+    with frontend._page(url) as page:
+        for name in UI_NAMES:
+            api = g.load_api(name)
+            ui = page.evaluate("async ([wf, n]) => { await window.app.loadApiJson(wf, n); "
+                               "return window.app.graph.serialize(); }", [api, name + ".json"])
+            path = g.WORKFLOWS / f"{name}.json"
+            path.write_text(json.dumps(_tidy(ui, name), indent=2) + "\n")
+            written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    if "--regenerate-ui" not in sys.argv:
+        sys.exit(__doc__)
+    import comfy_harness
+
+    repo = g.REPO
+    with comfy_harness.ComfyServer(checkpoints=[repo / "models/checkpoints/hywu_micro_sd15_ip2p.safetensors"],
+                                   extra_models={"hywu": sorted((repo / "models/hywu").glob("*.safetensors"))}) as srv:
+        for p in regenerate_ui(srv.url):
+            print(p)

@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Write the API-format workflows (workflows/api/*.json) — the graphs the tests run headless.
+
+The UI-format twins (workflows/*.json, what a user drags into ComfyUI) are made from these by
+ComfyUI's own frontend (tests/test_workflows.py --regenerate-ui, i.e. ``python -m pytest
+tests/test_workflows.py --hywu-regenerate-ui``) and checked to agree with them in tests.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEMO_CKPT = "hywu_micro_sd15_ip2p.safetensors"
+DEMO_GENERATOR = "hywu_micro_seeded.safetensors"  # the demo issue swaps in the trained demo generator
+DEMO_IMAGE = "hywu_demo_input.png"
+INSTRUCTION = "make it a snowy winter scene"
+
+
+def sd15_ip2p(ckpt, generator, image, instruction=INSTRUCTION, steps=20, cfg=7.5, seed=0, prefix="hywu_edit"):
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt},
+              "_meta": {"title": "Load Checkpoint (SD1.5 InstructPix2Pix)"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": image}, "_meta": {"title": "Source image"}},
+        "3": {"class_type": "HYWULoadGenerator", "inputs": {"generator_name": generator},
+              "_meta": {"title": "HY-WU Load Generator"}},
+        "4": {"class_type": "HYWUConditionEncode",
+              "inputs": {"image": ["2", 0], "instruction": instruction, "clip": ["1", 1], "generator": ["3", 0],
+                         "vae": ["1", 2]}, "_meta": {"title": "HY-WU Condition Encode"}},
+        "5": {"class_type": "HYWUGenerateLoRA", "inputs": {"generator": ["3", 0], "hywu_cond": ["4", 0]},
+              "_meta": {"title": "HY-WU Generate LoRA"}},
+        "6": {"class_type": "HYWUApplyGeneratedLoRA",
+              "inputs": {"model": ["1", 0], "lora": ["5", 0], "strength": 1.0, "batch_index": 0},
+              "_meta": {"title": "HY-WU Apply Generated LoRA"}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]},
+              "_meta": {"title": "Negative prompt"}},
+        "8": {"class_type": "InstructPixToPixConditioning",
+              "inputs": {"positive": ["4", 1], "negative": ["7", 0], "vae": ["1", 2], "pixels": ["2", 0]},
+              "_meta": {"title": "InstructPixToPixConditioning"}},
+        "9": {"class_type": "KSampler",
+              "inputs": {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
+                         "denoise": 1.0, "model": ["6", 0], "positive": ["8", 0], "negative": ["8", 1],
+                         "latent_image": ["8", 2]}, "_meta": {"title": "KSampler"}},
+        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]},
+               "_meta": {"title": "VAE Decode"}},
+        "11": {"class_type": "SaveImage", "inputs": {"filename_prefix": prefix, "images": ["10", 0]},
+               "_meta": {"title": "Save Image"}},
+    }
+
+
+def flux_kontext(instruction="turn the car red", steps=20, seed=0):
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-kontext-dev.safetensors",
+                                                      "weight_dtype": "default"}, "_meta": {"title": "Load Diffusion Model"}},
+        "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
+                                                          "clip_name2": "t5xxl_fp8_e4m3fn_scaled.safetensors",
+                                                          "type": "flux", "device": "default"},
+              "_meta": {"title": "DualCLIPLoader"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}, "_meta": {"title": "Load VAE"}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": "hywu_example.png"}, "_meta": {"title": "Source image"}},
+        "5": {"class_type": "FluxKontextImageScale", "inputs": {"image": ["4", 0]},
+              "_meta": {"title": "FluxKontextImageScale"}},
+        "6": {"class_type": "HYWULoadGenerator", "inputs": {"generator_name": "hywu_flux_kontext.safetensors"},
+              "_meta": {"title": "HY-WU Load Generator"}},
+        "7": {"class_type": "HYWUConditionEncode",
+              "inputs": {"image": ["5", 0], "instruction": instruction, "clip": ["2", 0], "generator": ["6", 0],
+                         "vae": ["3", 0]}, "_meta": {"title": "HY-WU Condition Encode"}},
+        "8": {"class_type": "HYWUGenerateLoRA", "inputs": {"generator": ["6", 0], "hywu_cond": ["7", 0]},
+              "_meta": {"title": "HY-WU Generate LoRA"}},
+        "9": {"class_type": "HYWUApplyGeneratedLoRA",
+              "inputs": {"model": ["1", 0], "lora": ["8", 0], "strength": 1.0, "batch_index": 0},
+              "_meta": {"title": "HY-WU Apply Generated LoRA"}},
+        "10": {"class_type": "VAEEncode", "inputs": {"pixels": ["5", 0], "vae": ["3", 0]},
+               "_meta": {"title": "VAE Encode"}},
+        "11": {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["7", 1], "latent": ["10", 0]},
+               "_meta": {"title": "ReferenceLatent"}},
+        "12": {"class_type": "FluxGuidance", "inputs": {"guidance": 2.5, "conditioning": ["11", 0]},
+               "_meta": {"title": "FluxGuidance"}},
+        "13": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["7", 1]},
+               "_meta": {"title": "ConditioningZeroOut"}},
+        "14": {"class_type": "KSampler",
+               "inputs": {"seed": seed, "steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+                          "denoise": 1.0, "model": ["9", 0], "positive": ["12", 0], "negative": ["13", 0],
+                          "latent_image": ["10", 0]}, "_meta": {"title": "KSampler"}},
+        "15": {"class_type": "VAEDecode", "inputs": {"samples": ["14", 0], "vae": ["3", 0]},
+               "_meta": {"title": "VAE Decode"}},
+        "16": {"class_type": "SaveImage", "inputs": {"filename_prefix": "hywu_kontext", "images": ["15", 0]},
+               "_meta": {"title": "Save Image"}},
+    }
+
+
+WORKFLOWS = {
+    # Real use: an SD1.5 InstructPix2Pix checkpoint (timbrooks/instruct-pix2pix) + a user-trained generator.
+    "hywu_edit_sd15_ip2p": sd15_ip2p("instruct-pix2pix-00-22000.safetensors", "hywu_sd15_ip2p.safetensors",
+                                     "hywu_example.png"),
+    # DiT editing: FLUX.1 Kontext [dev] with ReferenceLatent.
+    "hywu_edit_flux_kontext": flux_kontext(),
+    # The same SD1.5 graph on the micro demo checkpoint and demo generator (runs on a CPU in seconds).
+    "hywu_demo": sd15_ip2p(DEMO_CKPT, DEMO_GENERATOR, DEMO_IMAGE, steps=4, prefix="hywu_demo"),
+}
+# Workflows whose models exist in the test environment (the tests queue them through /prompt).
+RUNNABLE = ("hywu_demo",)
+
+
+def main():
+    for name, wf in WORKFLOWS.items():
+        (HERE / "api" / f"{name}.json").write_text(json.dumps(wf, indent=2) + "\n")
+        print(HERE / "api" / f"{name}.json")
+
+
+if __name__ == "__main__":
+    main()
