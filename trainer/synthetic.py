@@ -462,6 +462,3 @@ def make_examples(split: str, n: int, seed: int = 0, resolution: int = 64,
         ))
     return out
 
-
-def iter_tasks(tasks: Iterable[str] | None = None) -> tuple[str, ...]:
-    return tuple(TASKS if tasks is None else tasks)

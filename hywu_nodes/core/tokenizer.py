@@ -55,6 +55,20 @@ class ParameterTokenizer:
         shape = (self.n_rows, self.n_positions)
         self.mask, self.part, self.chunk = mask.view(shape), part.view(shape), chunk.view(shape)
 
+        # detokenize cuts the flat grid with one split (a slice per target would make autograd
+        # build a grid-sized zero tensor per target in backward: half a CPU training step).
+        self._split_sizes, self._a_piece = [], []
+        pos = 0
+        for i, (a, b) in enumerate(zip(self.a_chunks, self.b_chunks)):
+            start = self.first_row[i] * self.n_positions
+            if start > pos:
+                self._split_sizes.append(start - pos)
+            self._a_piece.append(len(self._split_sizes))
+            self._split_sizes += [a, b]
+            pos = start + a + b
+        if flat > pos:
+            self._split_sizes.append(flat - pos)
+
     @property
     def n_tokens(self) -> int:
         """Real (unpadded) parameter tokens of one LoRA."""
@@ -83,15 +97,11 @@ class ParameterTokenizer:
         expected = (self.n_rows, self.n_positions, self.rank, self.width)
         if tuple(grid.shape[1:]) != expected:
             raise ValueError(f"token grid has shape {tuple(grid.shape)}, expected (batch, {', '.join(map(str, expected))})")
-        flat = grid.reshape(grid.shape[0], -1, self.rank, self.width)
-        out: LoRAWeights = {}
-        for i, t in enumerate(self.spec.targets):
-            na, nb = self.a_chunks[i], self.b_chunks[i]
-            start = self.first_row[i] * self.n_positions
-            a = _join(flat[:, start : start + na], t.d_in)
-            b = _join(flat[:, start + na : start + na + nb], t.d_out).transpose(1, 2)
-            out[t.name] = (a, b)
-        return out
+        pieces = grid.reshape(grid.shape[0], -1, self.rank, self.width).split(self._split_sizes, dim=1)
+        return {
+            t.name: (_join(pieces[k], t.d_in), _join(pieces[k + 1], t.d_out).transpose(1, 2))
+            for t, k in zip(self.spec.targets, self._a_piece)
+        }
 
 
 def _cut(m: torch.Tensor, n_chunks: int, w: int) -> torch.Tensor:

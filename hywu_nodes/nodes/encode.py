@@ -1,7 +1,7 @@
 """HY-WU Condition Encode: image + edit instruction -> HYWU_COND (+ the sampler's CONDITIONING).
 
 The features follow the generator's condition spec exactly as the trainer extracts them
-(docs/TEAM_NOTES.md):
+(``hywu_nodes.core.conditions``; parity is tested in tests/test_train_parity.py):
 
 * ``text_hidden_states``: ``clip.encode_from_tokens(clip.tokenize(instruction))`` (the base's own
   text encoder; for SD1.5 the CLIP-L last layer after the final norm, 77 x 768), truncated to

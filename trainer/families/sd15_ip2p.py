@@ -21,6 +21,8 @@ from .base import FamilyAdapter, check_base_folder, freeze, randn_like_per_sampl
 
 SD15_LATENT_SCALE = 0.18215  # SD1.5 latent format: model-space latent = raw VAE latent * this
 
+TEXT_CACHE_SIZE = 2048  # instruction embeddings kept (77 x 768 fp32 = 236 KB each)
+
 REQUIRED = {
     "unet": "UNet2DConditionModel with in_channels=8",
     "text_encoder": "transformers CLIPTextModel",
@@ -60,6 +62,7 @@ class SD15IP2P(FamilyAdapter):
             latent_channels=self.latent_channels, image_resolution=self.resolution, patch=2)
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
         self._empty = None
+        self._text_cache: dict[str, torch.Tensor] = {}
 
     def frozen_modules(self):
         return {"unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae}
@@ -67,8 +70,16 @@ class SD15IP2P(FamilyAdapter):
     # Encoders ---------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(texts, padding="max_length", max_length=self.text_tokens, truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.device)).last_hidden_state
+        # The text encoder is frozen, so an instruction's embedding never changes: edit datasets
+        # repeat instructions a lot, and CLIP is most of a CPU step otherwise.
+        missing = list(dict.fromkeys(t for t in texts if t not in self._text_cache))
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", max_length=self.text_tokens, truncation=True, return_tensors="pt").input_ids
+            for t, e in zip(missing, self.text_encoder(ids.to(self.device)).last_hidden_state):
+                if len(self._text_cache) >= TEXT_CACHE_SIZE:
+                    self._text_cache.pop(next(iter(self._text_cache)))  # oldest first
+                self._text_cache[t] = e
+        return torch.stack([self._text_cache[t] for t in texts])
 
     @torch.no_grad()
     def vae_latent(self, images01: torch.Tensor) -> torch.Tensor:
