@@ -1,5 +1,5 @@
 """The pack passes the Comfy Registry's own validation (`comfy node validate`: pyproject
-metadata and the security checks: no eval/exec, no runtime pip installs)."""
+metadata and the security checks: no eval/exec, no package installs at run time)."""
 import subprocess
 import sys
 import tomllib
