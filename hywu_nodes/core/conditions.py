@@ -107,14 +107,6 @@ class Condition:
         idx = [index] if isinstance(index, int) else index
         return Condition({k: v[idx] for k, v in self.tokens.items()}, {k: v[idx] for k, v in self.masks.items()})
 
-    @staticmethod
-    def cat(conds: list["Condition"]) -> "Condition":
-        names = conds[0].tokens.keys()
-        return Condition(
-            {n: torch.cat([c.tokens[n] for c in conds]) for n in names},
-            {n: torch.cat([c.mask(n) for c in conds]) for n in names},
-        )
-
 
 def standard_condition_spec(
     text_width: int,
