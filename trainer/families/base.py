@@ -12,9 +12,10 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from hywu_nodes.core import Condition, ConditionSpec
+from hywu_nodes.core import Condition, ConditionSpec, patchify_latent
 
 
 class BaseFolderError(FileNotFoundError):
@@ -146,3 +147,29 @@ class FamilyAdapter:
         """Independent per-sample CFG dropout of the base's text and image conditions."""
         u = per_sample(gens, lambda g: torch.rand(2, generator=g))
         return (u[:, 0] < self.drop_text).to(self.device), (u[:, 1] < self.drop_image).to(self.device)
+
+
+class FlowMatchingFamily(FamilyAdapter):
+    """DiT bases trained with flow matching on 2x2-patchified latent tokens (Flux Kontext,
+    Qwen-Image-Edit). A subclass provides ``encode_text`` (a tuple of text inputs),
+    ``latent``, ``_forward(noisy, ref, t, text, h, w)`` (velocity of the noisy tokens) and
+    ``decode_latent``; loss and sampler are shared."""
+
+    def loss(self, prep):
+        pred = self._forward(prep["noisy"], prep["ref"], prep["t"], prep["text"], *prep["hw"])
+        return F.mse_loss(pred.float(), prep["target"].float(), reduction="none").flatten(1).mean(1)
+
+    @torch.no_grad()
+    def sample(self, source, instructions, steps, seed=0):
+        text = self.encode_text(instructions)
+        src = self.latent(source)
+        ref = patchify_latent(src, 2)
+        h, w = src.shape[-2:]
+        g = torch.Generator().manual_seed(seed)
+        x = patchify_latent(torch.randn(src.shape, generator=g), 2).to(self.device, torch.float32)
+        sigmas = torch.linspace(1, 0, steps + 1)
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):  # Euler on the flow ODE
+            v = self._forward(x, ref, torch.full((x.shape[0],), float(s), device=self.device), text, h, w)
+            x = x + (s_next - s) * v.float()
+        lat = unpatchify_latent(x, self.latent_channels, h, w).to(self.dtype)
+        return ((self.decode_latent(lat).float() + 1) / 2).clamp(0, 1).cpu()

@@ -9,11 +9,10 @@ bases get the embedded guidance value ``flux_guidance`` (1.0) and no CFG dropout
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from hywu_nodes.core import Condition, patchify_latent, standard_condition_spec
 
-from .base import FamilyAdapter, check_base_folder, freeze, sample_generators, unpatchify_latent
+from .base import FlowMatchingFamily, check_base_folder, freeze, sample_generators
 
 REQUIRED = {
     "transformer": "FluxTransformer2DModel",
@@ -26,7 +25,7 @@ REQUIRED = {
 FLUX_GUIDANCE = 1.0
 
 
-class FluxKontext(FamilyAdapter):
+class FluxKontext(FlowMatchingFamily):
     name = "flux_kontext"
     default_drop = (0.0, 0.0)
 
@@ -79,7 +78,8 @@ class FluxKontext(FamilyAdapter):
         ids[..., 2] = torch.arange(w // 2)[None, :]
         return ids.reshape(-1, 3)
 
-    def _forward(self, noisy_tokens, ref_tokens, t, seq, pooled, h, w):
+    def _forward(self, noisy_tokens, ref_tokens, t, text, h, w):
+        seq, pooled = text
         n = noisy_tokens.shape[1]
         img_ids = torch.cat([self._ids(h, w, 0), self._ids(h, w, 1)]).to(self.device, self.dtype)
         txt_ids = torch.zeros(seq.shape[1], 3, device=self.device, dtype=self.dtype)
@@ -110,25 +110,8 @@ class FluxKontext(FamilyAdapter):
         ref = torch.where(drop_i[:, None, None], torch.zeros_like(ref), ref)
         noisy, t, target = self.flow_noisy(x0, gens)
         h, w = x0.shape[-2:]
-        return {"condition": cond, "noisy": patchify_latent(noisy, 2), "ref": ref, "t": t, "seq": seq, "pooled": pooled,
+        return {"condition": cond, "noisy": patchify_latent(noisy, 2), "ref": ref, "t": t, "text": (seq, pooled),
                 "target": patchify_latent(target, 2), "hw": (h, w)}
 
-    def loss(self, prep):
-        pred = self._forward(prep["noisy"], prep["ref"], prep["t"], prep["seq"], prep["pooled"], *prep["hw"])
-        return F.mse_loss(pred.float(), prep["target"].float(), reduction="none").flatten(1).mean(1)
-
-    @torch.no_grad()
-    def sample(self, source, instructions, steps, seed=0):
-        seq, pooled = self.encode_text(instructions)
-        src = self.latent(source)
-        ref = patchify_latent(src, 2)
-        h, w = src.shape[-2:]
-        g = torch.Generator().manual_seed(seed)
-        x = patchify_latent(torch.randn(src.shape, generator=g), 2).to(self.device, torch.float32)
-        sigmas = torch.linspace(1, 0, steps + 1)
-        for s, s_next in zip(sigmas[:-1], sigmas[1:]):  # Euler on the flow ODE
-            v = self._forward(x, ref, torch.full((x.shape[0],), float(s), device=self.device), seq, pooled, h, w)
-            x = x + (s_next - s) * v.float()
-        lat = unpatchify_latent(x, self.latent_channels, h, w).to(self.dtype)
-        lat = lat / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        return ((self.vae.decode(lat).sample.float() + 1) / 2).clamp(0, 1).cpu()
+    def decode_latent(self, lat):
+        return self.vae.decode(lat / self.vae.config.scaling_factor + self.vae.config.shift_factor).sample

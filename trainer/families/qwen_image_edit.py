@@ -12,11 +12,10 @@ the generator as VAE tokens).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from hywu_nodes.core import Condition, patchify_latent, standard_condition_spec
 
-from .base import FamilyAdapter, check_base_folder, freeze, sample_generators, unpatchify_latent
+from .base import FlowMatchingFamily, check_base_folder, freeze, sample_generators
 
 REQUIRED = {
     "transformer": "QwenImageTransformer2DModel",
@@ -30,7 +29,7 @@ TEMPLATE = ("<|im_start|>system\nDescribe the key features of the input image (c
             "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n")
 
 
-class QwenImageEdit(FamilyAdapter):
+class QwenImageEdit(FlowMatchingFamily):
     name = "qwen_image_edit"
     default_drop = (0.1, 0.0)
 
@@ -87,7 +86,8 @@ class QwenImageEdit(FamilyAdapter):
         text, mask = self.encode_text(instructions)
         return Condition({"text": text.float(), "image": patchify_latent(self.latent(source).float(), 2)}, {"text": mask})
 
-    def _forward(self, noisy_tokens, ref_tokens, t, text, mask, h, w):
+    def _forward(self, noisy_tokens, ref_tokens, t, text, h, w):
+        text, mask = text
         n, b = noisy_tokens.shape[1], noisy_tokens.shape[0]
         shapes = [[(1, h // 2, w // 2), (1, h // 2, w // 2)]] * b
         out = self.transformer(hidden_states=torch.cat([noisy_tokens, ref_tokens], 1).to(self.dtype), encoder_hidden_states=text,
@@ -118,25 +118,9 @@ class QwenImageEdit(FamilyAdapter):
         ref = torch.where(drop_i[:, None, None], torch.zeros_like(ref), ref)
         noisy, t, target = self.flow_noisy(x0, gens)
         h, w = x0.shape[-2:]
-        return {"condition": cond, "noisy": patchify_latent(noisy, 2), "ref": ref, "t": t, "text": base_text, "mask": base_mask,
+        return {"condition": cond, "noisy": patchify_latent(noisy, 2), "ref": ref, "t": t, "text": (base_text, base_mask),
                 "target": patchify_latent(target, 2), "hw": (h, w)}
 
-    def loss(self, prep):
-        pred = self._forward(prep["noisy"], prep["ref"], prep["t"], prep["text"], prep["mask"], *prep["hw"])
-        return F.mse_loss(pred.float(), prep["target"].float(), reduction="none").flatten(1).mean(1)
-
-    @torch.no_grad()
-    def sample(self, source, instructions, steps, seed=0):
-        text, mask = self.encode_text(instructions)
-        src = self.latent(source)
-        ref = patchify_latent(src, 2)
-        h, w = src.shape[-2:]
-        g = torch.Generator().manual_seed(seed)
-        x = patchify_latent(torch.randn(src.shape, generator=g), 2).to(self.device, torch.float32)
-        sigmas = torch.linspace(1, 0, steps + 1)
-        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-            v = self._forward(x, ref, torch.full((x.shape[0],), float(s), device=self.device), text, mask, h, w)
-            x = x + (s_next - s) * v.float()
-        lat = unpatchify_latent(x, self.latent_channels, h, w).to(self.dtype)
+    def decode_latent(self, lat):
         lat = lat * self.lat_std.to(lat.dtype) + self.lat_mean.to(lat.dtype)
-        return ((self.vae.decode(lat[:, :, None]).sample[:, :, 0].float() + 1) / 2).clamp(0, 1).cpu()
+        return self.vae.decode(lat[:, :, None]).sample[:, :, 0]  # the Qwen VAE has a frame axis
