@@ -83,7 +83,7 @@ def components(args) -> dict:
             a.loss(prep).mean().backward()
 
     def generator():
-        gen(prep["condition"].to(dev)).float().square().mean().backward()
+        gen.tokens(prep["condition"].to(dev)).float().square().mean().backward()
 
     def timed(f):
         f()

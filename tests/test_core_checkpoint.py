@@ -29,7 +29,7 @@ def test_save_load_roundtrip(saved):
         assert torch.equal(v, ref[k]), k
     cond = make_condition(2)
     with torch.no_grad():
-        assert torch.equal(loaded(cond), gen(cond))
+        assert torch.equal(loaded.tokens(cond), gen.tokens(cond))
     assert not any(name.startswith("tmp") or name.startswith(".tmp") for name in os.listdir(path.parent))
 
 
@@ -103,3 +103,33 @@ def test_lora_export_layout(saved):
     assert sd[f"{name}.lora_down.weight"].shape == (4, 32) and sd[f"{name}.lora_up.weight"].shape == (32, 4)
     assert sd[f"{name}.alpha"].item() == 8.0  # ComfyUI scales by alpha / rank
     assert len(sd) == 3 * len(gen.target_spec.targets)
+
+
+def test_options_roundtrip_and_version_1_files_still_load(tmp_path):
+    from hywu_nodes.core import condition_statistics
+
+    gen = make_generator(tiny_unet(), "sd15_ip2p", nonzero_b=True, condition_norm="feature", shared_rank=2, film=True).eval()
+    gen.set_condition_stats(condition_statistics([make_condition(3, seed=1)], COND_SPEC, "feature"))
+    path = tmp_path / "v2.safetensors"
+    save_generator(path, gen)
+    loaded, info = load_generator(path)
+    assert info.config.condition_norm == "feature" and info.config.shared_rank == 2 and info.config.film
+    with torch.no_grad():
+        assert torch.equal(loaded.tokens(make_condition(2)), gen.tokens(make_condition(2)))
+        assert loaded(make_condition(1)).rank == 6
+    # a file written before the options existed: format v1, config without the new fields
+    old = make_generator(tiny_unet(), "sd15_ip2p", nonzero_b=True).eval()
+    v1 = tmp_path / "v1.safetensors"
+    save_generator(v1, old)
+    cfg = {k: v for k, v in json.loads(read_meta(v1)["hywu.config"]).items()
+           if k not in ("condition_norm", "shared_rank", "film")}
+    rewrite(v1, v1, **{"hywu.format_version": "1", "hywu.config": json.dumps(cfg)})
+    loaded, info = load_generator(v1)
+    assert info.config.condition_norm == "none" and info.config.shared_rank == 0
+    with torch.no_grad():
+        assert torch.equal(loaded.tokens(make_condition(2)), old.tokens(make_condition(2)))
+
+
+def read_meta(path):
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()

@@ -3,7 +3,8 @@ import copy
 import pytest
 import torch
 
-from hywu_nodes.core import Condition, GeneratorConfig, HYWUGenerator, build_target_spec, describe, lora_patched, merge_lora_
+from hywu_nodes.core import (Condition, GeneratorConfig, HYWUGenerator, build_target_spec, condition_statistics, describe,
+                             lora_patched, merge_lora_)
 from tiny_models import COND_SPEC, flux_inputs, make_condition, make_generator, tiny_flux, tiny_unet, unet_inputs
 
 def base_params(model):
@@ -115,13 +116,13 @@ def test_same_seed_same_lora_and_checkpointing_matches():
     cond = make_condition(2)
     g1 = make_generator(unet, "sd15_ip2p", seed=3, nonzero_b=True)
     g2 = make_generator(unet, "sd15_ip2p", seed=3, nonzero_b=True, gradient_checkpointing=True)
-    t1, t2 = g1(cond), g2(cond)
+    t1, t2 = g1.tokens(cond), g2.tokens(cond)
     assert torch.equal(t1, t2)
     t1.square().sum().backward()
     t2.square().sum().backward()
     for (n, p1), (_, p2) in zip(g1.named_parameters(), g2.named_parameters()):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-3, msg=n)  # summation order differs
-    assert not torch.equal(make_generator(unet, "sd15_ip2p", seed=4, nonzero_b=True)(cond), t1)
+    assert not torch.equal(make_generator(unet, "sd15_ip2p", seed=4, nonzero_b=True).tokens(cond), t1)
 
 
 def test_condition_errors_are_clear():
@@ -146,3 +147,82 @@ def test_describe_matches_a_real_generator():
     assert info["parameter_tokens"] == int(gen.slot_mask.sum())
     with pytest.raises(ValueError, match="unknown generator preset"):
         GeneratorConfig.from_preset("huge")
+
+
+# --- options that make the generator use the request (condition_norm, shared_rank, film, masks) ---
+
+OPTIONS = dict(condition_norm="token", shared_rank=2, film=True)
+
+
+def test_options_keep_the_zero_start_and_train_their_parts():
+    unet = tiny_unet()
+    gen = make_generator(unet, "sd15_ip2p", **OPTIONS)
+    lora = gen(make_condition(2))
+    assert lora.rank == 4 + 2  # generated rank + shared rank, concatenated
+    assert all(not b.any() for _, b in lora.weights.values())  # still the base exactly
+    opt = torch.optim.AdamW(gen.parameters(), lr=1e-2)
+    before = {k: v.detach().clone() for k, v in gen.state_dict().items()}
+    for _ in range(3):
+        with lora_patched(unet, gen(make_condition(2))):
+            loss = unet(**unet_inputs(2)).sample.pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    changed = {k for k, v in gen.state_dict().items() if not torch.equal(v, before[k])}
+    assert {"shared_a.0", "shared_b.0", "film.2.weight", "head_b.weight"} <= changed
+    assert not {k for k in changed if k.startswith("cond_mean") or k.startswith("cond_std")}  # statistics are buffers
+
+
+def test_shared_part_is_the_same_for_every_request():
+    gen = make_generator(tiny_unet(), "sd15_ip2p", nonzero_b=True, shared_rank=2)
+    torch.nn.init.normal_(gen.shared_b[0], std=0.1)
+    lora = gen(make_condition(3))
+    a, b = next(iter(lora.weights.values()))
+    assert torch.equal(a[0, 4:], a[2, 4:]) and torch.equal(b[0, :, 4:], b[1, :, 4:])  # shared ranks
+    assert not torch.equal(b[0, :, :4], b[2, :, :4])  # generated ranks differ per request
+
+
+def test_condition_statistics_and_standardisation():
+    conds = [make_condition(4, seed=s) for s in range(3)]
+    for c in conds:
+        c.tokens["text"][:, :, 0] += 5.0  # a component every prompt shares
+    stats = condition_statistics(conds, COND_SPEC, "token")
+    mean, std = stats["text"]
+    assert mean.shape == std.shape == (12, 32)
+    text = torch.cat([c.tokens["text"] for c in conds])
+    real = torch.cat([c.mask("text") for c in conds])[0]  # the same 9 real tokens in every row
+    torch.testing.assert_close(mean[:9].double(), text[:, :9].double().mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(std[:9].double(), text[:, :9].double().std(0, unbiased=False), rtol=1e-4, atol=1e-5)
+    assert real[:9].all() and not real[9:].any()
+    assert torch.equal(mean[9:], torch.zeros(3, 32))  # never-seen (masked) positions: no shift
+    feature = condition_statistics(conds, COND_SPEC, "feature")["text"][0]
+    assert feature.shape == (1, 32) and abs(feature[0, 0].item() - 5.0) < 0.5
+    # the generator sees (x - mean) / std: equal to a plain generator fed the standardised tokens
+    gen = make_generator(tiny_unet(), "sd15_ip2p", nonzero_b=True, condition_norm="token")
+    gen.set_condition_stats(stats)
+    plain = make_generator(tiny_unet(), "sd15_ip2p", nonzero_b=True)
+    plain.load_state_dict({k: v for k, v in gen.state_dict().items() if not k.startswith(("cond_mean", "cond_std"))})
+    c = conds[0]
+    z = Condition({n: (t - stats[n][0][: t.shape[1]]) / stats[n][1][: t.shape[1]] for n, t in c.tokens.items()}, c.masks)
+    torch.testing.assert_close(gen.tokens(c), plain.tokens(z), rtol=1e-5, atol=1e-6)
+
+
+def test_padding_mask_hides_the_padding():
+    from hywu_nodes.core import ConditionSource, ConditionSpec, prompt_mask
+
+    ids = torch.tensor([[49406, 5, 6, 49407, 49407, 49407], [49406, 5, 6, 7, 8, 9]])
+    assert prompt_mask(ids, 49407).tolist() == [[True] * 4 + [False] * 2, [True] * 6]
+    spec = ConditionSpec((ConditionSource("text", "text_hidden_states", 32, 12, {"mask": "padding"}),
+                          ConditionSource("image", "vae_latent_patches", 16, 16)))
+    gen = HYWUGenerator(GeneratorConfig.from_preset("tiny", rank=4), build_target_spec(tiny_unet(), "sd15_ip2p"), spec)
+    torch.nn.init.normal_(gen.head_b.weight, std=0.05)
+    c = make_condition(1)
+    noisy = Condition({"text": c.tokens["text"].clone(), "image": c.tokens["image"]}, c.masks)
+    noisy.tokens["text"][:, 9:] += 3.0  # only the masked padding changes
+    torch.testing.assert_close(gen.tokens(c), gen.tokens(noisy))
+    with pytest.raises(ValueError, match="no padding mask"):
+        gen(Condition(c.tokens))
+    with pytest.raises(ValueError, match="mask must be"):
+        ConditionSource("text", "text_hidden_states", 32, 12, {"mask": "yes"})
+    with pytest.raises(ValueError, match="negative int"):
+        ConditionSource("text", "text_hidden_states", 32, 12, {"layer": 3})

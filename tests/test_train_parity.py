@@ -33,7 +33,8 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-8)).item()
 
 
-def test_condition_parity_sd15(comfy_parts, micro_base, tmp_path):
+@pytest.mark.parametrize("text_layer,text_mask", [(-1, False), (-2, True)])
+def test_condition_parity_sd15(comfy_parts, micro_base, tmp_path, text_layer, text_mask):
     from hywu_nodes.core import GeneratorConfig, HYWUGenerator, build_target_spec, save_generator
     from hywu_nodes.nodes.encode import encode_condition
     from hywu_nodes.nodes.load_generator import load_generator_handle
@@ -45,6 +46,7 @@ def test_condition_parity_sd15(comfy_parts, micro_base, tmp_path):
     model, clip, vae = comfy_parts
     cfg = TrainConfig()
     cfg.base.family, cfg.base.path, cfg.base.resolution = "sd15_ip2p", str(micro_base.diffusers_dir), 64
+    cfg.base.text_layer, cfg.base.text_mask = text_layer, text_mask
     torch.set_num_threads(1)
     adapter = load_family(cfg, torch.device("cpu"), torch.float32)
 
@@ -72,6 +74,14 @@ def test_condition_parity_sd15(comfy_parts, micro_base, tmp_path):
         print(f"parity example {i}: text rel err {t_err:.2e}, image rel err {i_err:.2e}")
         assert t_err <= TEXT_RTOL, t_err
         assert i_err <= IMAGE_RTOL, i_err
+        if text_mask:  # the prompt's own tokens: BOS, the words, the first end token
+            n_prompt = len(adapter.tokenizer(text).input_ids)
+            assert torch.equal(ours.masks["text"], theirs.masks["text"])
+            assert ours.masks["text"].sum().item() == n_prompt < 77
+        else:
+            assert not ours.masks and not theirs.masks
+        if text_layer != -1:  # really another layer than the sampler's conditioning
+            assert _rel(ours.tokens["text"], adapter.encode_text([text]).float()) > 1e-2
 
 
 def test_trained_generator_loads_in_load_generator_node(comfy_parts, tmp_path):

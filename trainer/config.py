@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from hywu_nodes.core import BASE_FAMILIES, PRESETS
+from hywu_nodes.core.generator import CONDITION_NORMS
 
 METHODS = ("hywu", "shared_lora", "per_task_lora")
 SOURCES = ("synthetic", "manifest", "parquet")
@@ -24,6 +25,8 @@ class BaseConfig:
     resolution: int = 32  # training/condition resolution (square bucket, multiple of 16)
     text_tokens: int | None = None  # text condition length; None = family default (77 / 512 / 1024)
     targets: list[str] | None = None  # regexes of adapted linear layers; None = family default
+    text_layer: int = -1  # which text-encoder hidden layer the generator reads (-1 = last, -2 = the one before, ...)
+    text_mask: bool = False  # the generator ignores the padding after the prompt's end token
 
 
 @dataclass
@@ -41,6 +44,10 @@ class GeneratorSection:
     rank: int = 4
     alpha: float = 4.0
     gradient_checkpointing: bool = False
+    condition_norm: str = "none"  # none | feature | token: standardise the condition with training-set statistics
+    shared_rank: int = 0  # > 0: a learned static LoRA of this rank inside the generator (generated = residual)
+    film: bool = False  # FiLM of the generator's queries from the pooled text
+    norm_examples: int = 1024  # training examples the condition statistics are computed from
 
 
 @dataclass
@@ -165,6 +172,14 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"data.path is empty: data.source={d.source} needs a {'manifest file' if d.source == 'manifest' else 'folder of .parquet files'}")
     if g.preset not in PRESETS:
         problems.append(f"generator.preset '{g.preset}' is not one of {', '.join(PRESETS)}")
+    if g.condition_norm not in CONDITION_NORMS:
+        problems.append(f"generator.condition_norm '{g.condition_norm}' is not one of {', '.join(CONDITION_NORMS)}")
+    if g.shared_rank < 0 or g.norm_examples < 1:
+        problems.append("generator.shared_rank must be 0 (off) or positive, generator.norm_examples at least 1")
+    if b.text_layer >= 0:
+        problems.append(f"base.text_layer must be negative (-1 = the last layer, -2 = the one before), got {b.text_layer}")
+    if (b.text_layer != -1 or b.text_mask) and b.family != "sd15_ip2p":
+        problems.append(f"base.text_layer / base.text_mask are implemented for sd15_ip2p only (not {b.family})")
     if t.method not in METHODS:
         problems.append(f"train.method '{t.method}' is not one of {', '.join(METHODS)}")
     if t.mixed_precision not in PRECISIONS:

@@ -49,7 +49,7 @@ class Method:
         """Call through ``wrapped`` (the DDP/accelerate wrapper) so gradients are synchronised."""
         inner = self.module
         if self.name == "hywu":
-            return GeneratedLoRA(inner.tokenizer.detokenize(wrapped(cond)), inner.scale), None
+            return wrapped(cond), None
         weights = wrapped()
         if self.name == "shared_lora":
             return GeneratedLoRA(weights, inner.scale), None
@@ -83,7 +83,8 @@ def _atomic_save(tensors: dict, path: str, metadata: dict) -> None:
 def build_method(cfg, target_spec, condition_spec, tasks: list[str]) -> Method:
     g, method = cfg.generator, cfg.train.method
     if method == "hywu":
-        gcfg = GeneratorConfig.from_preset(g.preset, rank=g.rank, alpha=g.alpha, gradient_checkpointing=g.gradient_checkpointing)
+        gcfg = GeneratorConfig.from_preset(g.preset, rank=g.rank, alpha=g.alpha, gradient_checkpointing=g.gradient_checkpointing,
+                                           condition_norm=g.condition_norm, shared_rank=g.shared_rank, film=g.film)
         return Method(method, HYWUGenerator(gcfg, target_spec, condition_spec), cfg.base.family)
     if method == "shared_lora":
         return Method(method, StaticLoRA(target_spec, g.rank, g.alpha, 1), cfg.base.family)

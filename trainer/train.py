@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from hywu_nodes.core import build_target_spec, describe, lora_patched
+from hywu_nodes.core import build_target_spec, condition_statistics, describe, lora_patched
 
 from .config import ConfigError, TrainConfig, load_config
 from .data import BadRow, BatchStream, build_datasets, collate
@@ -122,6 +122,24 @@ def _tensorboard(output: str, enabled: bool):
         return None
 
 
+def condition_stats(adapter, dataset, cfg: TrainConfig, batch: int = 64) -> dict:
+    """Mean/std of the generator's condition over the first ``generator.norm_examples`` rows."""
+    def conditions():
+        rows = []
+        for i in range(min(len(dataset), cfg.generator.norm_examples)):
+            try:
+                rows.append(dataset.load(i, cfg.base.resolution))
+            except BadRow:
+                continue
+            if len(rows) == batch:
+                yield adapter.encode_condition(torch.stack([r["source"] for r in rows]), [r["instruction"] for r in rows]).to("cpu")
+                rows = []
+        if rows:
+            yield adapter.encode_condition(torch.stack([r["source"] for r in rows]), [r["instruction"] for r in rows]).to("cpu")
+
+    return condition_statistics(conditions(), adapter.condition_spec, cfg.generator.condition_norm)
+
+
 def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_frozen: bool = False,
         stop_after: int | None = None) -> dict:
     """Train per ``cfg``; returns (and writes) the summary. Safe to call in-process (tests).
@@ -157,6 +175,9 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
     torch.manual_seed(t.seed)  # same generator init on every process
     target_spec = build_target_spec(adapter.denoiser, cfg.base.family, include=cfg.base.targets)
     method = build_method(cfg, target_spec, adapter.condition_spec, train_ds.tasks)
+    if method.name == "hywu" and cfg.generator.condition_norm != "none":
+        # Every process computes the same statistics from the same first rows (no communication).
+        method.module.set_condition_stats(condition_stats(adapter, train_ds, cfg))
     module = method.module.to(device).train()
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)

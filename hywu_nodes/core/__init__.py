@@ -2,10 +2,11 @@
 LoRA export and the generator file format. Imports neither ComfyUI nor diffusers."""
 from .checkpoint import GeneratorFileError, GeneratorInfo, load_generator, read_generator_info, save_generator
 from .conditions import (
-    CONDITION_KINDS, Condition, ConditionSource, ConditionSpec, patchify_latent, square_resize, standard_condition_spec,
+    CONDITION_KINDS, Condition, ConditionSource, ConditionSpec, patchify_latent, prompt_mask, square_resize,
+    standard_condition_spec,
 )
 from .functional_lora import GeneratedLoRA, lora_delta, lora_patched, merge_lora_
-from .generator import PRESETS, GeneratorConfig, HYWUGenerator, describe
+from .generator import PRESETS, GeneratorConfig, HYWUGenerator, condition_statistics, describe
 from .lora_format import lora_module_key, to_lora_state_dict
 from .targets import BASE_FAMILIES, DEFAULT_PATTERNS, LinearTarget, TargetSpec, build_target_spec
 from .tokenizer import ParameterTokenizer
@@ -14,6 +15,6 @@ __all__ = [
     "BASE_FAMILIES", "CONDITION_KINDS", "DEFAULT_PATTERNS", "PRESETS",
     "Condition", "ConditionSource", "ConditionSpec", "GeneratedLoRA", "GeneratorConfig", "GeneratorFileError",
     "GeneratorInfo", "HYWUGenerator", "LinearTarget", "ParameterTokenizer", "TargetSpec",
-    "build_target_spec", "describe", "load_generator", "lora_delta", "lora_module_key", "lora_patched",
-    "merge_lora_", "patchify_latent", "read_generator_info", "square_resize", "standard_condition_spec", "save_generator", "to_lora_state_dict",
+    "build_target_spec", "condition_statistics", "describe", "load_generator", "lora_delta", "lora_module_key", "lora_patched",
+    "merge_lora_", "patchify_latent", "prompt_mask", "read_generator_info", "square_resize", "standard_condition_spec", "save_generator", "to_lora_state_dict",
 ]

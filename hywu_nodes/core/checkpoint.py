@@ -19,7 +19,9 @@ from .generator import GeneratorConfig, HYWUGenerator
 from .targets import TargetSpec
 
 FORMAT = "hywu-generator"
-FORMAT_VERSION = 1
+# v2 added generator options (condition_norm + its stored statistics, shared_rank, film) and the
+# text source's layer/mask options. A v1 file is a v2 file with every option off: it loads as is.
+FORMAT_VERSION = 2
 _REQUIRED = ("hywu.format", "hywu.format_version", "hywu.base_family", "hywu.config", "hywu.target_spec",
              "hywu.target_fingerprint", "hywu.condition_spec", "hywu.rank", "hywu.alpha")
 

@@ -14,7 +14,7 @@ import torch
 
 # How a source's features are extracted; both the trainer and the nodes implement these.
 CONDITION_KINDS = (
-    "text_hidden_states",  # the base's own text encoder, last hidden state (after final norm)
+    "text_hidden_states",  # the base's own text encoder's hidden states (options: layer, final_norm, mask)
     "vae_latent_patches",  # the source image through the base's VAE, latent cut into patches
     "clip_vision_tokens",  # a CLIP/SigLIP vision encoder's last hidden state
 )
@@ -33,6 +33,23 @@ class ConditionSource:
             raise ValueError(f"condition '{self.name}': unknown kind '{self.kind}'; known: {', '.join(CONDITION_KINDS)}")
         if self.width <= 0 or self.max_tokens <= 0:
             raise ValueError(f"condition '{self.name}': width and max_tokens must be positive")
+        layer = self.options.get("layer", "last")
+        if layer != "last" and not (isinstance(layer, int) and not isinstance(layer, bool) and layer < 0):
+            raise ValueError(f"condition '{self.name}': layer must be 'last' or a negative int (-1 = last, -2 = the "
+                             f"one before, as CLIP Set Last Layer counts), got {layer!r}")
+        if self.options.get("mask", "none") not in ("none", "padding"):
+            raise ValueError(f"condition '{self.name}': mask must be 'none' or 'padding', got {self.options['mask']!r}")
+
+    @property
+    def text_layer(self) -> int:
+        """Which hidden layer a text source reads, counted from the end (-1 = last)."""
+        layer = self.options.get("layer", "last")
+        return -1 if layer == "last" else int(layer)
+
+    @property
+    def padding_mask(self) -> bool:
+        """True when the tokens after the prompt's end token are masked out (text sources)."""
+        return self.options.get("mask", "none") == "padding"
 
 
 @dataclass(frozen=True)
@@ -95,6 +112,9 @@ class Condition:
                 )
             if t.shape[1] > s.max_tokens:
                 raise ValueError(f"condition '{s.name}' has {t.shape[1]} tokens; the generator was built for at most {s.max_tokens}")
+            if s.padding_mask and s.name not in self.masks:
+                raise ValueError(f"condition '{s.name}' has no padding mask; the generator reads only the prompt's own "
+                                 "tokens, so the encoder must say which tokens are padding")
 
     def to(self, device=None, dtype=None) -> "Condition":
         return Condition(
@@ -115,15 +135,21 @@ def standard_condition_spec(
     image_resolution: int,
     patch: int = 2,
     vae_scale: int = 8,
+    text_layer: int | str = "last",
+    text_mask: bool = False,
 ) -> ConditionSpec:
     """The condition every supported family uses: the instruction through the base's own text
-    encoder, plus the source image through the base's VAE (latent in the model's scaled space,
-    as the denoiser sees it), cut into ``patch`` x ``patch`` tokens."""
+    encoder (hidden layer ``text_layer``, final norm applied, optionally with a padding mask),
+    plus the source image through the base's VAE (latent in the model's scaled space, as the
+    denoiser sees it), cut into ``patch`` x ``patch`` tokens."""
     side = image_resolution // vae_scale // patch
     if side < 1 or image_resolution % (vae_scale * patch):
         raise ValueError(f"image_resolution {image_resolution} must be a multiple of vae_scale*patch = {vae_scale * patch}")
+    text_options = {"layer": "last" if text_layer in ("last", -1) else text_layer, "final_norm": True}
+    if text_mask:
+        text_options["mask"] = "padding"
     return ConditionSpec((
-        ConditionSource("text", "text_hidden_states", text_width, text_tokens, {"layer": "last", "final_norm": True}),
+        ConditionSource("text", "text_hidden_states", text_width, text_tokens, text_options),
         ConditionSource(
             "image", "vae_latent_patches", latent_channels * patch * patch, side * side,
             {"resolution": image_resolution, "patch": patch, "vae_scale": vae_scale, "latent": "scaled"},
@@ -149,3 +175,12 @@ def patchify_latent(latent: torch.Tensor, patch: int) -> torch.Tensor:
         raise ValueError(f"latent of {h}x{w} does not divide into {patch}x{patch} patches")
     x = latent.reshape(b, c, h // patch, patch, w // patch, patch)
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+def prompt_mask(ids: torch.Tensor, end_token: int) -> torch.Tensor:
+    """(B, T) token ids -> (B, T) bool: True up to and including the first ``end_token`` (the
+    prompt's own tokens), False for the padding after it. A row without an end token is all True.
+    Trainer and nodes both call this, so the generator sees the same mask in both."""
+    is_end = ids == end_token
+    first_end = torch.where(is_end.any(1), is_end.float().argmax(1), torch.full_like(ids[:, 0], ids.shape[1] - 1))
+    return torch.arange(ids.shape[1], device=ids.device)[None] <= first_end[:, None]

@@ -4,8 +4,10 @@ The features follow the generator's condition spec exactly as the trainer extrac
 (``hywu_nodes.core.conditions``; parity is tested in tests/test_train_parity.py):
 
 * ``text_hidden_states``: ``clip.encode_from_tokens(clip.tokenize(instruction))`` (the base's own
-  text encoder; for SD1.5 the CLIP-L last layer after the final norm, 77 x 768), truncated to
-  the source's ``max_tokens`` (with a warning).
+  text encoder; for SD1.5 CLIP-L after the final norm, 77 x 768) at the hidden layer the spec
+  names (``clip.clip_layer``, as CLIP Set Last Layer counts; the sampler's conditioning keeps the
+  CLIP as connected), truncated to the source's ``max_tokens`` (with a warning); with
+  ``mask: padding`` the tokens after the prompt's end token are masked (``core.prompt_mask``).
 * ``vae_latent_patches``: ``square_resize(image, resolution).clamp(0, 1)`` -> ``vae.encode`` -> the
   denoiser's latent space ``latent_format.process_in(latent)`` -> ``patchify_latent(patch)``.
 * ``clip_vision_tokens``: ``clip_vision.encode_image(image)`` last (or penultimate) hidden state.
@@ -17,7 +19,7 @@ import time
 import torch
 from comfy_api.latest import io
 
-from ..core import Condition, ConditionSpec, patchify_latent, square_resize
+from ..core import Condition, ConditionSpec, patchify_latent, prompt_mask, square_resize
 from .common import latent_format_for_family, log
 from .types import CATEGORY, EncodedCondition, GeneratorHandle, HYWUCond, HYWUError, HYWUGenerator
 
@@ -79,6 +81,40 @@ def encode_text(clip, instruction: str):
     return text, conditioning
 
 
+def _end_token(clip, key: str):
+    tokenizer = clip.tokenizer
+    for name in (getattr(tokenizer, "clip", None), f"clip_{key}", key):
+        end = getattr(getattr(tokenizer, name, None), "end_token", None) if name else None
+        if end is not None:
+            return end
+    return None
+
+
+def generator_text(clip, instruction: str, source, sampler_text: torch.Tensor | None = None):
+    """(hidden states (1, T, W), padding mask (1, T) or None) of ``instruction`` as the text
+    source ``source`` of a generator reads it: its own hidden layer, whatever CLIP Set Last Layer
+    did to the connected CLIP (the sampler's conditioning keeps that). ``sampler_text`` is reused
+    when it already is that layer."""
+    layer = source.text_layer
+    if sampler_text is not None and layer == -1 and getattr(clip, "layer_idx", None) is None:
+        text, tokens = sampler_text, (clip.tokenize(instruction) if source.padding_mask else None)
+    else:
+        clip = clip.clone()
+        clip.clip_layer(None if layer == -1 else layer)
+        tokens = clip.tokenize(instruction)
+        text = clip.encode_from_tokens(tokens)
+    if not source.padding_mask:
+        return text, None
+    key = next(iter(tokens))
+    end = _end_token(clip, key)
+    if len(tokens) != 1 or end is None:
+        raise HYWUError(f"HY-WU Condition Encode: the generator masks the padding of the prompt, which this node can "
+                        f"only do for a single CLIP text encoder (this CLIP has {', '.join(tokens)}). Connect the "
+                        "CLIP of the checkpoint the generator was trained for.")
+    ids = torch.tensor([[t[0] for t in tokens[key][0]]])
+    return text, prompt_mask(ids, end)[:, : text.shape[1]]
+
+
 def _image_tokens_vae(source, images, vae, latent_format, family, generator_name):
     if vae is None:
         raise HYWUError(
@@ -121,13 +157,16 @@ def _image_tokens_clip_vision(source, images, clip_vision, family, generator_nam
 @torch.no_grad()
 def build_condition(spec: ConditionSpec, images, text, vae=None, clip_vision=None, latent_format=None,
                     family: str | None = None, generator_name: str | None = None) -> Condition:
-    """Condition for ``spec`` from already-encoded text hidden states (1 or B rows) and images."""
+    """Condition for ``spec`` from images and the instruction's text features: ``text(source)``
+    gives (hidden states (1 or B rows), padding mask or None) for a text source (see
+    :func:`generator_text`); a plain tensor is taken as the hidden states, without a mask."""
     images = check_images(images)
     batch = images.shape[0]
-    tokens = {}
+    tokens, masks = {}, {}
     for source in spec.sources:
         if source.kind == "text_hidden_states":
-            t = text.float().cpu()
+            t, mask = text(source) if callable(text) else (text, None)
+            t = t.float().cpu()
             if t.shape[-1] != source.width:
                 raise HYWUError(
                     f"HY-WU Condition Encode: the connected CLIP gives text features of width {t.shape[-1]}, but "
@@ -145,6 +184,8 @@ def build_condition(spec: ConditionSpec, images, text, vae=None, clip_vision=Non
                 raise HYWUError(f"HY-WU Condition Encode: {t.shape[0]} instructions for {batch} images; give one "
                                 "instruction, or as many as there are images.")
             tokens[source.name] = t.contiguous()
+            if mask is not None:
+                masks[source.name] = mask[:, : t.shape[1]].expand(batch, -1).contiguous()
         elif source.kind == "vae_latent_patches":
             if latent_format is None:
                 latent_format = latent_format_for_family(family, getattr(vae, "latent_channels", None))
@@ -158,7 +199,7 @@ def build_condition(spec: ConditionSpec, images, text, vae=None, clip_vision=Non
             raise HYWUError(
                 f"HY-WU Condition Encode: condition '{source.name}' has {tokens[source.name].shape[1]} tokens, the "
                 f"generator reads at most {source.max_tokens}; the generator file's condition spec is inconsistent.")
-    cond = Condition(tokens)
+    cond = Condition(tokens, masks)
     try:
         cond.validate(spec)
     except ValueError as e:
@@ -180,7 +221,8 @@ def encode_condition(spec: ConditionSpec, images, instruction: str, clip, vae=No
     text, conditioning = encode_text(clip, instruction)
     if isinstance(model_latent_format, type):
         model_latent_format = model_latent_format()
-    cond = build_condition(spec, images, text, vae=vae, clip_vision=clip_vision, latent_format=model_latent_format)
+    cond = build_condition(spec, images, lambda source: generator_text(clip, instruction, source, text), vae=vae,
+                           clip_vision=clip_vision, latent_format=model_latent_format)
     return cond, conditioning
 
 
@@ -190,7 +232,9 @@ def condition_for_generator(encoded: EncodedCondition, generator: GeneratorHandl
     if (encoded.condition is not None and encoded.spec is not None and encoded.family == generator.family
             and encoded.spec.to_json() == generator.condition_spec.to_json()):
         return encoded.condition
-    return build_condition(generator.condition_spec, encoded.images, encoded.text, vae=encoded.vae,
+    text = (lambda source: generator_text(encoded.clip, encoded.instruction, source, encoded.text)) \
+        if encoded.clip is not None else encoded.text
+    return build_condition(generator.condition_spec, encoded.images, text, vae=encoded.vae,
                            clip_vision=encoded.clip_vision, family=generator.family, generator_name=generator.name)
 
 
@@ -240,8 +284,8 @@ class HYWUConditionEncode(io.ComfyNode):
         text, conditioning = encode_text(clip, instruction)
         if generator is not None:
             spec, family, name = generator.condition_spec, generator.family, generator.name
-            cond = build_condition(spec, images, text, vae=vae, clip_vision=clip_vision, family=family,
-                                   generator_name=name)
+            cond = build_condition(spec, images, lambda source: generator_text(clip, instruction, source, text),
+                                   vae=vae, clip_vision=clip_vision, family=family, generator_name=name)
         else:  # encoded by Generate LoRA for its generator's spec (it knows the spec and the base family)
             spec, family, name, cond = None, None, None, None
             if vae is None and clip_vision is None:
@@ -250,7 +294,7 @@ class HYWUConditionEncode(io.ComfyNode):
                                 "to the 'vae' input.")
         encoded = EncodedCondition(condition=cond, spec=spec, family=family,
                                    batch_size=images.shape[0], instruction=instruction, text=text.float().cpu(),
-                                   images=images, vae=vae, clip_vision=clip_vision, generator_name=name)
+                                   images=images, vae=vae, clip_vision=clip_vision, generator_name=name, clip=clip)
         log.info("HY-WU: encoded the condition (%d image(s), '%s') in %.3f s", images.shape[0], instruction[:60],
                  time.perf_counter() - t0)
         return io.NodeOutput(encoded, conditioning)

@@ -63,6 +63,7 @@ class EncodedCondition:
     vae: Any = None
     clip_vision: Any = None
     generator_name: str | None = None
+    clip: Any = None  # to encode again at another hidden layer / with a mask for another generator
 
 
 class HYWULoRA(dict):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hywu_nodes.core import Condition, patchify_latent, standard_condition_spec
+from hywu_nodes.core import Condition, patchify_latent, prompt_mask, standard_condition_spec
 
 from .base import FamilyAdapter, check_base_folder, freeze, randn_like_per_sample, read_class_name, sample_generators
 
@@ -59,7 +59,9 @@ class SD15IP2P(FamilyAdapter):
         self.scaling = float(getattr(self.vae.config, "scaling_factor", 1.0))
         self.condition_spec = standard_condition_spec(
             text_width=self.text_encoder.config.hidden_size, text_tokens=self.text_tokens,
-            latent_channels=self.latent_channels, image_resolution=self.resolution, patch=2)
+            latent_channels=self.latent_channels, image_resolution=self.resolution, patch=2,
+            text_layer=cfg.base.text_layer, text_mask=cfg.base.text_mask)
+        self.text_source = self.condition_spec["text"]
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
         self._empty = None
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -69,17 +71,39 @@ class SD15IP2P(FamilyAdapter):
 
     # Encoders ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        # The text encoder is frozen, so an instruction's embedding never changes: edit datasets
-        # repeat instructions a lot, and CLIP is most of a CPU step otherwise.
+    def _encoded(self, texts: list[str]) -> list[tuple]:
+        """Per text: (the UNet's context = last layer after the final norm, the generator's text
+        at the condition spec's layer, its prompt mask). As ComfyUI encodes: 77 ids padded with
+        the end token, no attention mask. The text encoder is frozen, so an instruction's
+        encoding never changes: edit datasets repeat instructions a lot, and CLIP is most of a
+        CPU step otherwise."""
         missing = list(dict.fromkeys(t for t in texts if t not in self._text_cache))
         if missing:
-            ids = self.tokenizer(missing, padding="max_length", max_length=self.text_tokens, truncation=True, return_tensors="pt").input_ids
-            for t, e in zip(missing, self.text_encoder(ids.to(self.device)).last_hidden_state):
+            ids = self.tokenizer(missing, padding="max_length", max_length=self.text_tokens, truncation=True,
+                                 return_tensors="pt").input_ids.to(self.device)
+            layer = self.text_source.text_layer
+            out = self.text_encoder(ids, output_hidden_states=layer != -1)
+            gen = out.last_hidden_state if layer == -1 else self.text_encoder.final_layer_norm(out.hidden_states[layer])
+            mask = prompt_mask(ids, self.tokenizer.eos_token_id)
+            for i, t in enumerate(missing):
                 if len(self._text_cache) >= TEXT_CACHE_SIZE:
                     self._text_cache.pop(next(iter(self._text_cache)))  # oldest first
-                self._text_cache[t] = e
-        return torch.stack([self._text_cache[t] for t in texts])
+                self._text_cache[t] = (out.last_hidden_state[i], gen[i], mask[i])
+        return [self._text_cache[t] for t in texts]
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """The UNet's text context (B, 77, 768)."""
+        return torch.stack([e[0] for e in self._encoded(texts)])
+
+    def generator_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generator's text source: hidden states (B, T, W) float32 and the prompt mask (B, T)."""
+        enc = self._encoded(texts)
+        return torch.stack([e[1] for e in enc]).float(), torch.stack([e[2] for e in enc])
+
+    def text_condition(self, texts: list[str], image_tokens: torch.Tensor) -> Condition:
+        text, mask = self.generator_text(texts)
+        masks = {"text": mask} if self.text_source.padding_mask else {}
+        return Condition({"text": text, "image": image_tokens}, masks)
 
     @torch.no_grad()
     def vae_latent(self, images01: torch.Tensor) -> torch.Tensor:
@@ -91,7 +115,7 @@ class SD15IP2P(FamilyAdapter):
     @torch.no_grad()
     def encode_condition(self, source, instructions):
         lat = self.vae_latent(source)
-        return Condition({"text": self.encode_text(instructions).float(), "image": patchify_latent(lat.float(), 2)})
+        return self.text_condition(instructions, patchify_latent(lat.float(), 2))
 
     def empty_embedding(self) -> torch.Tensor:
         if self._empty is None:
@@ -107,7 +131,7 @@ class SD15IP2P(FamilyAdapter):
         src_model = self.vae_latent(batch["source"])
         src = src_model / SD15_LATENT_SCALE  # the IP2P concat, as ComfyUI builds it
         x0 = self.vae_latent(batch["target"])
-        cond = Condition({"text": text.float(), "image": patchify_latent(src_model.float(), 2)})
+        cond = self.text_condition(batch["instruction"], patchify_latent(src_model.float(), 2))
         drop_t, drop_i = self.drop_masks(gens)
         base_text = torch.where(drop_t[:, None, None], self.empty_embedding().expand(b, -1, -1), text)
         base_src = torch.where(drop_i[:, None, None, None], torch.zeros_like(src), src)
