@@ -6,7 +6,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hywu_nodes.core import GeneratorFileError, load_generator, read_generator_info, save_generator, to_lora_state_dict
+from hywu_nodes.core import (GeneratorFileError, from_lora_state_dict, load_generator, read_generator_info, save_generator,
+                             to_lora_state_dict)
 from tiny_models import COND_SPEC, make_condition, make_generator, tiny_unet
 
 
@@ -103,6 +104,15 @@ def test_lora_export_layout(saved):
     assert sd[f"{name}.lora_down.weight"].shape == (4, 32) and sd[f"{name}.lora_up.weight"].shape == (32, 4)
     assert sd[f"{name}.alpha"].item() == 8.0  # ComfyUI scales by alpha / rank
     assert len(sd) == 3 * len(gen.target_spec.targets)
+    # and back: the LoRA file of a trainer baseline becomes a core GeneratedLoRA again
+    lora = gen.generate(make_condition(2))
+    back = from_lora_state_dict(sd, "sd15_ip2p", gen.target_spec)
+    assert back.scale == lora.scale and back.batch_size == 1
+    for k, (a, b) in back.weights.items():
+        assert torch.equal(a[0], lora.weights[k][0][1]) and torch.equal(b[0], lora.weights[k][1][1])
+    sd.pop(f"{name}.lora_up.weight")
+    with pytest.raises(KeyError, match="no weights for layer"):
+        from_lora_state_dict(sd, "sd15_ip2p", gen.target_spec)
 
 
 def test_options_roundtrip_and_version_1_files_still_load(tmp_path):

@@ -1,6 +1,8 @@
-"""The synthetic edit world (trainer/synthetic.py): exact targets, disjoint splits, determinism."""
+"""The synthetic edit world (trainer/synthetic.py): exact targets, disjoint splits, determinism, a
+vocabulary that makes held-out sentences answerable, conflicting pairs that really pull apart."""
 
 import hashlib
+import re
 import time
 
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 from PIL import Image
 
 from trainer import synthetic as S
-from trainer.synthetic import (CONFLICT_PAIRS, PHRASINGS, TASKS, EditExample, apply_task,
+from trainer.synthetic import (ADAPTER_TASKS, BASE_TASKS, CONFLICT_PAIRS, PHRASINGS, TASKS, EditExample, apply_task,
                                make_examples)
 
 
@@ -22,18 +24,21 @@ def _digest(img):
 
 def test_api_shape():
     assert isinstance(TASKS, tuple) and len(TASKS) == len(set(TASKS)) >= 12
+    assert set(ADAPTER_TASKS) | set(BASE_TASKS) == set(TASKS)
+    assert len(CONFLICT_PAIRS) >= 3
     for a, b in CONFLICT_PAIRS:
-        assert a in TASKS and b in TASKS and a != b
+        assert a in ADAPTER_TASKS and b in ADAPTER_TASKS and a != b
+        assert a not in BASE_TASKS and b not in BASE_TASKS  # the base model never learns the conflicts
         assert S.CONFLICT_PARTNER[a] == b and S.CONFLICT_PARTNER[b] == a
     assert set(PHRASINGS) == set(TASKS)
-    assert set(S.NON_CONFLICTING) <= set(TASKS)
+    assert set(S.NON_CONFLICTING) <= set(ADAPTER_TASKS)
     ex = make_examples("train", 3)
     assert all(isinstance(e, EditExample) for e in ex)
     e = ex[0]
     assert e.source.mode == "RGB" and e.target.mode == "RGB"
-    assert e.source.size == e.target.size == (64, 64)
+    assert e.source.size == e.target.size == (32, 32)
     assert e.task in TASKS and isinstance(e.instruction, str)
-    assert make_examples("val", 1, resolution=32)[0].source.size == (32, 32)
+    assert make_examples("val", 1, resolution=64)[0].source.size == (64, 64)
 
 
 @pytest.mark.parametrize("split", S.SPLITS)
@@ -42,8 +47,7 @@ def test_targets_exact_and_recomputable(split):
         again = apply_task(e.task, e.source)
         assert isinstance(again, Image.Image)
         assert np.array_equal(_arr(again), _arr(e.target)), e.task
-        # numpy in, numpy out, same numbers
-        assert np.array_equal(apply_task(e.task, _arr(e.source)), _arr(e.target))
+        assert np.array_equal(apply_task(e.task, _arr(e.source)), _arr(e.target))  # numpy in, numpy out
 
 
 def test_every_task_changes_the_image():
@@ -84,68 +88,83 @@ def test_splits_disjoint():
     assert len(train_imgs) == len(train)               # no duplicate images within train
     assert not train_imgs & {_digest(e.source) for e in val}
     assert not train_imgs & {_digest(e.source) for e in held}
-    # phrasings: train/val share wordings, held-out wordings are never seen in training
     for task in TASKS:
         tr, ho = PHRASINGS[task]["train"], PHRASINGS[task]["heldout"]
-        assert len(tr) >= 3 and len(ho) >= 2 and not set(tr) & set(ho)
+        assert len(tr) >= 12 and len(ho) >= 4 and not set(tr) & set(ho)
     all_train_phrases = {p for t in TASKS for p in PHRASINGS[t]["train"]}
     assert all(e.instruction in all_train_phrases for e in train + val)
     assert not {e.instruction for e in held} & all_train_phrases
     for e in held:
         assert e.instruction in PHRASINGS[e.task]["heldout"]
-    # heldout_phrasing = val's images and tasks, only the wording differs
-    for v, h in zip(val, held):
+    for v, h in zip(val, held):  # heldout_phrasing = val's images and tasks, only the wording differs
         assert _digest(v.source) == _digest(h.source) and v.task == h.task
     with pytest.raises(ValueError):
         make_examples("test", 1)
 
 
-def test_instructions_are_short():
-    for task in TASKS:
-        for kind in ("train", "heldout"):
-            for p in PHRASINGS[task][kind]:
-                assert 0 < len(p.split()) <= 12, p
+def _words(sentence):
+    return set(re.findall(r"[a-z]+", sentence.lower()))
 
 
-def test_conflicting_pairs_invert():
+def test_heldout_sentences_are_answerable_from_the_training_vocabulary():
+    """A held-out sentence is a new sentence, but a text encoder can only know words it saw: each
+    one contains a word that training sentences use for its own task only, and none that they use
+    for one other task only."""
+    seen = {t: set().union(*map(_words, PHRASINGS[t]["train"])) for t in TASKS}
+    own = {t: seen[t] - set().union(*(seen[u] for u in TASKS if u != t)) for t in TASKS}
+    for t in TASKS:
+        for s in PHRASINGS[t]["heldout"]:
+            w = _words(s)
+            assert w & own[t], (t, s)
+            assert not any(w & own[u] for u in TASKS if u != t), (t, s)
+            assert len(s.split()) <= 12
+
+
+def test_images_are_smooth_and_colourful():
+    """Large soft structures the 8x-downsampled latent grid can carry: 8x8 average pooling and
+    bilinear upsampling alone keep most of the image."""
+    a = np.stack([_arr(e.source) for e in make_examples("val", 64)]).astype(np.float64)
+    n, h, w, _ = a.shape
+    pooled = a.reshape(n, h // 8, 8, w // 8, 8, 3).mean((2, 4))
+    up = np.asarray([np.asarray(Image.fromarray(p.astype(np.uint8)).resize((w, h), Image.BILINEAR)) for p in pooled],
+                    dtype=np.float64)
+    psnr = 10 * np.log10(255 ** 2 / ((up - a) ** 2).reshape(n, -1).mean(1))
+    assert psnr.mean() > 24
+    spread = a.max(axis=3) - a.min(axis=3)  # colour saturation per pixel
+    assert spread.mean() > 30
+
+
+def test_conflicting_pairs_pull_apart():
+    """Each pair undoes the other (exactly where nothing clipped), so one shared update must
+    compromise: the two targets of one source are far apart."""
     ex = make_examples("val", 30, seed=11)
-    k = 64 // 8
+    k = 8
+    gaps = {pair: [] for pair in CONFLICT_PAIRS}
     for e in ex:
         a = _arr(e.source)
-        # rotations: exact inverses everywhere
-        assert np.array_equal(apply_task("rotate_ccw", apply_task("rotate_cw", a)), a)
-        assert np.array_equal(apply_task("rotate_cw", apply_task("rotate_ccw", a)), a)
-        # shifts: exact inverses on the interior (the border is edge-filled)
-        lr = apply_task("shift_right", apply_task("shift_left", a))
-        assert np.array_equal(lr[:, k:64 - k], a[:, k:64 - k])
-        rl = apply_task("shift_left", apply_task("shift_right", a))
-        assert np.array_equal(rl[:, k:64 - k], a[:, k:64 - k])
-        # recolour: red->blue then blue->red restores every red pixel (and everything else
-        # that was not blue to begin with)
-        blue_before = S._blue_mask(a)
-        back = apply_task("blue_to_red", apply_task("red_to_blue", a))
-        assert np.array_equal(back[~blue_before], a[~blue_before])
-        red_before = S._red_mask(a)
-        back = apply_task("red_to_blue", apply_task("blue_to_red", a))
-        assert np.array_equal(back[~red_before], a[~red_before])
-        # brightness: exact inverse where nothing clipped
+        f = a.astype(float)
         ok = (a >= S.BRIGHTNESS_DELTA) & (a <= 255 - S.BRIGHTNESS_DELTA)
         assert np.array_equal(apply_task("darken", apply_task("brighten", a))[ok], a[ok])
-        # opposite directions for the non-invertible pairs
-        f = a.astype(float)
         assert _arr(apply_task("brighten", a)).mean() > f.mean() > _arr(apply_task("darken", a)).mean()
-        hf = lambda x: np.abs(np.diff(np.asarray(x, float), axis=1)).mean()  # edge energy
-        assert hf(apply_task("sharpen", a)) > hf(a) > hf(apply_task("blur", a))
-        # grow then shrink approximately restores the centre
-        gs = apply_task("shrink", apply_task("grow", a)).astype(float)
-        assert np.abs(gs[16:48, 16:48] - f[16:48, 16:48]).mean() < 12
-        # the flip is its own inverse
-        assert np.array_equal(apply_task("flip_horizontal", apply_task("flip_horizontal", a)), a)
+        warm, cool = apply_task("warm", a).astype(float), apply_task("cool", a).astype(float)
+        assert (warm[..., 0] - warm[..., 2]).mean() > (f[..., 0] - f[..., 2]).mean() > (cool[..., 0] - cool[..., 2]).mean()
+        lr = apply_task("shift_right", apply_task("shift_left", a))
+        assert np.array_equal(lr[:, k:32 - k], a[:, k:32 - k])  # exact on the interior
+        assert np.array_equal(apply_task("hue_backward", apply_task("hue_forward", a)), a)
+        assert np.array_equal(apply_task("hue_forward", apply_task("hue_backward", a)), a)
+        for x, y in CONFLICT_PAIRS:
+            gaps[(x, y)].append(np.abs(apply_task(x, a).astype(float) - apply_task(y, a).astype(float)).mean())
+    for pair, d in gaps.items():  # mean |difference| of the two targets, in 0..255 units
+        assert min(d) > 2 and np.mean(d) > 10, (pair, np.mean(d))
 
 
-def test_grayscale_is_gray():
-    a = apply_task("grayscale", _arr(make_examples("train", 1)[0].source))
-    assert np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2])
+def test_base_tasks():
+    a = _arr(make_examples("train", 1)[0].source)
+    g = apply_task("grayscale", a)
+    assert np.array_equal(g[..., 0], g[..., 1]) and np.array_equal(g[..., 1], g[..., 2])
+    assert np.array_equal(apply_task("invert", apply_task("invert", a)), a)
+    assert np.array_equal(apply_task("swap_red_blue", a)[..., ::-1], a)
+    assert np.array_equal(apply_task("shift_down", a)[8:], a[:-8])
 
 
 def test_fast():

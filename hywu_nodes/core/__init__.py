@@ -7,7 +7,7 @@ from .conditions import (
 )
 from .functional_lora import GeneratedLoRA, lora_delta, lora_patched, merge_lora_
 from .generator import PRESETS, GeneratorConfig, HYWUGenerator, condition_statistics, describe
-from .lora_format import lora_module_key, to_lora_state_dict
+from .lora_format import from_lora_state_dict, lora_module_key, to_lora_state_dict
 from .targets import BASE_FAMILIES, DEFAULT_PATTERNS, LinearTarget, TargetSpec, build_target_spec
 from .tokenizer import ParameterTokenizer
 
@@ -16,5 +16,5 @@ __all__ = [
     "Condition", "ConditionSource", "ConditionSpec", "GeneratedLoRA", "GeneratorConfig", "GeneratorFileError",
     "GeneratorInfo", "HYWUGenerator", "LinearTarget", "ParameterTokenizer", "TargetSpec",
     "build_target_spec", "condition_statistics", "describe", "load_generator", "lora_delta", "lora_module_key", "lora_patched",
-    "merge_lora_", "patchify_latent", "prompt_mask", "read_generator_info", "square_resize", "standard_condition_spec", "save_generator", "to_lora_state_dict",
+    "from_lora_state_dict", "merge_lora_", "patchify_latent", "prompt_mask", "read_generator_info", "square_resize", "standard_condition_spec", "save_generator", "to_lora_state_dict",
 ]

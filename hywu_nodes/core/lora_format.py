@@ -30,3 +30,22 @@ def to_lora_state_dict(lora: GeneratedLoRA, family: str, index: int = 0, dtype=t
         out[f"{key}.lora_up.weight"] = b[index].detach().to("cpu", dtype).contiguous()
         out[f"{key}.alpha"] = torch.tensor(lora.scale * rank, dtype=torch.float32)
     return out
+
+
+def from_lora_state_dict(state: dict[str, torch.Tensor], family: str, targets) -> GeneratedLoRA:
+    """The inverse of :func:`to_lora_state_dict` for the layers of ``targets`` (a TargetSpec):
+    a batch-1 :class:`GeneratedLoRA` from a kohya-layout LoRA (e.g. a trainer baseline file).
+    Every target must be present with one rank and one scale (alpha / rank)."""
+    weights, scales = {}, set()
+    for t in targets.targets:
+        key = lora_module_key(family, t.name)
+        try:
+            a, b = state[f"{key}.lora_down.weight"].float(), state[f"{key}.lora_up.weight"].float()
+        except KeyError:
+            raise KeyError(f"the LoRA has no weights for layer {t.name} ({key})") from None
+        alpha = state.get(f"{key}.alpha")
+        scales.add(round(float(alpha) / a.shape[0], 6) if alpha is not None else 1.0)
+        weights[t.name] = (a[None], b[None])
+    if len(scales) != 1:
+        raise ValueError(f"the LoRA's layers use different scales {sorted(scales)}; expected one alpha / rank")
+    return GeneratedLoRA(weights, scales.pop())
