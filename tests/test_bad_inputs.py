@@ -124,6 +124,17 @@ def test_pickled_generator_is_refused_at_validation(hywu_env):
             ["not a .safetensors file", "never loaded", "can run code"], stage="validation")
 
 
+def test_generator_that_overflows_is_stopped_before_a_black_image(hywu_env):
+    """Finite weights so large that the generated LoRA overflows: Generate LoRA says so."""
+    srv = hywu_env.server
+    good = (srv.models_dir / "hywu" / hywu_env.generators["seeded"]).resolve()
+    name = "hywu_overflow.safetensors"
+    make = crafted_files.tensor_edit(lambda t: t.update({"head_b.weight": t["head_b.weight"].sign() * 3e38}))
+    make(good, srv.models_dir / "hywu" / name)
+    refused(srv, g.demo(generator=name), ["HY-WU Generate LoRA", "NaN or infinite values", "black image",
+                                          "--force-fp32"])
+
+
 def test_generator_for_another_base_condition(hywu_env):
     # a Flux Kontext generator (T5 width 4096) in the SD1.5 graph: Condition Encode says so
     refused(hywu_env.server, g.demo(generator=hywu_env.generators["flux"]),

@@ -107,8 +107,8 @@ def apply_lora(model, lora: dict, strength: float, batch_index: int = 0):
     for k in not_patched:
         log.warning("HY-WU Apply Generated LoRA: NOT LOADED %s", k)
     log.debug("HY-WU: applied LoRA %d (%s) to %s at strength %g: %d/%d modules matched, %d weights patched "
-             "in %.3f s", batch_index, family, model_name(model), strength, len(matched), len(modules), len(added),
-             seconds)
+              "in %.3f s", batch_index, family, model_name(model), strength, len(matched), len(modules), len(added),
+              seconds)
     return new_model, stats
 
 

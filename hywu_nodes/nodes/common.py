@@ -91,8 +91,9 @@ def float_input_problem(node_cls, name: str, value) -> str | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"{schema.display_name}: {name} is {value!r}, not a number. Set {name} to a number from {lo:g} to {hi:g}."
     if not math.isfinite(value) or not lo <= value <= hi:
+        default = "" if spec.default is None else f" (default {spec.default:g})"
         return (f"{schema.display_name}: {name} is {value}; it must be a finite number from {lo:g} to {hi:g}. "
-                f"Set {name} to a value in that range (default {spec.default:g}).")
+                f"Set {name} to a value in that range{default}.")
     return None
 
 

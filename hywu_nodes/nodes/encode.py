@@ -241,7 +241,7 @@ class HYWUConditionEncode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, image, instruction, clip, vae=None, generator=None, clip_vision=None) -> io.NodeOutput:
+    def execute(cls, image, instruction, clip, generator=None, vae=None, clip_vision=None) -> io.NodeOutput:
         t0 = time.perf_counter()
         instruction = check_instruction(instruction)
         images = check_images(image)
@@ -260,5 +260,5 @@ class HYWUConditionEncode(io.ComfyNode):
                                    batch_size=images.shape[0], instruction=instruction, text=text.float().cpu(),
                                    images=images, vae=vae, clip_vision=clip_vision, generator_name=name)
         log.debug("HY-WU: encoded the condition (%d image(s), '%s') in %.3f s", images.shape[0], instruction[:60],
-                 time.perf_counter() - t0)
+                  time.perf_counter() - t0)
         return io.NodeOutput(encoded, conditioning)

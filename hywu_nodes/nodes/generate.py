@@ -67,8 +67,8 @@ def generate_loras(generator, encoded) -> HYWULoRA:
     seconds = time.perf_counter() - t0
     norm = sum(float(v.float().pow(2).sum()) for k, v in batch[0].items() if k.endswith("lora_up.weight")) ** 0.5
     log.debug("HY-WU: generated %d LoRA(s) with %s for '%s' in %.3f s (%d modules, |B| of LoRA 0 = %.4g)",
-             n, generator.describe(), encoded.instruction[:60], seconds,
-             sum(k.endswith(".lora_down.weight") for k in batch[0]), norm)
+              n, generator.describe(), encoded.instruction[:60], seconds,
+              sum(k.endswith(".lora_down.weight") for k in batch[0]), norm)
     return HYWULoRA(batch[0], base_family=generator.family, generator_name=generator.name, batch=batch, index=0)
 
 
