@@ -33,12 +33,20 @@ def _validation_text(data: dict) -> str:
     return "\n".join(parts)
 
 
+def _lora_graph(generator=None, prefix="loras/hywu_never"):
+    """Load Generator -> Generate LoRA -> Save LoRA, with Condition Encode not linked to the
+    generator: its output stays cached between the failing prompts and the canaries."""
+    wf = g.lora_only("canary instruction", prefix, generator=generator)
+    del wf["4"]["inputs"]["generator"]
+    return wf
+
+
 def _canary(srv) -> None:
-    """The next valid prompt runs the HY-WU nodes (a fresh instruction: nothing cached) and
-    logs no routine HY-WU lines."""
+    """The next valid prompt loads the generator, generates and saves a LoRA, and logs no
+    routine HY-WU lines."""
     n = next(_seeds)
     start = len(srv.log_tail(10 ** 9))
-    entry = srv.run(g.lora_only(f"canary instruction {n}", f"loras/hywu_canary_{n}"), timeout=300)
+    entry = srv.run(_lora_graph(prefix=f"loras/hywu_canary_{n}"), timeout=300)
     assert entry["status"]["status_str"] == "success", "the server did not run the next prompt"
     assert list((srv.output_dir / "loras").glob(f"hywu_canary_{n}_*.safetensors")), "no LoRA saved"
     lines = srv.log_tail(10 ** 9)[start:].splitlines()
@@ -89,7 +97,7 @@ def crafted(hywu_env):
 def test_crafted_generator_file(hywu_env, crafted, case):
     srv = hywu_env.server
     name = crafted[case]
-    msg = refused(srv, g.lora_only("make it snowy", "loras/hywu_never", generator=name),
+    msg = refused(srv, _lora_graph(generator=name),
                   ["HY-WU Load Generator", f"models/hywu/{name}", *crafted_files.CASES[case][1]], bounded_memory=True)
     if case not in ("zip_pickle", "raw_pickle"):
         assert "pickle" not in msg.lower(), msg

@@ -50,14 +50,15 @@ def _sniff(head: bytes, label: str) -> GeneratorFileError | None:
         pickle_kind = "a PyTorch checkpoint (a zip archive holding a pickle, as .pt/.ckpt/.pth files are)"
     elif len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
         pickle_kind = "a Python pickle (as old .pt/.ckpt/.bin files are)"
+    renamed = " renamed to .safetensors" if label.lower().endswith(".safetensors") else ""
     if pickle_kind:
         return GeneratorFileError(
-            f"{label} is {pickle_kind} renamed to .safetensors. HY-WU never loads pickles (loading one can run code "
-            "hidden in it). Use the generator's .safetensors file: the HY-WU trainer writes only those.", "pickle")
+            f"{label} is {pickle_kind}{renamed}. HY-WU never loads pickles (loading one can run code hidden in it). "
+            "Use the generator's .safetensors file: the HY-WU trainer writes only those.", "pickle")
     if head.startswith(b"GGUF"):
         return GeneratorFileError(
-            f"{label} is a GGUF file renamed to .safetensors. HY-WU generators are .safetensors files written by the "
-            "HY-WU trainer: use that file.", "not_safetensors")
+            f"{label} is a GGUF file{renamed}. HY-WU generators are .safetensors files written by the HY-WU trainer: "
+            "use that file.", "not_safetensors")
     return None
 
 
