@@ -78,6 +78,7 @@ def refused(srv, prompt, needles, stage="execution", bounded_memory=False) -> st
     assert str(srv.base_dir) not in msg, f"the message shows a server path:\n{msg}"
     growth = (srv.rss("VmHWM") if can_reset else srv.rss()) - rss0
     if bounded_memory:
+        print(f"peak RSS growth {growth / MB:.1f} MB")
         assert growth < 200 * MB, f"server memory grew by {growth / MB:.0f} MB"
     _canary(srv)
     return msg
