@@ -2,25 +2,31 @@
 """`make demo`: the whole HY-WU product in a miniature world, on a CPU, with no downloads.
 
 1. builds (or reuses) the seeded micro SD1.5-InstructPix2Pix base (scripts/build_micro_base.py)
-   and trains it briefly on the synthetic edit world (trainer/synthetic.py) into a usable but
-   imperfect editor -> models/demo/base/ (diffusers) + models/checkpoints/hywu_demo_sd15_ip2p.safetensors;
-2. freezes it and trains, with one and the same budget, a shared LoRA, per-task LoRAs (an
-   oracle told the task) and the HY-WU generator -> models/hywu/hywu_demo.safetensors;
-3. evaluates PSNR / SSIM to the exact targets on the val and held-out-phrasing splits and the
-   shared LoRA's gradient cosine between conflicting tasks;
-4. runs example_workflows/api/hywu_demo.json (the demo template's API twin) in a headless
-   ComfyUI on a few validation images with a conflicting pair of instructions;
-5. writes output/demo/ (edited images, grid.png, metrics.json) and prints the table.
+   and makes it a small editor of the synthetic world (scripts/demo_core.build_world) ->
+   models/demo/base/ (diffusers) + models/checkpoints/hywu_demo_sd15_ip2p.safetensors (ComfyUI);
+2. trains, with `python -m trainer.train` (trainer/configs/demo.yaml) and one budget, a shared LoRA,
+   per-task LoRAs (an oracle told the task) and the HY-WU generator on the conflicting edits the
+   base never learned -> models/loras/hywu_demo_shared_lora.safetensors,
+   models/loras/hywu_demo_<task>.safetensors, models/hywu/hywu_demo.safetensors;
+3. scores every method's edits against the exact targets on the val and held-out-phrasing splits,
+   how the base's text encoder groups instructions, the shared LoRA's gradient cosine per
+   conflicting pair and how much each method's LoRA depends on the request;
+4. runs the demo workflow (HY-WU) and a core LoraLoaderModelOnly graph (the shared LoRA file) in a
+   headless ComfyUI on validation images and checks they make the in-process edits;
+5. writes output/demo/ (grid.png, images/, metrics.json) and prints the table.
 
-Every stage is cached (models/, git-ignored): a second run reuses what is still valid.
+Every stage is cached under models/ (git-ignored): a second run reuses what is still valid.
 
-    python scripts/demo.py [--quick] [--no-comfy] [--force] [--out output/demo] [--models models]
+    python scripts/demo.py [--quick] [--no-comfy] [--force] [--seed N] [--out output/demo] [--models models]
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
@@ -28,37 +34,26 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts"), str(REPO / "tests")]
-
-
-def _threads() -> int:
-    """CPU threads for torch: HYWU_THREADS, else the cores not already busy (OpenMP threads that
-    spin-wait on cores shared with other jobs make small-model training several times slower)."""
-    if os.environ.get("HYWU_THREADS"):
-        return max(1, int(os.environ["HYWU_THREADS"]))
-    n = os.cpu_count() or 1
-    try:
-        busy = int(round(os.getloadavg()[0]))
-    except OSError:
-        busy = 0
-    return max(1, min(n, n - busy))
-
-
-if _threads() < (os.cpu_count() or 1):
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must be set before torch is imported
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spin-waiting OpenMP threads on shared cores: ~8x slower
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
 import demo_core as D  # noqa: E402
+from trainer import synthetic  # noqa: E402
 
-# The conflicting pair the ComfyUI part edits with (both instructions on the same images).
-COMFY_PAIR = (("shift_left", "shift the image left"), ("shift_right", "shift the image right"))
+CONFIG = REPO / "trainer" / "configs" / "demo.yaml"
 DEMO_CKPT_NAME = "hywu_demo_sd15_ip2p.safetensors"
 DEMO_GENERATOR_NAME = "hywu_demo.safetensors"
+SHARED_LORA_NAME = "hywu_demo_shared_lora.safetensors"
+TASK_LORA_NAME = "hywu_demo_{task}.safetensors"
+METHODS = ("shared_lora", "per_task_lora", "hywu")
+# The conflicting pair the ComfyUI part edits with (both instructions on the same images).
+COMFY_PAIR = ("brighten", "darken")
 
-QUICK = dict(n_train=56, vae_steps=2, vae_batch=4, base_steps=2, base_batch=4, steps=2, batch=4,
-             n_eval_per_task=1, sample_steps=2)
+QUICK_WORLD = dict(vae_images=32, vae_steps=2, vae_batch=4, text_steps=2, base_n_train=40, base_steps=2, base_batch=4)
+QUICK_TRAIN = ["--max-steps", "2", "--train.batch_size=4", "--data.n_train=40", "--generator.norm_examples=16",
+               "--train.save_every=0"]
 
 
 class Timer:
@@ -69,7 +64,7 @@ class Timer:
     def stage(self, name: str):
         timer = self
 
-        class _S:
+        class _Stage:
             def __enter__(self):
                 self.t = time.time()
                 D.log(f"\n== {name}")
@@ -77,7 +72,7 @@ class Timer:
             def __exit__(self, *exc):
                 timer.stages[name] = round(timer.stages.get(name, 0.0) + time.time() - self.t, 1)
                 D.log(f"   ({name}: {time.time() - self.t:.1f}s)")
-        return _S()
+        return _Stage()
 
 
 def comfy_path():
@@ -86,112 +81,171 @@ def comfy_path():
     return bmb.find_comfyui(None)
 
 
-def ensure_bases(settings: D.DemoSettings, models: Path, force: bool, timer: Timer, show: bool,
-                 micro: Path | None = None):
+def ensure_world(settings: D.WorldSettings, models: Path, force: bool, timer: Timer, show: bool,
+                 micro: Path | None = None) -> tuple[Path, Path]:
     import build_micro_base as bmb
 
     comfy = comfy_path()
-    if micro is not None:
-        micro_dir = Path(micro)
-    else:
-        micro_dir = models / "micro_sd15_ip2p"
+    micro_dir = Path(micro) if micro is not None else models / "micro_sd15_ip2p"
+    if micro is None:
         with timer.stage("micro base (seeded, build or reuse)"):
-            bmb.ensure_micro_base(micro_dir, models / "checkpoints" / "hywu_micro_sd15_ip2p.safetensors",
-                                  comfyui_path=comfy)
+            bmb.ensure_micro_base(micro_dir, models / "checkpoints" / "hywu_micro_sd15_ip2p.safetensors", comfyui_path=comfy)
     base_dir = models / "demo" / "base"
     ckpt = models / "checkpoints" / DEMO_CKPT_NAME
-    if force or not D.base_is_current(base_dir, settings):
-        with timer.stage("pretrain micro base on the synthetic world (VAE + IP2P UNet)"):
-            info = D.pretrain_base(micro_dir, base_dir, settings, show=show)
-            D.log(f"   VAE loss {info['vae_final_loss']:.4f}, UNet loss {info['unet_final_loss']:.4f}")
+    if force or not D.world_is_current(base_dir, settings):
+        with timer.stage("build the demo base (VAE, text encoder, IP2P UNet on the base tasks)"):
+            info = D.build_world(micro_dir, base_dir, settings, show=show)
+            D.log(f"   VAE ceiling {info['vae_ceiling_psnr_val']:.2f} dB, UNet loss {info['unet_final_loss']:.4f}, "
+                  f"stages {info['seconds']}")
         if ckpt.exists():
             ckpt.unlink()
     else:
-        D.log(f"\n== reusing the pretrained demo base {base_dir}")
-    if not ckpt.is_file() or ckpt.stat().st_mtime < (base_dir / "hywu_demo_base.json").stat().st_mtime:
-        with timer.stage("export ComfyUI checkpoint"):
+        D.log(f"\n== reusing the demo base {base_dir}")
+    if not ckpt.is_file():
+        with timer.stage("export the ComfyUI checkpoint"):
             bmb.export_comfy_checkpoint(base_dir, ckpt, comfy)
     return base_dir, ckpt
 
 
-def train_with_trainer(base_dir: Path, dst: Path, settings: D.DemoSettings, force: bool, timer: Timer):
-    """`python -m trainer.train` (trainer/configs/demo.yaml) on the demo base -> ``dst``."""
-    import shutil
-    import subprocess
-
-    marker = dst.with_name(dst.stem + ".trainer.json")
-    key = settings.method_key("hywu")
-    world_dev = D.pick_device(settings.device)
-    if not force and dst.is_file() and marker.is_file() and json.loads(marker.read_text()).get("settings_key") == key:
-        D.log(f"\n== reusing {dst} (python -m trainer.train)")
-    else:
-        out = REPO / "output" / "train" / "demo"
-        cmd = [sys.executable, "-m", "trainer.train", f"--base.path={base_dir}", "--output", str(out),
-               "--max-steps", str(settings.steps), f"--train.batch_size={settings.batch}", f"--train.lr={settings.lr}",
-               f"--generator.rank={settings.rank}", f"--generator.alpha={settings.alpha}",
-               f"--generator.preset={settings.generator_preset}", f"--generator.token_width={settings.token_width}", f"--base.resolution={settings.resolution}",
-               f"--data.n_train={settings.n_train}", "--data.tasks=[" + ",".join(settings.tasks) + "]",
-               f"--seed={settings.seed}", f"--device={'cuda' if world_dev.type == 'cuda' else 'cpu'}"]
-        with timer.stage(f"train hywu with python -m trainer.train ({settings.steps} steps)"):
-            D.log("   " + " ".join(cmd))
-            subprocess.run(cmd, cwd=REPO, check=True)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / "demo.safetensors", dst)
-        marker.write_text(json.dumps({"settings_key": key, "command": cmd}))
-    return D.generator_adapter(dst, world_dev)
+def _run_key(base_dir: Path, method: str, seed: int, extra: list[str]) -> str:
+    info = json.loads((base_dir / "hywu_demo_base.json").read_text())
+    blob = json.dumps([info["settings_key"], CONFIG.read_text(), method, seed, extra])
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def run_comfy(ckpt: Path, generator: Path, val: D.EncodedSplit, settings: D.DemoSettings, out: Path,
-              n_images: int, show: bool, world=None, hywu=None) -> dict:
-    """Run the demo workflow's API twin in a headless ComfyUI: each of n val images edited with
-    both instructions of a conflicting pair. Returns a summary (with PSNR to the exact target)."""
+def train_methods(base_dir: Path, models: Path, seed: int, force: bool, timer: Timer, extra: list[str],
+                  device: str = "auto", parallel: bool = True) -> dict[str, Path]:
+    """`python -m trainer.train` for each method (cached by base, config, seed and overrides).
+    On a CPU the generator trains next to the two static baselines, one thread each: these small
+    models use two cores better as two processes than as one with two threads."""
+    runs = models / "demo" / "runs"
+    out = {m: runs / f"{m}-seed{seed}" for m in METHODS}
+    todo = []
+    for m in METHODS:
+        key = _run_key(base_dir, m, seed, extra)
+        marker = out[m] / "demo_run.json"
+        if not force and marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+            D.log(f"\n== reusing {m} (seed {seed}) from {out[m]}")
+            continue
+        cmd = [sys.executable, "-m", "trainer.train", "--config", str(CONFIG), "--method", m, "--seed", str(seed),
+               "--output", str(out[m]), f"--base.path={base_dir}", f"--device={device}", *extra]
+        if out[m].exists():
+            shutil.rmtree(out[m])
+        todo.append((m, cmd, marker, key))
+    if todo:
+        cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        lanes = [[t for t in todo if t[0] == "hywu"], [t for t in todo if t[0] != "hywu"]] if cpu and parallel else [todo]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"} if cpu and parallel else dict(os.environ)
+        with timer.stage(f"train {', '.join(t[0] for t in todo)} with python -m trainer.train (seed {seed})"):
+            procs = []
+            for lane in (lane for lane in lanes if lane):
+                script = " && ".join(" ".join(_quote(c) for c in t[1]) for t in lane)
+                log = out[lane[0][0]].with_name(f"{'+'.join(t[0] for t in lane)}-seed{seed}.log")
+                log.parent.mkdir(parents=True, exist_ok=True)
+                D.log("   " + script)
+                procs.append((subprocess.Popen(["bash", "-c", script], cwd=REPO, env=env, stdout=open(log, "w"),
+                                               stderr=subprocess.STDOUT), log))
+            for p, log in procs:
+                if p.wait() != 0:
+                    raise RuntimeError(f"python -m trainer.train failed; its log:\n{log.read_text()[-4000:]}")
+        for m, cmd, marker, key in todo:
+            marker.write_text(json.dumps({"key": key, "command": cmd}))
+    return out
+
+
+def _quote(arg: str) -> str:
+    return arg if all(c.isalnum() or c in "-_=./,[]:" for c in arg) else "'" + arg.replace("'", "'\\''") + "'"
+
+
+def install_files(runs: dict[str, Path], models: Path, tasks) -> dict:
+    """The trainer's outputs under the names users load in ComfyUI."""
+    loras, hywu = models / "loras", models / "hywu"
+    loras.mkdir(parents=True, exist_ok=True)
+    hywu.mkdir(parents=True, exist_ok=True)
+    files = {"shared_lora": loras / SHARED_LORA_NAME,
+             "per_task_lora": {t: loras / TASK_LORA_NAME.format(task=t) for t in tasks},
+             "hywu": hywu / DEMO_GENERATOR_NAME}
+    shutil.copyfile(runs["shared_lora"] / "hywu_demo.safetensors", files["shared_lora"])
+    for t, dst in files["per_task_lora"].items():
+        shutil.copyfile(runs["per_task_lora"] / f"hywu_demo-{t}.safetensors", dst)
+    shutil.copyfile(runs["hywu"] / "hywu_demo.safetensors", files["hywu"])
+    return files
+
+
+def run_comfy(ckpt: Path, files: dict, world: D.World, val: D.Split, methods: dict, steps: int, cfg: float,
+              seed: int, out: Path, n_images: int, show: bool) -> dict:
+    """Run the demo workflow's API twin (HY-WU) on ``n_images`` val images, each edited with both
+    instructions of a conflicting pair, and a core LoraLoaderModelOnly graph with the shared LoRA
+    file; compare every ComfyUI edit with the in-process one (same seed)."""
     import comfy_harness
     from PIL import Image
-
-    from trainer import synthetic
 
     wf = json.loads((REPO / "example_workflows" / "api" / "hywu_demo.json").read_text())
     by_class = {v["class_type"]: k for k, v in wf.items()}
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    t0 = time.time()
-    with comfy_harness.ComfyServer(checkpoints=[ckpt], extra_models={"hywu": [generator]}) as srv:
+    rows, t0 = [], time.time()
+    with comfy_harness.ComfyServer(checkpoints=[ckpt], loras=[files["shared_lora"]],
+                                   extra_models={"hywu": [files["hywu"]]}) as srv:
         err = srv.pack_import_error()
         if err:
             raise RuntimeError(f"the HY-WU node pack did not import in ComfyUI:\n{err}")
         start_s = time.time() - t0
-        picks = [i for i in range(len(val)) if val.tasks[i] in (COMFY_PAIR[0][0], COMFY_PAIR[1][0])][:n_images]
-        jobs = [(i, task, text) for i in picks for task, text in COMFY_PAIR]
-        for k, (i, task, text) in enumerate(D.progress(jobs, desc="ComfyUI workflow", enabled=show)):
-            src_name = srv.put_input(Image.fromarray(val.src[i]), f"demo_src_{i}.png")
-            prompt = json.loads(json.dumps(wf))
+        picks = [i for i in range(len(val)) if val.tasks[i] == COMFY_PAIR[0]][:n_images]
+        jobs = [(i, task, "hywu") for i in picks for task in COMFY_PAIR] + [(picks[0], COMFY_PAIR[0], "shared_lora")]
+        for i, task, method in D.progress(jobs, desc="ComfyUI", enabled=show):
+            text = synthetic.PHRASINGS[task]["train"][0]
+            name = srv.put_input(Image.fromarray(val.src[i]), f"demo_src_{i}.png")
+            prompt = lora_graph(wf, by_class, files["shared_lora"].name) if method == "shared_lora" else json.loads(json.dumps(wf))
+            if method == "hywu":
+                prompt[by_class["HYWULoadGenerator"]]["inputs"]["generator_name"] = files["hywu"].name
+                prompt[by_class["HYWUConditionEncode"]]["inputs"]["instruction"] = text
             prompt[by_class["CheckpointLoaderSimple"]]["inputs"]["ckpt_name"] = ckpt.name
-            prompt[by_class["HYWULoadGenerator"]]["inputs"]["generator_name"] = generator.name
-            prompt[by_class["LoadImage"]]["inputs"]["image"] = src_name
-            prompt[by_class["HYWUConditionEncode"]]["inputs"]["instruction"] = text
-            ks = prompt[by_class["KSampler"]]["inputs"]
-            ks.update(seed=settings.seed * 100003 + i, steps=settings.sample_steps, cfg=settings.cfg,
-                      sampler_name="euler", scheduler="simple")
-            prompt[by_class["SaveImage"]]["inputs"]["filename_prefix"] = f"hywu_demo_{i}_{task}"
-            entry = srv.run(prompt, timeout=600)
-            files = srv.output_images(entry)
-            img = np.asarray(Image.open(files[0]).convert("RGB"))
-            dst = out / f"comfyui_val{i:03d}_{task}.png"
+            prompt[by_class["LoadImage"]]["inputs"]["image"] = name
+            prompt[by_class["KSampler"]]["inputs"].update(seed=seed * 100003 + i, steps=steps, cfg=cfg,
+                                                           sampler_name="euler", scheduler="simple", denoise=1.0)
+            prompt[by_class["SaveImage"]]["inputs"]["filename_prefix"] = f"hywu_demo_{i}_{task}_{method}"
+            img = np.asarray(Image.open(srv.output_images(srv.run(prompt, timeout=600))[0]).convert("RGB"))
+            dst = out / f"comfyui_val{i:03d}_{task}_{method}.png"
             Image.fromarray(img).save(dst)
             target = synthetic.apply_task(task, val.src[i])
-            row = {"image": int(i), "task": task, "instruction": text, "file": str(dst.relative_to(out.parent)),
-                   "psnr": float(D.psnr(img[None], target[None])[0]),
-                   "ssim": float(D.ssim(img[None], target[None])[0])}
-            if world is not None and hywu is not None:  # parity: the same edit in-process (same seed)
-                with torch.no_grad():
-                    src, emb = val.src_lat[i:i + 1], world.encode_text([text])
-                    lora = hywu.lora_for(world, emb, src, val.task_idx[i:i + 1])
-                    mine = world.decode(D.sample(world, src, emb, [settings.seed * 100003 + i], settings, lora))[0]
-                row["psnr_vs_inprocess"] = float(D.psnr(img[None], mine[None])[0])
-            rows.append(row)
+            mine = inprocess_edit(world, val, i, text, methods[method], steps, cfg, seed)
+            rows.append({"image": int(i), "task": task, "method": method, "instruction": text,
+                         "file": str(dst.relative_to(out.parent)), "psnr": float(D.psnr(img[None], target[None])[0]),
+                         "psnr_vs_inprocess": float(D.psnr(img[None], mine[None])[0])})
     return {"ran": True, "server_start_s": round(start_s, 1), "seconds": round(time.time() - t0, 1),
-            "workflow": "example_workflows/api/hywu_demo.json", "checkpoint": ckpt.name, "generator": generator.name,
-            "edits": rows}
+            "workflow": "example_workflows/api/hywu_demo.json", "checkpoint": ckpt.name, "edits": rows}
+
+
+def lora_graph(wf: dict, by_class: dict, lora_name: str) -> dict:
+    """The demo graph with HY-WU's three nodes replaced by core CLIPTextEncode + LoraLoaderModelOnly."""
+    g = json.loads(json.dumps(wf))
+    enc, gen, apply = by_class["HYWUConditionEncode"], by_class["HYWUGenerateLoRA"], by_class["HYWUApplyGeneratedLoRA"]
+    ckpt, load = [by_class["CheckpointLoaderSimple"]], by_class["HYWULoadGenerator"]
+    text = g[enc]["inputs"]
+    g[enc] = {"class_type": "CLIPTextEncode", "inputs": {"text": text["instruction"], "clip": text["clip"]}}
+    g[apply] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": g[apply]["inputs"]["model"],
+                                                                 "lora_name": lora_name, "strength_model": 1.0}}
+    for k in (gen, load):
+        g.pop(k)
+    for node in g.values():  # rewire: Condition Encode's conditioning is output 1, CLIPTextEncode's is 0
+        for key, v in node["inputs"].items():
+            if isinstance(v, list) and v[0] == enc and v[1] == 1:
+                node["inputs"][key] = [enc, 0]
+            if isinstance(v, list) and v[0] == enc and v[1] == 2:  # Condition Encode's image output
+                node["inputs"][key] = text["image"]
+    del ckpt
+    return g
+
+
+def inprocess_edit(world: D.World, val: D.Split, i: int, text: str, method: D.Method, steps: int, cfg: float,
+                   seed: int) -> np.ndarray:
+    emb, mask = world.encode_text([text])
+    one = replace(val, src=val.src[i:i + 1], tgt=val.tgt[i:i + 1], instructions=[text], tasks=[val.tasks[i]],
+                  task_idx=val.task_idx[i:i + 1], src_lat=val.src_lat[i:i + 1], tgt_lat=val.tgt_lat[i:i + 1],
+                  text=emb, mask=mask)
+    with torch.no_grad():
+        lat = world.sample(one.src_lat, one.text, [seed * 100003 + i], steps, cfg, method.lora_for(one, slice(0, 1)))
+    return world.decode(lat)[0]
 
 
 def main(argv=None) -> dict:
@@ -200,134 +254,133 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(REPO / "output" / "demo"))
     ap.add_argument("--models", default=str(REPO / "models"), help="cache folder for built artefacts")
     ap.add_argument("--force", action="store_true", help="rebuild every cached stage")
-    ap.add_argument("--micro", default=None, help="use this existing seeded micro base folder (default: build/reuse <models>/micro_sd15_ip2p)")
+    ap.add_argument("--micro", default=None, help="use this existing seeded micro base folder")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the three trainer runs (the base is built with seed 0)")
     ap.add_argument("--no-comfy", action="store_true", help="skip the headless ComfyUI run")
     ap.add_argument("--comfy-images", type=int, default=2, help="val images edited in ComfyUI (x2 instructions)")
+    ap.add_argument("--eval-per-task", type=int, default=32, help="evaluation images per task and split")
+    ap.add_argument("--sample-steps", type=int, default=8, help="sampler steps of every edit (euler / simple)")
+    ap.add_argument("--cfg", type=float, default=1.0, help="text guidance of every edit")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--trainer", action="store_true",
-                    help="train the HY-WU generator with `python -m trainer.train` (the demo config) instead of "
-                         "in-process (same settings; slower on CPU: it re-encodes every instruction with CLIP)")
+    ap.add_argument("--sequential", action="store_true", help="train the three methods one after the other")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a DemoSettings field, e.g. --set steps=300")
+                    help="override a WorldSettings field, e.g. --set base_steps=400")
+    ap.add_argument("--train", action="append", default=[], metavar="--SECTION.KEY=VALUE",
+                    help="extra override for the three trainer runs, e.g. --train=--max-steps=200")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     show = not a.no_progress
-
-    settings = D.DemoSettings(device=a.device)
-    if a.quick:
-        settings = replace(settings, **QUICK)
+    settings = D.WorldSettings(**QUICK_WORLD) if a.quick else D.WorldSettings()
     for kv in a.set:
         k, _, v = kv.partition("=")
-        cur = getattr(settings, k)
-        settings = replace(settings, **{k: type(cur)(v) if not isinstance(cur, tuple) else tuple(v.split(","))})
-    torch.set_num_threads(_threads())
+        settings = replace(settings, **{k: type(getattr(settings, k))(v)})
+    extra = (QUICK_TRAIN if a.quick else []) + list(a.train)
+    eval_per_task = 2 if a.quick else a.eval_per_task
+    steps = 2 if a.quick else a.sample_steps
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     models, out = Path(a.models), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     timer = Timer()
-    D.log(f"HY-WU demo: device {D.pick_device(settings.device)}, tasks {', '.join(settings.tasks)}, "
-          f"{settings.resolution}x{settings.resolution} images")
+    tasks = list(D.DEMO_TASKS)
+    device = "cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device)
+    D.log(f"HY-WU demo: device {device}, {settings.resolution}x{settings.resolution} images, adapter tasks "
+          f"{', '.join(tasks)}")
 
-    base_dir, ckpt = ensure_bases(settings, models, a.force, timer, show, a.micro)
-
-    with timer.stage("encode the synthetic world"):
-        world = D.load_world(base_dir, settings)
-        train_cache = base_dir / "train_encoded.safetensors"
-        train = D.make_split("train", settings.n_train, settings)
-        if train_cache.is_file():
-            c = load_file(str(train_cache))
-            train.src_lat, train.tgt_lat, train.text = (c[k].to(world.device) for k in ("src_lat", "tgt_lat", "text"))
-        else:
-            D.encode_split(world, train)
-        n_eval = settings.n_eval_per_task * len(settings.tasks)
-        splits = {s: D.encode_split(world, D.make_split(s, n_eval, settings)) for s in D.SPLITS}
-
-    adapters = {"base": None}
-    paths = {"shared_lora": models / "demo" / "shared_lora.safetensors",
-             "per_task_lora": models / "demo" / "per_task_lora.safetensors",
-             "hywu": models / "hywu" / DEMO_GENERATOR_NAME}
-    losses = {}
-    for method in ("shared_lora", "per_task_lora", "hywu"):
-        if method == "hywu" and a.trainer:
-            adapters[method] = train_with_trainer(base_dir, paths[method], settings, a.force, timer)
-            continue
-        cached = None if a.force else D.load_adapter(method, paths[method], world, settings)
-        if cached is not None:
-            D.log(f"\n== reusing {method} from {paths[method]}")
-            adapters[method] = cached
-            continue
-        with timer.stage(f"train {method} ({settings.steps} steps x batch {settings.batch})"):
-            ad, ls = D.train_method(method, world, train, settings, show=show)
-            losses[method] = float(np.mean(ls[-20:]))
-            D.save_adapter(ad, paths[method], settings, {"final_loss": losses[method]})
-            adapters[method] = ad
+    base_dir, ckpt = ensure_world(settings, models, a.force, timer, show, a.micro)
+    runs = train_methods(base_dir, models, a.seed, a.force, timer, extra, device, parallel=not a.sequential)
+    files = install_files(runs, models, tasks)
 
     with timer.stage("evaluate (val + held-out phrasing)"):
-        metrics, preds = D.evaluate(world, splits, adapters, settings, show=show)
+        world = D.World(base_dir, device)
+        splits = {s: D.make_split(world, s, eval_per_task * len(tasks), tasks, 0, settings.resolution) for s in D.SPLITS}
+        methods = D.load_methods(world, files, tasks)
+        metrics, preds = D.evaluate(world, splits, methods, tasks, steps, a.cfg, a.seed, show)
+        separation = {m: D.task_separation(splits["val"], methods[m]) for m in ("per_task_lora", "hywu")}
+        clustering = D.text_clustering(world)
     with timer.stage("gradient cosine of the shared LoRA"):
-        init = D.Adapter("shared_lora", world, settings, seed=1)
-        with torch.no_grad():  # B=0 gives A no gradient: start from a small random B instead
-            for b in init.static.b:
-                b.normal_(0, 1e-3)
-        gc = {"init": D.gradient_cosines(world, splits["val"], settings, init),
-              "trained": D.gradient_cosines(world, splits["val"], settings, adapters["shared_lora"])}
+        init = methods["shared_lora"].lora
+        g = torch.Generator().manual_seed(1)  # B = 0 gives A no gradient: a fresh LoRA with a small random B
+        fresh = D.GeneratedLoRA({k: ((torch.rand(a_.shape, generator=g) * 2 - 1) / a_.shape[-1] ** 0.5,
+                                     torch.randn(b_.shape, generator=g) * 1e-3)
+                                 for k, (a_, b_) in init.weights.items()}, init.scale)
+        gc = {"init": D.gradient_cosines(world, splits["val"], fresh, tasks),
+              "trained": D.gradient_cosines(world, splits["val"], init, tasks)}
 
-    separation = {m: D.task_separation(world, splits[sp], adapters[m]) for m in ("per_task_lora", "hywu")
-                  for sp in ("val",)}
     comfy = {"ran": False}
     if not a.no_comfy:
-        with timer.stage("ComfyUI: example_workflows/api/hywu_demo.json headless"):
+        with timer.stage("ComfyUI: the demo workflow and a core LoRA graph, headless"):
             try:
-                comfy = run_comfy(ckpt, paths["hywu"], splits["val"], settings, out / "images", a.comfy_images, show,
-                                  world, adapters["hywu"])
-            except Exception as e:  # report, keep the rest of the demo
+                comfy = run_comfy(ckpt, files, world, splits["val"], methods, steps, a.cfg, a.seed, out / "images",
+                                  a.comfy_images, show)
+            except Exception as e:  # report it, keep the rest of the demo
                 comfy = {"ran": False, "error": f"{type(e).__name__}: {e}"[:4000]}
                 D.log(f"   ComfyUI run failed: {comfy['error'][:2000]}")
 
     with timer.stage("write output"):
-        from PIL import Image
+        result = write_output(out, splits, preds, metrics, tasks, settings, a, gc, separation, clustering, comfy,
+                              timer, device, files, runs)
+    report(result, tasks)
+    return result
 
-        img_dir = out / "images"
-        img_dir.mkdir(parents=True, exist_ok=True)
-        val = splits["val"]
-        rows = []
-        per = max(1, min(2, settings.n_eval_per_task))
-        for t in settings.tasks:  # `per` rows per task, conflicting partners next to each other
-            rows += [i for i in range(len(val)) if val.tasks[i] == t][:per]
-        for i in rows:
-            Image.fromarray(val.src[i]).save(img_dir / f"val{i:03d}_{val.tasks[i]}_source.png")
-            Image.fromarray(val.tgt[i]).save(img_dir / f"val{i:03d}_{val.tasks[i]}_target.png")
-            for m in ("base", "shared_lora", "per_task_lora", "hywu"):
-                Image.fromarray(preds["val"][m][i]).save(img_dir / f"val{i:03d}_{val.tasks[i]}_{m}.png")
-        D.grid_png(out / "grid.png", val, preds["val"], rows)
-        D.grid_png(out / "grid_heldout_phrasing.png", splits["heldout_phrasing"], preds["heldout_phrasing"], rows)
-        total = round(time.time() - timer.t0, 1)
-        result = {
-            "settings": asdict(settings),
-            "device": str(world.device),
-            "metrics": metrics,
-            "gradient_cosine": gc,
-            "lora_task_separation_val": separation,
-            "comfyui": comfy,
-            "final_train_loss": losses,
-            "timings_s": {**timer.stages, "total": total},
-            "files": {"grid": "grid.png", "grid_heldout_phrasing": "grid_heldout_phrasing.png", "images": "images/"},
-        }
-        (out / "metrics.json").write_text(json.dumps(result, indent=2, default=list))
 
-    D.log("\n" + D.format_table(metrics, settings))
-    D.log(D.format_cosines(gc))
-    D.log("Task separation of the LoRAs actually applied on val (eta^2: 0 = one LoRA for all, 1 = one per task): "
-          + ", ".join(f"{m} {v['eta2']:.2f} (spread {v['relative_spread']:.2f} of the mean)" for m, v in separation.items()))
+def write_output(out, splits, preds, metrics, tasks, settings, a, gc, separation, clustering, comfy, timer, device,
+                 files, runs) -> dict:
+    from PIL import Image
+
+    img_dir = out / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    val = splits["val"]
+    rows = []
+    for t in tasks:  # two rows per task, conflicting partners next to each other
+        rows += [i for i in range(len(val)) if val.tasks[i] == t][:2]
+    for i in rows:
+        Image.fromarray(val.src[i]).save(img_dir / f"val{i:03d}_{val.tasks[i]}_source.png")
+        Image.fromarray(val.tgt[i]).save(img_dir / f"val{i:03d}_{val.tasks[i]}_target.png")
+        for m in D.METHODS:
+            Image.fromarray(preds["val"][m][i]).save(img_dir / f"val{i:03d}_{val.tasks[i]}_{m}.png")
+    D.grid_png(out / "grid.png", val, preds["val"], rows)
+    D.grid_png(out / "grid_heldout_phrasing.png", splits["heldout_phrasing"], preds["heldout_phrasing"], rows)
+    summaries = {}
+    for m in METHODS:
+        f = runs[m] / "summary.json"
+        if f.is_file():
+            s = json.loads(f.read_text())
+            summaries[m] = {k: s.get(k) for k in ("steps", "final_loss", "mean_loss_last_10", "samples_per_s", "peak_memory_mb")}
+            times = s.get("step_times") or []
+            summaries[m]["median_step_s"] = float(np.median(times)) if times else None
+    result = {
+        "world": asdict(settings), "seed": a.seed, "device": device, "tasks": tasks,
+        "sampler": {"steps": 2 if a.quick else a.sample_steps, "cfg": a.cfg, "sampler": "euler", "scheduler": "simple"},
+        "metrics": metrics, "text_clustering": clustering, "gradient_cosine": gc, "lora_task_separation_val": separation,
+        "comfyui": comfy, "trainer_runs": summaries,
+        "files": {"grid": "grid.png", "grid_heldout_phrasing": "grid_heldout_phrasing.png", "images": "images/",
+                  "generator": str(files["hywu"]), "shared_lora": str(files["shared_lora"])},
+        "timings_s": {**timer.stages, "total": round(time.time() - timer.t0, 1)},
+    }
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=list))
+    return result
+
+
+def report(result: dict, tasks) -> None:
+    D.log("\n" + D.format_table(result["metrics"], tasks))
+    c = result["text_clustering"]
+    D.log(f"Text encoder: {c['heldout_accuracy']:.0%} of the {c['n_heldout']} held-out sentences are nearest their own "
+          f"task (mean margin {c['heldout_margin']:.2f}); whole-condition cosine of opposite instructions: "
+          + ", ".join(f"{k.replace('|', '/')} {v:.2f}" for k, v in c["pair_cosine"].items()))
+    D.log(D.format_cosines(result["gradient_cosine"]))
+    D.log("Task separation of the LoRAs applied on val (eta^2: 0 = one LoRA for all, 1 = one per task): "
+          + ", ".join(f"{m} {v['eta2']:.2f} (spread {v['relative_spread']:.2f} of the mean)"
+                      for m, v in result["lora_task_separation_val"].items()))
+    comfy = result["comfyui"]
     if comfy.get("ran"):
-        ed = comfy["edits"]
-        D.log(f"ComfyUI ({comfy['workflow']}, server start {comfy['server_start_s']}s): "
-              + ", ".join(f"val{e['image']} '{e['instruction']}' {e['psnr']:.1f} dB to target, "
-                           f"{e.get('psnr_vs_inprocess', float('nan')):.1f} dB to the in-process edit" for e in ed))
+        D.log(f"ComfyUI (server start {comfy['server_start_s']}s): " + "; ".join(
+            f"val{e['image']} {e['method']} '{e['instruction']}' {e['psnr']:.1f} dB to the target, "
+            f"{e['psnr_vs_inprocess']:.1f} dB to the in-process edit" for e in comfy["edits"]))
     else:
         D.log(f"ComfyUI: not run ({comfy.get('error', 'skipped')[:300]})")
-    D.log(f"\nwrote {out}/ (grid.png, metrics.json, images/) in {total:.0f}s; stages: "
-          + ", ".join(f"{k.split(' (')[0]} {v:.0f}s" for k, v in timer.stages.items()))
-    return result
+    t = result["timings_s"]
+    D.log(f"\nwrote output/demo (grid.png, metrics.json, images/) in {t['total']:.0f}s; stages: "
+          + ", ".join(f"{k.split(' (')[0]} {v:.0f}s" for k, v in t.items() if k != "total"))
 
 
 if __name__ == "__main__":

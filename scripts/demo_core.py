@@ -1,31 +1,35 @@
-"""Machinery of the miniature HY-WU world, shared by ``scripts/demo.py`` (``make demo``),
-``bench/conflict.py`` and ``tests/test_demo.py``.
+"""World building and evaluation of the miniature HY-WU world (``make demo``, bench/conflict.py, tests).
 
-Everything runs on the micro SD1.5-InstructPix2Pix base (scripts/build_micro_base.py) at a small
-resolution on a CPU in minutes:
+The adapters compared here (one shared LoRA, one LoRA per task, the HY-WU generator) are trained
+by ``python -m trainer.train`` (trainer/configs/demo.yaml). This module builds the frozen base they
+adapt and scores what they do:
 
-* :func:`pretrain_base` turns the seeded random micro base into a usable but imperfect editor of
-  the synthetic world (trainer/synthetic.py): the TAESD-shaped VAE is trained as an
-  autoencoder on the world's images, then the UNet as an ordinary InstructPix2Pix model on all
-  demo tasks (CLIP stays at its seeded random weights: it only has to tell words apart).
-  After this the base is frozen.
-* :func:`train_method` fits one of three adapters on the frozen base with the same budget (same
-  steps, batch, data stream, noise, targets, LoRA rank and layers):
-  ``shared_lora`` (one LoRA for every request), ``per_task_lora`` (one LoRA per task; an oracle
-  that is told the task label) and ``hywu`` (the generator writes a LoRA per request from the
-  instruction and source image).
-* :func:`evaluate` samples edits with a fixed few-step sampler that is the one ComfyUI's
-  KSampler runs for ``euler`` / ``simple`` (text CFG as ComfyUI applies it to IP2P models) and
-  scores PSNR / SSIM against the exact targets, per task and overall.
-* :func:`gradient_cosines` measures how the shared LoRA's gradients for conflicting tasks align.
+* :func:`build_world` turns the seeded micro SD1.5-InstructPix2Pix base (scripts/build_micro_base.py)
+  into a small but real editor of the synthetic world (trainer/synthetic.py), then it is frozen:
+  - **VAE** (TAESD-shaped, what ComfyUI loads for the micro checkpoint): starts as an exact 8x8
+    average pool plus colour whitening (encoder) and a bilinear upsampler (decoder), then is
+    fine-tuned as an autoencoder on the world's images. The world's images are smooth, so the
+    4x4x4 latent grid of a 32x32 image carries them (the "VAE ceiling" row).
+  - **text encoder** (CLIP-L-shaped, the only text encoder ComfyUI loads for SD1.5): its layers
+    2-12 are exact pass-throughs (zero output projections) and the first layer's attention, the
+    word embeddings and the final norm are trained so that paraphrases of one edit land together
+    (contrastive over every task's training sentences, with random unknown words mixed in so that
+    a sentence frame it never saw matters little). It knows every task's words, like a real CLIP
+    knows words its UNet was never trained to act on.
+  - **UNet**: an ordinary InstructPix2Pix fine-tune on :data:`synthetic.BASE_TASKS` only. The
+    conflicting pairs are new to it: that is what the adapters learn.
+* :class:`World` loads a built base and samples edits the way ComfyUI's KSampler does
+  (``euler`` / ``simple``); :func:`evaluate` scores the methods' edits (PSNR / SSIM to the exact
+  targets), :func:`task_separation` tells whether the LoRAs depend on the request (eta^2),
+  :func:`gradient_cosines` how the shared LoRA's gradients for two tasks align.
 
-Conventions are those of the core and the infra notes: diffusers AutoencoderTiny latents are
-what the UNet sees (ComfyUI latent * 0.18215), images are [-1, 1] for the VAE, the text
-condition is CLIP's last hidden state on ids padded to 77 with the end token, the generator's
-image condition is the source latent cut into 2x2 patches.
+Conventions are the trainer's and ComfyUI's: AutoencoderTiny latents are the UNet's scaled space
+(ComfyUI LATENT * 0.18215); the IP2P image channels get the unscaled latent (latent / 0.18215);
+text is the CLIP's hidden states of 77 ids padded with the end token.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -33,31 +37,29 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 import torch.nn.functional as F
-from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 for _p in (str(REPO), str(REPO / "scripts")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from hywu_nodes.core import (Condition, GeneratedLoRA, GeneratorConfig, HYWUGenerator,  # noqa: E402
-                             build_target_spec, lora_patched, patchify_latent, save_generator,
-                             standard_condition_spec)
+from hywu_nodes.core import (Condition, GeneratedLoRA, from_lora_state_dict, load_generator,  # noqa: E402
+                             lora_patched, patchify_latent, prompt_mask)
 from trainer import synthetic  # noqa: E402
 
-# Three conflicting pairs that a 4x4-latent micro model can express, plus one task without a
-# partner. (bench/conflict.py can run any subset of synthetic.TASKS.)
-DEMO_TASKS = ("brighten", "darken", "shift_left", "shift_right", "red_to_blue", "blue_to_red", "grayscale")
+DEMO_TASKS = synthetic.ADAPTER_TASKS
 METHODS = ("base", "shared_lora", "per_task_lora", "hywu")
+METHOD_NAMES = {"base": "base alone", "shared_lora": "shared LoRA", "per_task_lora": "per-task LoRA*",
+                "hywu": "HY-WU", "vae_ceiling": "(VAE ceiling)", "identity": "(no edit)"}
 SPLITS = ("val", "heldout_phrasing")
+SD15_LATENT_SCALE = 0.18215
+IP2P_CONCAT_SCALE = 1 / SD15_LATENT_SCALE  # the IP2P image channels get the unscaled latent (ComfyUI)
 
 
 def log(msg: str) -> None:
@@ -67,189 +69,316 @@ def log(msg: str) -> None:
 def progress(iterable=None, total=None, desc=None, enabled=True):
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, dynamic_ncols=True,
-                mininterval=1.0, file=sys.stdout)
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=2.0,
+                file=sys.stdout)
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-@dataclass
-class DemoSettings:
-    """Every knob of the miniature world; stages are cached under a hash of the knobs they read."""
+@dataclass(frozen=True)
+class WorldSettings:
+    """Every knob of the frozen demo base; the built base is cached under a hash of them."""
 
     resolution: int = 32
-    tasks: tuple = DEMO_TASKS
     seed: int = 0
-    n_train: int = 1050                 # training examples (tasks cycle through them)
-    # base pretraining (VAE autoencoder, then IP2P UNet)
-    vae_steps: int = 500
-    vae_batch: int = 8
-    vae_lr: float = 2e-3
-    base_steps: int = 500
+    vae_images: int = 700          # training images for the VAE (sources and targets of every task)
+    vae_steps: int = 300
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    text_steps: int = 100
+    text_lr: float = 2e-3
+    text_temperature: float = 0.1
+    text_noise_words: int = 3      # up to this many random unknown words per training sentence
+    base_n_train: int = 1000       # IP2P pretraining examples (BASE_TASKS)
+    base_steps: int = 600
     base_batch: int = 16
     base_lr: float = 5e-4
-    # adapters (same budget for all three methods)
-    steps: int = 250
-    batch: int = 16
-    lr: float = 1e-3
-    rank: int = 8
-    alpha: float = 8.0
-    generator_preset: str = "tiny"
-    token_width: int = 64               # generator token width (preset tiny has 16: 4x the tokens)
-    drop_text: float = 0.1              # CFG dropout of the base's text condition in training
-    focus_timesteps: float = 0.8        # share of training steps on the sampler's own timesteps
-    # sampling / evaluation
-    sample_steps: int = 4
-    cfg: float = 1.0
-    n_eval_per_task: int = 8
-    device: str = "auto"
-    ip2p_concat: str = "unscaled"       # convention of the IP2P image channels (see IP2P_CONCAT_SCALE)
+    base_drop_text: float = 0.1    # CFG dropout of the instruction while pretraining the base
+    base_drop_image: float = 0.05  # ... and of the source image
 
-    def key(self, *names: str) -> str:
-        d = asdict(self)
-        d = {k: d[k] for k in names} if names else d
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:12]
-
-    VAE_KEYS = ("resolution", "tasks", "seed", "n_train", "vae_steps", "vae_batch", "vae_lr")
-    BASE_KEYS = VAE_KEYS + ("ip2p_concat", "base_steps", "base_batch", "base_lr", "drop_text", "focus_timesteps", "sample_steps")
-    METHOD_KEYS = BASE_KEYS + ("steps", "batch", "lr", "rank", "alpha")
-    GENERATOR_KEYS = METHOD_KEYS + ("generator_preset", "token_width")
-
-    def method_key(self, method: str) -> str:
-        return self.key(*(self.GENERATOR_KEYS if method == "hywu" else self.METHOD_KEYS))
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
-# ------------------------------------------------------------------------------ the micro world
+def _cosine_lr(step: int, total: int, base: float, warmup: int = 20) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
 
-class MicroWorld:
-    """The frozen pieces of a micro IP2P base folder plus helpers (text / image encoding, decoding)."""
 
-    def __init__(self, base_dir: str | os.PathLike, device: torch.device, load_text_encoder: bool = True):
+def _round_fp16_(module: torch.nn.Module) -> torch.nn.Module:
+    """ComfyUI keeps the checkpoint in fp16: make every weight exactly representable there."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.to(torch.float16).to(p.dtype))
+    return module
+
+
+def _images(split: str, n: int, s: WorldSettings, tasks) -> tuple[list, np.ndarray, np.ndarray]:
+    ex = synthetic.make_examples(split, n, seed=s.seed, resolution=s.resolution, tasks=tasks)
+    return ex, np.stack([np.asarray(e.source) for e in ex]), np.stack([np.asarray(e.target) for e in ex])
+
+
+def _to_vae_input(images_u8: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images_u8).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# ------------------------------------------------------------------------------ VAE
+
+@torch.no_grad()
+def analytic_taesd_(vae, rgb_mean: np.ndarray, rgb_whiten: np.ndarray, latent_scale: float = 0.6):
+    """Set a diffusers AutoencoderTiny (TAESD layout) to a linear autoencoder of smooth images.
+
+    Encoder: 2x2 averages at each of its three stride-2 convolutions (an 8x8 average pool of RGB),
+    then ``latent[:3] = latent_scale * W (rgb - mean)`` with the whitening ``W``; latent channel 3
+    starts at zero. Decoder: the inverse colour map split into positive and negative parts around
+    grey (ReLU-safe, and zero padding fades to grey, not black), and each nearest 2x upsample
+    followed by a [1 2 1]/4 blur per axis, which is bilinear interpolation. Every residual block
+    starts as the identity (its last convolution at zero).
+    """
+    enc, dec = vae.encoder.layers, vae.decoder.layers
+    for m in list(enc.modules()) + list(dec.modules()):
+        if isinstance(m, torch.nn.Conv2d):
+            m.weight.zero_()
+            if m.bias is not None:
+                m.bias.zero_()
+    for c in range(3):
+        enc[0].weight[c, c, 1, 1] = 1.0
+    for i in (2, 6, 10):  # the stride-2 convolutions
+        for c in range(3):
+            enc[i].weight[c, c, 1:3, 1:3] = 0.25
+    w = torch.as_tensor(rgb_whiten, dtype=torch.float32) * latent_scale
+    mu = torch.as_tensor(rgb_mean, dtype=torch.float32)
+    enc[14].weight[:3, :3, 1, 1] = w
+    enc[14].bias[:3] = -(w @ mu)
+    w_inv = torch.linalg.inv(w)
+    for c in range(3):
+        dec[0].weight[2 * c, :3, 1, 1] = w_inv[c]
+        dec[0].bias[2 * c] = mu[c] - 0.5
+        dec[0].weight[2 * c + 1, :3, 1, 1] = -w_inv[c]
+        dec[0].bias[2 * c + 1] = 0.5 - mu[c]
+        dec[18].weight[c, 2 * c, 1, 1], dec[18].weight[c, 2 * c + 1, 1, 1] = 1.0, -1.0
+        dec[18].bias[c] = 0.5
+    blur = torch.tensor([1.0, 2.0, 1.0])
+    blur = blur[:, None] * blur[None] / 16
+    for i in (6, 11, 16):  # the convolutions after each 2x upsample
+        for c in range(6):
+            dec[i].weight[c, c] = blur
+    return vae
+
+
+def train_vae(vae, s: WorldSettings, show: bool = True) -> float:
+    """Analytic start, then autoencoder fine-tuning (L1 + MSE) on the world's images; returns the
+    PSNR of decode(encode(x)) on validation images."""
+    _, src, tgt = _images("train", s.vae_images, s, synthetic.TASKS)
+    pool = np.concatenate([src, tgt])
+    px = pool.reshape(-1, 3).astype(np.float64) / 255
+    eigval, eigvec = np.linalg.eigh(np.cov(px.T))
+    analytic_taesd_(vae, px.mean(0), (eigvec / np.sqrt(eigval)).T)
+    vae.requires_grad_(True).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(s.seed + 101)
+    for step in progress(range(s.vae_steps), desc="VAE", enabled=show):
+        for g in opt.param_groups:
+            g["lr"] = _cosine_lr(step, s.vae_steps, s.vae_lr)
+        x = _to_vae_input(pool[torch.randint(len(pool), (s.vae_batch,), generator=gen).numpy()])
+        y = vae.decoder(vae.encoder(x))
+        loss = (y - x).abs().mean() + (y - x).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+    vae.requires_grad_(False).eval()
+    _round_fp16_(vae)
+    _, vsrc, vtgt = _images("val", 64, s, synthetic.TASKS)
+    val = np.concatenate([vsrc, vtgt])
+    with torch.no_grad():
+        rec = ((vae.decoder(vae.encoder(_to_vae_input(val))).clamp(-1, 1) + 1) * 127.5).round().byte()
+    return float(psnr(rec.permute(0, 2, 3, 1).numpy(), val).mean())
+
+
+# ------------------------------------------------------------------------------ text encoder
+
+def pass_through_(text_encoder) -> None:
+    """Make layers 2-12 of a CLIPTextModel exact identities (zero attention output projection and
+    second MLP layer: each residual adds 0) and the first layer attention-only."""
+    with torch.no_grad():
+        for i, layer in enumerate(text_encoder.encoder.layers):
+            if i > 0:
+                layer.self_attn.out_proj.weight.zero_()
+                layer.self_attn.out_proj.bias.zero_()
+            layer.mlp.fc2.weight.zero_()
+            layer.mlp.fc2.bias.zero_()
+
+
+def short_text_encoder(text_encoder):
+    """A 1-layer CLIPTextModel sharing the weights of a :func:`pass_through_` one: the same
+    outputs at every hidden layer but the embeddings, for 1/12 of the compute."""
+    from transformers import CLIPTextModel
+
+    cfg = text_encoder.config.__class__(**{**text_encoder.config.to_dict(), "num_hidden_layers": 1})
+    short = CLIPTextModel(cfg)
+    short.embeddings = text_encoder.embeddings
+    short.encoder.layers[0] = text_encoder.encoder.layers[0]
+    short.final_layer_norm = text_encoder.final_layer_norm
+    return short.eval()
+
+
+def _noisy_ids(tokenizer, sentences, length, rng, noise_pool, max_noise):
+    """Token ids padded with the end token; 0..max_noise random unknown words inserted per sentence."""
+    rows, masks = [], []
+    for text in sentences:
+        ids = tokenizer(text).input_ids  # [BOS, words..., EOS]
+        body = ids[1:-1]
+        for _ in range(int(rng.integers(0, max_noise + 1))):
+            body.insert(int(rng.integers(0, len(body) + 1)), int(rng.choice(noise_pool)))
+        ids = ([ids[0]] + body + [ids[-1]])[:length]
+        masks.append([1] * len(ids) + [0] * (length - len(ids)))
+        rows.append(ids + [tokenizer.eos_token_id] * (length - len(ids)))
+    return torch.tensor(rows), torch.tensor(masks)
+
+
+def train_text_encoder(text_encoder, tokenizer, s: WorldSettings, show: bool = True, per_task: int = 3,
+                       length: int = 24) -> None:
+    """Supervised-contrastive training on every task's training sentences (positives: other
+    sentences of the same task), on the masked mean of the final hidden states."""
+    pass_through_(text_encoder)
+    short = short_text_encoder(text_encoder)
+    layer0 = text_encoder.encoder.layers[0]
+    params = [text_encoder.embeddings.token_embedding.weight, text_encoder.embeddings.position_embedding.weight,
+              *layer0.self_attn.parameters(), *layer0.layer_norm1.parameters(), *text_encoder.final_layer_norm.parameters()]
+    text_encoder.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    short.train()
+    opt = torch.optim.AdamW(params, lr=s.text_lr, weight_decay=0.0)
+    rng = np.random.default_rng(s.seed + 7)
+    tasks = list(synthetic.TASKS)
+    world_ids = {i for t in tasks for k in ("train", "heldout") for x in synthetic.PHRASINGS[t][k]
+                 for i in tokenizer(x).input_ids}
+    noise_pool = np.array(sorted(set(range(300, tokenizer.vocab_size - 10)) - world_ids))
+    eye = None
+    for _ in progress(range(s.text_steps), desc="text encoder", enabled=show):
+        sentences, labels = [], []
+        for i, t in enumerate(tasks):
+            for x in rng.choice(synthetic.PHRASINGS[t]["train"], per_task, replace=False):
+                sentences.append(str(x))
+                labels.append(i)
+        ids, mask = _noisy_ids(tokenizer, sentences, length, rng, noise_pool, s.text_noise_words)
+        h = short(ids).last_hidden_state
+        m = mask.unsqueeze(-1).float()
+        z = F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+        lab = torch.tensor(labels)
+        eye = torch.eye(len(lab), dtype=torch.bool) if eye is None else eye
+        sim = (z @ z.t() / s.text_temperature).masked_fill(eye, -1e9)
+        pos = (lab[:, None] == lab[None]) & ~eye
+        loss = (-(sim.log_softmax(-1) * pos).sum(1) / pos.sum(1)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    text_encoder.requires_grad_(False).eval()
+    _round_fp16_(text_encoder)
+
+
+# ------------------------------------------------------------------------------ the frozen world
+
+class World:
+    """A built demo base folder: UNet, VAE, text encoder (encoded through its exact 1-layer
+    equivalent) and the noise schedule, frozen, with helpers to encode, sample and decode."""
+
+    def __init__(self, base_dir: str | os.PathLike, device: torch.device | str = "cpu"):
         from diffusers import AutoencoderTiny, UNet2DConditionModel
-        from transformers import CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTokenizer
 
-        self.base_dir = Path(base_dir)
-        self.device = device
-        self.unet = UNet2DConditionModel.from_pretrained(self.base_dir, subfolder="unet").to(device)
-        self.vae = AutoencoderTiny.from_pretrained(self.base_dir, subfolder="vae").to(device)
+        self.base_dir, self.device = Path(base_dir), torch.device(device)
+        self.unet = UNet2DConditionModel.from_pretrained(self.base_dir, subfolder="unet").to(self.device)
+        self.vae = AutoencoderTiny.from_pretrained(self.base_dir, subfolder="vae").to(self.device)
         self.tokenizer = CLIPTokenizer.from_pretrained(self.base_dir / "tokenizer")
-        self.text_encoder = None
-        self._text_cache: dict[str, torch.Tensor] = {}
-        if load_text_encoder:
-            self._load_text_encoder()
-        for m in (self.unet, self.vae):
+        self.text_encoder = CLIPTextModel.from_pretrained(self.base_dir, subfolder="text_encoder").to(self.device)
+        for m in (self.unet, self.vae, self.text_encoder):
             m.requires_grad_(False).eval()
+        self.short_text = short_text_encoder(self.text_encoder)
         sched = json.loads((self.base_dir / "scheduler" / "scheduler_config.json").read_text())
         betas = torch.linspace(sched["beta_start"] ** 0.5, sched["beta_end"] ** 0.5, sched["num_train_timesteps"],
                                dtype=torch.float64) ** 2
-        self.alphas_cumprod = torch.cumprod(1 - betas, 0).float()  # (1000,)
-
-    def _load_text_encoder(self):
-        from transformers import CLIPTextModel
-
-        if self.text_encoder is None:
-            self.text_encoder = CLIPTextModel.from_pretrained(self.base_dir, subfolder="text_encoder").to(self.device)
-            self.text_encoder.requires_grad_(False).eval()
+        self.alphas_cumprod = torch.cumprod(1 - betas, 0).float()
+        self._text: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()
-    def encode_text(self, prompts: list[str], batch: int = 32) -> torch.Tensor:
-        """(B, 77, 768) last hidden states (after final norm), ids padded to 77 with EOS like ComfyUI."""
-        todo = sorted({p for p in prompts if p not in self._text_cache})
-        if todo:
-            self._load_text_encoder()
-            for i in range(0, len(todo), batch):
-                chunk = todo[i:i + batch]
-                ids = self.tokenizer(chunk, padding="max_length", max_length=77, truncation=True,
-                                     return_tensors="pt").input_ids.to(self.device)
-                hs = self.text_encoder(ids).last_hidden_state.float()
-                for p, h in zip(chunk, hs):
-                    self._text_cache[p] = h
-        return torch.stack([self._text_cache[p] for p in prompts])
+    def encode_text(self, prompts: list[str], batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states (B, 77, 768) after the final norm, prompt mask (B, 77)); cached."""
+        todo = list(dict.fromkeys(p for p in prompts if p not in self._text))
+        for i in range(0, len(todo), batch):
+            chunk = todo[i:i + batch]
+            ids = self.tokenizer(chunk, padding="max_length", max_length=77, truncation=True,
+                                 return_tensors="pt").input_ids.to(self.device)
+            hidden = self.short_text(ids).last_hidden_state.float()
+            for p, h, m in zip(chunk, hidden, prompt_mask(ids, self.tokenizer.eos_token_id)):
+                self._text[p] = (h, m)
+        return torch.stack([self._text[p][0] for p in prompts]), torch.stack([self._text[p][1] for p in prompts])
 
-    def text_cache_state(self) -> dict:
-        return {k: v.cpu() for k, v in self._text_cache.items()}
-
-    def load_text_cache(self, state: dict) -> None:
-        self._text_cache.update({k: v.to(self.device) for k, v in state.items()})
-
-    @torch.no_grad()
-    def encode_images(self, images_u8: np.ndarray, batch: int = 64) -> torch.Tensor:
-        """(N, H, W, 3) uint8 -> (N, 4, H/8, W/8) latents in the UNet's space."""
-        out = []
-        for i in range(0, len(images_u8), batch):
-            x = torch.from_numpy(images_u8[i:i + batch]).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
-            out.append(self.vae.encode(x).latents.float())
-        return torch.cat(out)
+    def check_short_text_encoder(self, prompts: list[str]) -> float:
+        """Max |difference| between the full 12-layer CLIP and its 1-layer equivalent."""
+        ids = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            full = self.text_encoder(ids.to(self.device)).last_hidden_state
+        return float((full - self.encode_text(prompts)[0]).abs().max())
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, batch: int = 64) -> np.ndarray:
-        """Latents -> (N, H, W, 3) uint8."""
+    def encode_images(self, images_u8: np.ndarray, batch: int = 128) -> torch.Tensor:
+        """(N, H, W, 3) uint8 -> (N, 4, H/8, W/8) latents in the UNet's (scaled) space."""
+        return torch.cat([self.vae.encode(_to_vae_input(images_u8[i:i + batch]).to(self.device)).latents.float()
+                          for i in range(0, len(images_u8), batch)])
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch: int = 128) -> np.ndarray:
         out = []
         for i in range(0, len(latents), batch):
             x = self.vae.decode(latents[i:i + batch].to(self.device)).sample
             out.append(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
         return np.concatenate(out)
 
-    def target_spec(self):
-        return build_target_spec(self.unet, "sd15_ip2p")
+    def diffusion_loss(self, batch: dict, per_sample: bool = False) -> torch.Tensor:
+        """IP2P epsilon loss: unet(cat[z_t, unscaled source latent], t, text) vs the noise."""
+        ac = self.alphas_cumprod.to(self.device)[batch["t"]].view(-1, 1, 1, 1)
+        z_t = ac.sqrt() * batch["tgt_lat"] + (1 - ac).sqrt() * batch["noise"]
+        pred = self.unet(torch.cat([z_t, batch["src_lat"] * IP2P_CONCAT_SCALE], 1), batch["t"], batch["ctx"]).sample
+        err = (pred.float() - batch["noise"]).pow(2)
+        return err.flatten(1).mean(1) if per_sample else err.mean()
 
-    def condition_spec(self, resolution: int):
-        return standard_condition_spec(768, 77, 4, resolution, patch=2)
-
-    def condition(self, text_emb: torch.Tensor, src_latents: torch.Tensor) -> Condition:
-        return Condition({"text": text_emb, "image": patchify_latent(src_latents, 2)})
-
-
-# ------------------------------------------------------------------------------ data
-
-@dataclass
-class EncodedSplit:
-    """One split of the synthetic world, encoded once: latents, text embeddings, labels."""
-
-    name: str
-    src: np.ndarray          # (N, H, W, 3) uint8 source images
-    tgt: np.ndarray          # (N, H, W, 3) uint8 exact targets
-    instructions: list
-    tasks: list
-    task_idx: torch.Tensor   # (N,) index into settings.tasks
-    src_lat: torch.Tensor | None = None
-    tgt_lat: torch.Tensor | None = None
-    text: torch.Tensor | None = None   # (N, 77, 768)
-
-    def __len__(self):
-        return len(self.tasks)
-
-
-def make_split(split: str, n: int, settings: DemoSettings) -> EncodedSplit:
-    ex = synthetic.make_examples(split, n, seed=settings.seed, resolution=settings.resolution, tasks=settings.tasks)
-    return EncodedSplit(
-        name=split,
-        src=np.stack([np.asarray(e.source) for e in ex]),
-        tgt=np.stack([np.asarray(e.target) for e in ex]),
-        instructions=[e.instruction for e in ex],
-        tasks=[e.task for e in ex],
-        task_idx=torch.tensor([settings.tasks.index(e.task) for e in ex]),
-    )
+    @torch.no_grad()
+    def sample(self, src_lat: torch.Tensor, text: torch.Tensor, seeds: list[int], steps: int, cfg: float = 1.0,
+               lora: GeneratedLoRA | None = None) -> torch.Tensor:
+        """ComfyUI's KSampler (euler, simple, ``steps``, ``cfg``) on an IP2P model, in diffusers
+        terms: x = sigma_max-scaled noise; eps = uncond + cfg * (cond - uncond) with the source
+        latent in both; x <- x + (sigma_next - sigma) * eps. ``lora`` (one per sample) is in both
+        CFG passes, as HY-WU Apply puts it."""
+        ac = self.alphas_cumprod
+        ts = sampler_timesteps(steps)
+        sigmas = [((1 - ac[t]) / ac[t]).sqrt().item() for t in ts] + [0.0]
+        b = src_lat.shape[0]
+        concat = src_lat * IP2P_CONCAT_SCALE
+        noise = torch.stack([torch.randn(src_lat.shape[1:], generator=torch.Generator().manual_seed(int(s)))
+                             for s in seeds]).to(self.device)
+        x = noise * math.sqrt(1 + sigmas[0] ** 2)
+        empty = self.encode_text([""])[0].expand(b, -1, -1)
+        for i, t in enumerate(ts):
+            x_in = x / math.sqrt(1 + sigmas[i] ** 2)
+            tt = torch.full((b,), t, device=self.device)
+            if cfg != 1.0:
+                with _patched(self.unet, lora, None if lora is None else torch.arange(2 * b) % lora.batch_size):
+                    eps = self.unet(torch.cat([torch.cat([x_in, concat], 1)] * 2), torch.cat([tt, tt]),
+                                    torch.cat([text, empty])).sample
+                eps_c, eps_u = eps.chunk(2)
+                eps = eps_u + cfg * (eps_c - eps_u)
+            else:
+                with _patched(self.unet, lora, None):
+                    eps = self.unet(torch.cat([x_in, concat], 1), tt, text).sample
+            x = x + (sigmas[i + 1] - sigmas[i]) * eps
+        return x
 
 
-def encode_split(world: MicroWorld, data: EncodedSplit) -> EncodedSplit:
-    data.src_lat = world.encode_images(data.src)
-    data.tgt_lat = world.encode_images(data.tgt)
-    data.text = world.encode_text(data.instructions)
-    return data
-
-
-# ------------------------------------------------------------------------------ diffusion
-
-# The InstructPix2Pix image channels get the *unscaled* source latent (diffusers' IP2P pipeline
-# uses vae.encode(image) without the scaling factor; ComfyUI 0.3.75 feeds SD15_instructpix2pix
-# the raw VAE latent, no process_in). The micro base's VAE latents are already in the UNet's
-# scaled space (ComfyUI latent * 0.18215), so the unscaled latent is latent / 0.18215.
-IP2P_CONCAT_SCALE = 1 / 0.18215
+def _patched(model, lora, sample_to_lora):
+    return lora_patched(model, lora, sample_to_lora=sample_to_lora) if lora is not None else contextlib.nullcontext()
 
 
 def sampler_timesteps(steps: int) -> list[int]:
@@ -258,340 +387,166 @@ def sampler_timesteps(steps: int) -> list[int]:
     return [999 - int(i * ss) for i in range(steps)]
 
 
-def sample_timesteps(n: int, settings: DemoSettings, gen: torch.Generator) -> torch.Tensor:
-    focus = torch.tensor(sampler_timesteps(settings.sample_steps))
-    t_focus = focus[torch.randint(len(focus), (n,), generator=gen)]
-    t_unif = torch.randint(0, 1000, (n,), generator=gen)
-    use = torch.rand(n, generator=gen) < settings.focus_timesteps
-    return torch.where(use, t_focus, t_unif)
+# ------------------------------------------------------------------------------ data
+
+@dataclass
+class Split:
+    """One split of the synthetic world, encoded once: images, latents, text, labels."""
+
+    name: str
+    src: np.ndarray          # (N, H, W, 3) uint8 source images
+    tgt: np.ndarray          # (N, H, W, 3) uint8 exact targets
+    instructions: list
+    tasks: list
+    task_idx: torch.Tensor   # (N,) index into the task list
+    src_lat: torch.Tensor
+    tgt_lat: torch.Tensor
+    text: torch.Tensor       # (N, 77, 768)
+    mask: torch.Tensor       # (N, 77) prompt mask
+
+    def __len__(self):
+        return len(self.tasks)
 
 
-def diffusion_loss(world: MicroWorld, unet: nn.Module, batch: dict, per_sample: bool = False) -> torch.Tensor:
-    """IP2P epsilon loss: unet(cat[z_t, source latent], t, text) vs the noise."""
-    ac = world.alphas_cumprod.to(batch["tgt_lat"].device)[batch["t"]].view(-1, 1, 1, 1)
-    z_t = ac.sqrt() * batch["tgt_lat"] + (1 - ac).sqrt() * batch["noise"]
-    pred = unet(torch.cat([z_t, batch["src_lat"] * IP2P_CONCAT_SCALE], 1), batch["t"], batch["ctx"]).sample
-    err = (pred.float() - batch["noise"]).pow(2)
-    return err.flatten(1).mean(1) if per_sample else err.mean()
-
-
-class BatchMaker:
-    """Deterministic random batches from an encoded split (same stream for every method)."""
-
-    def __init__(self, data: EncodedSplit, world: MicroWorld, settings: DemoSettings, batch: int, seed: int):
-        self.data, self.world, self.s, self.batch = data, world, settings, batch
-        self.gen = torch.Generator().manual_seed(seed)
-        self.empty = world.encode_text([""])[0]
-
-    def __call__(self) -> dict:
-        d, dev = self.data, self.world.device
-        idx = torch.randint(len(d), (self.batch,), generator=self.gen)
-        t = sample_timesteps(self.batch, self.s, self.gen)
-        noise = torch.randn(d.tgt_lat[idx].shape, generator=self.gen)
-        drop = torch.rand(self.batch, generator=self.gen) < self.s.drop_text
-        text = d.text[idx]
-        ctx = torch.where(drop.view(-1, 1, 1).to(text.device), self.empty.expand_as(text), text)
-        return {"idx": idx, "t": t.to(dev), "noise": noise.to(dev), "src_lat": d.src_lat[idx],
-                "tgt_lat": d.tgt_lat[idx], "ctx": ctx, "text": text, "task_idx": d.task_idx[idx].to(dev)}
-
-
-@torch.no_grad()
-def sample(world: MicroWorld, src_lat: torch.Tensor, text: torch.Tensor, seeds: list[int], settings: DemoSettings,
-           lora: GeneratedLoRA | None = None) -> torch.Tensor:
-    """ComfyUI KSampler(euler, simple, steps, cfg) on an IP2P model, in diffusers terms.
-
-    x = sigma_max-scaled noise; for each sigma: eps = uncond + cfg * (cond - uncond) with the
-    source latent concatenated to both; x <- x + (sigma_next - sigma) * eps. ``lora`` (one per
-    sample) patches both CFG passes, as HY-WU Apply does in ComfyUI.
-    """
-    dev = world.device
-    ac = world.alphas_cumprod
-    ts = sampler_timesteps(settings.sample_steps)
-    sigmas = [((1 - ac[t]) / ac[t]).sqrt().item() for t in ts] + [0.0]
-    b = src_lat.shape[0]
-    concat = src_lat * IP2P_CONCAT_SCALE
-    noise = torch.stack([torch.randn(src_lat.shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(dev)
-    x = noise * math.sqrt(1 + sigmas[0] ** 2)
-    use_cfg = settings.cfg != 1.0
-    empty = world.encode_text([""]).expand(b, -1, -1)
-    for i, t in enumerate(ts):
-        sig = sigmas[i]
-        x_in = x / math.sqrt(1 + sig ** 2)
-        tt = torch.full((b,), t, device=dev)
-        if use_cfg:
-            model_in = torch.cat([torch.cat([x_in, concat], 1)] * 2)
-            ctx = torch.cat([text, empty])
-            sample_to_lora = None if lora is None else torch.arange(2 * b, device=dev) % b
-            with _maybe_lora(world.unet, lora, sample_to_lora):
-                eps = world.unet(model_in, torch.cat([tt, tt]), ctx).sample
-            eps_c, eps_u = eps.chunk(2)
-            eps = eps_u + settings.cfg * (eps_c - eps_u)
-        else:
-            with _maybe_lora(world.unet, lora, None):
-                eps = world.unet(torch.cat([x_in, concat], 1), tt, text).sample
-        x = x + (sigmas[i + 1] - sig) * eps
-    return x
-
-
-class _maybe_lora:
-    def __init__(self, model, lora, sample_to_lora):
-        self.cm = lora_patched(model, lora, sample_to_lora=sample_to_lora) if lora is not None else None
-
-    def __enter__(self):
-        return self.cm.__enter__() if self.cm is not None else None
-
-    def __exit__(self, *exc):
-        return self.cm.__exit__(*exc) if self.cm is not None else False
+def make_split(world: World, split: str, n: int, tasks, seed: int = 0, resolution: int = 32) -> Split:
+    ex = synthetic.make_examples(split, n, seed=seed, resolution=resolution, tasks=tasks)
+    src = np.stack([np.asarray(e.source) for e in ex])
+    tgt = np.stack([np.asarray(e.target) for e in ex])
+    text, mask = world.encode_text([e.instruction for e in ex])
+    return Split(split, src, tgt, [e.instruction for e in ex], [e.task for e in ex],
+                 torch.tensor([list(tasks).index(e.task) for e in ex]), world.encode_images(src),
+                 world.encode_images(tgt), text, mask)
 
 
 # ------------------------------------------------------------------------------ base pretraining
 
-def _cosine_lr(step: int, total: int, base: float, warmup: int = 20) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-def train_vae(world: MicroWorld, images_u8: np.ndarray, settings: DemoSettings, show=True) -> list[float]:
-    """Autoencoder training of the TAESD-shaped VAE on the world's images (L1 + MSE, with a
-    penalty keeping the latent per-channel mean ~0 and std ~1, the scale the UNet expects)."""
-    vae, dev = world.vae, world.device
-    vae.requires_grad_(True).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(settings.seed + 101)
-    losses = []
-    bar = progress(range(settings.vae_steps), desc="VAE (autoencoder)", enabled=show)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = _cosine_lr(step, settings.vae_steps, settings.vae_lr)
-        idx = torch.randint(len(images_u8), (settings.vae_batch,), generator=gen).numpy()
-        x = torch.from_numpy(images_u8[idx]).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
-        z = vae.encoder(x)
-        y = vae.decoder(z)
-        rec = (y - x).abs().mean() + (y - x).pow(2).mean()
-        zm, zs = z.mean((0, 2, 3)), z.std((0, 2, 3))
-        reg = zm.pow(2).mean() + (zs - 1).pow(2).mean()
-        loss = rec + 0.1 * reg
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        losses.append(rec.item())
-        if step % 10 == 0:
-            bar.set_postfix(rec=f"{np.mean(losses[-10:]):.4f}", zstd=f"{zs.mean().item():.2f}")
-    vae.requires_grad_(False).eval()
-    return losses
-
-
-def train_base_unet(world: MicroWorld, data: EncodedSplit, settings: DemoSettings, show=True) -> list[float]:
-    """Ordinary InstructPix2Pix fine-tune of the whole UNet on every demo task."""
+def pretrain_unet(world: World, data: Split, s: WorldSettings, show: bool = True) -> list[float]:
+    """Ordinary InstructPix2Pix fine-tune of the whole UNet (epsilon loss, CFG dropout)."""
     unet = world.unet
     unet.requires_grad_(True).train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=settings.base_lr, weight_decay=0.0)
-    batches = BatchMaker(data, world, settings, settings.base_batch, settings.seed + 202)
+    opt = torch.optim.AdamW(unet.parameters(), lr=s.base_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(s.seed + 202)
+    empty = world.encode_text([""])[0]
     losses = []
-    bar = progress(range(settings.base_steps), desc="base UNet (IP2P pretrain)", enabled=show)
-    for step in bar:
+    for step in progress(range(s.base_steps), desc="base UNet (IP2P)", enabled=show):
         for g in opt.param_groups:
-            g["lr"] = _cosine_lr(step, settings.base_steps, settings.base_lr)
-        loss = diffusion_loss(world, unet, batches())
+            g["lr"] = _cosine_lr(step, s.base_steps, s.base_lr)
+        idx = torch.randint(len(data), (s.base_batch,), generator=gen)
+        n = len(idx)
+        t = torch.randint(0, 1000, (n,), generator=gen)
+        noise = torch.randn(data.tgt_lat[idx].shape, generator=gen)
+        drop_t = torch.rand(n, generator=gen) < s.base_drop_text
+        drop_i = torch.rand(n, generator=gen) < s.base_drop_image
+        batch = {"t": t.to(world.device), "noise": noise.to(world.device), "tgt_lat": data.tgt_lat[idx],
+                 "src_lat": torch.where(drop_i[:, None, None, None], 0.0, data.src_lat[idx]),
+                 "ctx": torch.where(drop_t[:, None, None], empty.expand(n, -1, -1), data.text[idx])}
+        loss = world.diffusion_loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     unet.requires_grad_(False).eval()
+    _round_fp16_(unet)
     return losses
 
 
-def pretrain_base(micro_dir: Path, out_dir: Path, settings: DemoSettings, show=True) -> dict:
-    """Copy the seeded micro base to ``out_dir`` and train its VAE and UNet on the world."""
-    dev = pick_device(settings.device)
+def build_world(micro_dir: Path, out_dir: Path, s: WorldSettings, show: bool = True) -> dict:
+    """Copy the seeded micro base to ``out_dir`` and make it the demo's frozen editor (see the
+    module docstring). Writes ``hywu_demo_base.json`` with the settings key and what was measured."""
+    from diffusers import AutoencoderTiny
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    t0 = time.time()
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(micro_dir, tmp)
-    world = MicroWorld(tmp, dev)
-    t0 = time.time()
-    train = make_split("train", settings.n_train, settings)
-    pool = np.concatenate([train.src, train.tgt])
-    vae_losses = train_vae(world, pool, settings, show)
-    t_vae = time.time() - t0
-    world.vae.save_pretrained(tmp / "vae", safe_serialization=True)
-    # every phrasing of the demo tasks (train and held-out) and the empty prompt, once
-    world.encode_text([""] + [p for t in settings.tasks for k in ("train", "heldout")
-                              for p in synthetic.PHRASINGS[t][k]])
-    encode_split(world, train)
-    save_file({"src_lat": train.src_lat.cpu().contiguous(), "tgt_lat": train.tgt_lat.cpu().contiguous(),
-               "text": train.text.cpu().contiguous()}, str(tmp / "train_encoded.safetensors"))
-    base_losses = train_base_unet(world, train, settings, show)
+    torch.manual_seed(s.seed)
+    seconds = {}
+    vae = AutoencoderTiny.from_pretrained(tmp, subfolder="vae")
+    vae_psnr = train_vae(vae, s, show)
+    vae.save_pretrained(tmp / "vae", safe_serialization=True)
+    seconds["vae"] = round(time.time() - t0, 1)
+    te = CLIPTextModel.from_pretrained(tmp, subfolder="text_encoder")
+    train_text_encoder(te, CLIPTokenizer.from_pretrained(tmp / "tokenizer"), s, show)
+    te.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    seconds["text_encoder"] = round(time.time() - t0 - sum(seconds.values()), 1)
+    world = World(tmp)
+    data = make_split(world, "train", s.base_n_train, synthetic.BASE_TASKS, s.seed, s.resolution)
+    losses = pretrain_unet(world, data, s, show)
     world.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    info = {
-        "builder": "scripts/demo.py (demo_core.pretrain_base)",
-        "from": str(micro_dir),
-        "settings_key": settings.key(*DemoSettings.BASE_KEYS),
-        "settings": {k: getattr(settings, k) for k in DemoSettings.BASE_KEYS},
-        "vae_final_loss": float(np.mean(vae_losses[-20:])),
-        "unet_final_loss": float(np.mean(base_losses[-20:])),
-        "seconds": {"vae": round(t_vae, 1), "unet": round(time.time() - t0 - t_vae, 1)},
-    }
-    (tmp / "hywu_demo_base.json").write_text(json.dumps(info, indent=2, default=list))
-    save_file({k: v.contiguous() for k, v in world.text_cache_state().items()}, str(tmp / "text_cache.safetensors"))
+    seconds["unet"] = round(time.time() - t0 - sum(seconds.values()), 1)
+    info = {"builder": "scripts/demo_core.py build_world", "from": str(micro_dir), "settings_key": s.key(),
+            "settings": asdict(s), "vae_ceiling_psnr_val": vae_psnr, "unet_final_loss": float(np.mean(losses[-50:])),
+            "short_text_encoder_max_abs_diff": World(tmp).check_short_text_encoder(
+                [synthetic.PHRASINGS[t]["heldout"][0] for t in synthetic.TASKS] + [""]),
+            "seconds": seconds}
+    (tmp / "hywu_demo_base.json").write_text(json.dumps(info, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return info
 
 
-def base_is_current(out_dir: Path, settings: DemoSettings) -> bool:
+def world_is_current(out_dir: Path, s: WorldSettings) -> bool:
     f = out_dir / "hywu_demo_base.json"
-    if not f.is_file() or not (out_dir / "unet" / "diffusion_pytorch_model.safetensors").is_file():
-        return False
     try:
-        return json.loads(f.read_text()).get("settings_key") == settings.key(*DemoSettings.BASE_KEYS)
-    except ValueError:
+        return json.loads(f.read_text()).get("settings_key") == s.key()
+    except (OSError, ValueError):
         return False
 
 
-def load_world(base_dir: Path, settings: DemoSettings) -> MicroWorld:
-    world = MicroWorld(base_dir, pick_device(settings.device), load_text_encoder=False)
-    cache = base_dir / "text_cache.safetensors"
-    if cache.is_file():
-        world.load_text_cache(load_file(str(cache)))
-    return world
+# ------------------------------------------------------------------------------ the methods' LoRAs
 
+class Method:
+    """How a method gets its LoRA for a batch: static files (shared, per task) or the generator."""
 
-# ------------------------------------------------------------------------------ adapters
+    def __init__(self, name: str, lora: GeneratedLoRA | None = None, generator=None):
+        self.name, self.lora, self.generator = name, lora, generator
 
-class StaticLoRA(nn.Module):
-    """``n`` plain trainable LoRAs on the target layers (n=1: shared; n=tasks: per task)."""
-
-    def __init__(self, target_spec, n: int, rank: int, alpha: float, seed: int):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.names = target_spec.names
-        self.a = nn.ParameterList()
-        self.b = nn.ParameterList()
-        for t in target_spec.targets:
-            bound = 1 / math.sqrt(t.d_in)  # kaiming-uniform(a=sqrt 5) bound, as peft/kohya
-            self.a.append(nn.Parameter((torch.rand(n, rank, t.d_in, generator=g) * 2 - 1) * bound))
-            self.b.append(nn.Parameter(torch.zeros(n, t.d_out, rank)))
-        self.scale = alpha / rank
-        self.n = n
-
-    def lora(self, index: torch.Tensor | None = None) -> GeneratedLoRA:
-        """All n LoRAs, or one per sample picked by ``index``."""
-        w = {}
-        for name, a, b in zip(self.names, self.a, self.b):
-            w[name] = (a, b) if index is None else (a[index], b[index])
-        return GeneratedLoRA(w, self.scale)
-
-
-class Adapter(nn.Module):
-    """A method's way to get one LoRA per sample: shared, per task (oracle), or generated."""
-
-    def __init__(self, method: str, world: MicroWorld, settings: DemoSettings, seed: int = 0):
-        super().__init__()
-        self.method = method
-        spec = world.target_spec()
-        if method == "shared_lora":
-            self.static = StaticLoRA(spec, 1, settings.rank, settings.alpha, seed)
-        elif method == "per_task_lora":
-            self.static = StaticLoRA(spec, len(settings.tasks), settings.rank, settings.alpha, seed)
-        elif method == "hywu":
-            torch.manual_seed(seed)
-            cfg = GeneratorConfig.from_preset(settings.generator_preset, rank=settings.rank, alpha=settings.alpha,
-                                              token_width=settings.token_width)
-            self.generator = HYWUGenerator(cfg, spec, world.condition_spec(settings.resolution))
-        else:
-            raise ValueError(method)
-        self.to(world.device)
-
-    def lora_for(self, world: MicroWorld, text: torch.Tensor, src_lat: torch.Tensor, task_idx: torch.Tensor) -> GeneratedLoRA:
-        if self.method == "shared_lora":
-            return self.static.lora()
-        if self.method == "per_task_lora":
-            return self.static.lora(task_idx)
-        return self.generator.generate(world.condition(text, src_lat))
-
-
-def train_method(method: str, world: MicroWorld, data: EncodedSplit, settings: DemoSettings, seed: int = 0,
-                 show=True, steps: int | None = None) -> tuple[Adapter, list[float]]:
-    """Fit ``method`` on the frozen base. Every method sees the same batches, noise and timesteps."""
-    adapter = Adapter(method, world, settings, seed)
-    opt = torch.optim.AdamW(adapter.parameters(), lr=settings.lr, weight_decay=0.0)
-    batches = BatchMaker(data, world, settings, settings.batch, settings.seed + 303 + 7919 * seed)
-    steps = settings.steps if steps is None else steps
-    losses = []
-    adapter.train()
-    bar = progress(range(steps), desc=f"{method}", enabled=show)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = _cosine_lr(step, steps, settings.lr, warmup=10)
-        bt = batches()
-        lora = adapter.lora_for(world, bt["text"], bt["src_lat"], bt["task_idx"])
-        with lora_patched(world.unet, lora):
-            loss = diffusion_loss(world, world.unet, bt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-    adapter.eval()
-    return adapter, losses
-
-
-def save_adapter(adapter: Adapter, path: Path, settings: DemoSettings, extra: dict | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"settings_key": settings.method_key(adapter.method), "method": adapter.method}
-    meta.update(extra or {})
-    if adapter.method == "hywu":
-        save_generator(path, adapter.generator, extra=meta)
-        return
-    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
-    os.replace(tmp, path)
-
-
-def generator_adapter(path: Path, device: torch.device) -> Adapter:
-    """An Adapter around any HY-WU generator file (e.g. one written by `python -m trainer.train`)."""
-    from hywu_nodes.core import load_generator
-
-    gen, _ = load_generator(path, device=device)
-    ad = Adapter.__new__(Adapter)
-    nn.Module.__init__(ad)
-    ad.method, ad.generator = "hywu", gen
-    return ad.eval()
-
-
-def load_adapter(method: str, path: Path, world: MicroWorld, settings: DemoSettings) -> Adapter | None:
-    """The cached adapter if it was trained with the current settings, else None."""
-    if not path.is_file():
-        return None
-    key = settings.method_key(method)
-    try:
-        if method == "hywu":
-            from hywu_nodes.core import read_generator_info
-
-            if read_generator_info(path).extra.get("settings_key") != key:
-                return None
-            return generator_adapter(path, world.device)
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if json.loads(meta.get("settings_key", "null")) != key:
+    @torch.no_grad()
+    def lora_for(self, data: Split, index) -> GeneratedLoRA | None:
+        if self.name == "base":
             return None
-        ad = Adapter(method, world, settings)
-        ad.load_state_dict(load_file(str(path)))
-        return ad.to(world.device).eval()
-    except Exception as e:  # stale or foreign file: retrain
-        log(f"  (ignoring cached {path.name}: {e})")
-        return None
+        if self.name == "shared_lora":
+            return self.lora
+        if self.name == "per_task_lora":  # an oracle: it is told the task
+            return GeneratedLoRA({k: (a[data.task_idx[index]], b[data.task_idx[index]])
+                                  for k, (a, b) in self.lora.weights.items()}, self.lora.scale)
+        return self.generator(condition(self.generator.condition_spec, data, index))
+
+
+def condition(spec, data: Split, index) -> Condition:
+    """The generator's condition for rows ``index`` of a split: the instruction's hidden states
+    (and prompt mask when the spec asks for one) and the source latent in 2x2 patches."""
+    text = spec["text"]
+    masks = {"text": data.mask[index]} if text.padding_mask else {}
+    patch = int(spec["image"].options.get("patch", 2))
+    return Condition({"text": data.text[index], "image": patchify_latent(data.src_lat[index], patch)}, masks)
+
+
+def load_methods(world: World, files: dict, tasks) -> dict[str, Method]:
+    """Methods from the files the trainer wrote: ``files`` maps shared_lora -> one LoRA file,
+    per_task_lora -> {task: LoRA file}, hywu -> the generator file."""
+    from safetensors.torch import load_file
+
+    from hywu_nodes.core import build_target_spec
+
+    spec = build_target_spec(world.unet, "sd15_ip2p")
+    methods = {"base": Method("base")}
+    if "shared_lora" in files:
+        methods["shared_lora"] = Method("shared_lora", from_lora_state_dict(load_file(str(files["shared_lora"])),
+                                                                            "sd15_ip2p", spec).to(world.device))
+    if "per_task_lora" in files:
+        loras = [from_lora_state_dict(load_file(str(files["per_task_lora"][t])), "sd15_ip2p", spec) for t in tasks]
+        stacked = {k: (torch.cat([lo.weights[k][0] for lo in loras]), torch.cat([lo.weights[k][1] for lo in loras]))
+                   for k in loras[0].weights}
+        methods["per_task_lora"] = Method("per_task_lora", GeneratedLoRA(stacked, loras[0].scale).to(world.device))
+    if "hywu" in files:
+        generator, _ = load_generator(files["hywu"], device=world.device)
+        methods["hywu"] = Method("hywu", generator=generator)
+    return methods
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -607,7 +562,7 @@ def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(np.array(a)).permute(0, 3, 1, 2).double()
     y = torch.from_numpy(np.array(b)).permute(0, 3, 1, 2).double()
     k = torch.exp(-0.5 * ((torch.arange(7) - 3) / 1.5) ** 2).double()
-    k = (k / k.sum())
+    k = k / k.sum()
     w = (k[:, None] * k[None, :]).expand(3, 1, 7, 7)
     f = lambda z: F.conv2d(z, w, groups=3)  # noqa: E731  (valid window)
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
@@ -617,151 +572,146 @@ def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return m.mean((1, 2, 3)).numpy()
 
 
-def summarise(pred: np.ndarray, data: EncodedSplit, tasks) -> dict:
+def summarise(pred: np.ndarray, data: Split, tasks) -> dict:
+    """PSNR / SSIM per task, on the conflicting tasks, on the others, and overall."""
     p, s = psnr(pred, data.tgt), ssim(pred, data.tgt)
-    per_task = {}
+    groups = {"conflicting": np.array([x in synthetic.CONFLICT_PARTNER for x in data.tasks])}
+    groups["non_conflicting"] = ~groups["conflicting"]
+    groups["overall"] = np.ones(len(p), dtype=bool)
+    out = {"per_task": {}}
     for t in tasks:
         m = np.array([x == t for x in data.tasks])
         if m.any():
-            per_task[t] = {"psnr": float(p[m].mean()), "ssim": float(s[m].mean()), "n": int(m.sum())}
-    conflicting = np.array([x in synthetic.CONFLICT_PARTNER for x in data.tasks])
-    out = {"per_task": per_task, "overall": {"psnr": float(p.mean()), "ssim": float(s.mean()), "n": len(p)}}
-    if conflicting.any():
-        out["conflicting"] = {"psnr": float(p[conflicting].mean()), "ssim": float(s[conflicting].mean()),
-                              "n": int(conflicting.sum())}
+            out["per_task"][t] = {"psnr": float(p[m].mean()), "ssim": float(s[m].mean()), "n": int(m.sum())}
+    for name, m in groups.items():
+        if m.any():
+            out[name] = {"psnr": float(p[m].mean()), "ssim": float(s[m].mean()), "n": int(m.sum())}
     return out
 
 
 @torch.no_grad()
-def predict(world: MicroWorld, data: EncodedSplit, settings: DemoSettings, adapter: Adapter | None,
-            batch: int = 64) -> np.ndarray:
-    """Sampled edits (N, H, W, 3) uint8; example i always uses noise seed settings.seed*100003 + i."""
+def predict(world: World, data: Split, method: Method, steps: int, cfg: float, seed: int = 0,
+            batch: int = 128) -> np.ndarray:
+    """Sampled edits (N, H, W, 3) uint8; example i always uses noise seed seed * 100003 + i."""
     outs = []
     for i in range(0, len(data), batch):
-        sl = slice(i, i + batch)
-        src, text, tidx = data.src_lat[sl], data.text[sl], data.task_idx[sl].to(world.device)
-        lora = None if adapter is None else adapter.lora_for(world, text, src, tidx)
-        seeds = [settings.seed * 100003 + j for j in range(i, i + len(src))]
-        outs.append(world.decode(sample(world, src, text, seeds, settings, lora)))
+        sl = slice(i, min(i + batch, len(data)))
+        lora = method.lora_for(data, sl)
+        seeds = [seed * 100003 + j for j in range(sl.start, sl.stop)]
+        outs.append(world.decode(world.sample(data.src_lat[sl], data.text[sl], seeds, steps, cfg, lora)))
     return np.concatenate(outs)
 
 
-def evaluate(world: MicroWorld, splits: dict[str, EncodedSplit], adapters: dict[str, Adapter | None],
-             settings: DemoSettings, show=True) -> tuple[dict, dict]:
-    """Metrics[split][method] and the predictions (for the grid) of every method."""
+def evaluate(world: World, splits: dict[str, Split], methods: dict[str, Method], tasks, steps: int, cfg: float,
+             seed: int = 0, show: bool = True) -> tuple[dict, dict]:
+    """metrics[split][method] (plus the "vae_ceiling" and "identity" rows) and the predictions."""
     metrics, preds = {}, {}
-    items = [(s, m) for s in splits for m in adapters]
-    for split, method in progress(items, desc="evaluate", enabled=show):
+    for split, name in progress([(s, m) for s in splits for m in methods], desc="evaluate", enabled=show):
         data = splits[split]
-        pred = predict(world, data, settings, adapters[method])
-        preds.setdefault(split, {})[method] = pred
-        metrics.setdefault(split, {})[method] = summarise(pred, data, settings.tasks)
-    for split, data in splits.items():  # what the VAE alone allows: decode(encode(target))
-        rec = world.decode(data.tgt_lat)
-        metrics[split]["vae_ceiling"] = summarise(rec, data, settings.tasks)
-        src_as_pred = summarise(data.src, data, settings.tasks)  # "do nothing" reference
-        metrics[split]["identity"] = src_as_pred
+        preds.setdefault(split, {})[name] = predict(world, data, methods[name], steps, cfg, seed)
+        metrics.setdefault(split, {})[name] = summarise(preds[split][name], data, tasks)
+    for split, data in splits.items():
+        metrics[split]["vae_ceiling"] = summarise(world.decode(data.tgt_lat), data, tasks)  # decode(encode(target))
+        metrics[split]["identity"] = summarise(data.src, data, tasks)  # "do nothing": the source itself
     return metrics, preds
 
 
 @torch.no_grad()
-def task_separation(world: MicroWorld, data: EncodedSplit, adapter: Adapter, probes: int = 8, seed: int = 0) -> dict:
-    """Does the generator use the instruction? For every example, sketch its generated update
-    dW = scale * B @ A of each layer by dW @ P (P: a fixed random d_in x ``probes`` matrix), and
-    report eta^2 = the share of the sketches' variance explained by the task label (0: one LoRA
-    for all, like a shared LoRA; 1: one LoRA per task, like the per-task oracle), and how large
-    the request-dependent part is relative to the mean update."""
+def task_separation(data: Split, method: Method, probes: int = 8, seed: int = 0) -> dict:
+    """Does a method's LoRA depend on the request? Sketch each example's update dW = s B A of every
+    layer by dW P (P: a fixed random d_in x ``probes`` matrix); eta^2 is the share of the sketches'
+    variance the task label explains (0: one LoRA for all, 1: one per task), ``relative_spread``
+    the size of the request-dependent part next to the mean update."""
     g = torch.Generator().manual_seed(seed)
-    lora = adapter.lora_for(world, data.text, data.src_lat, data.task_idx.to(world.device))
+    lora = method.lora_for(data, slice(0, len(data)))
     parts = []
-    for name, (a, b) in lora.weights.items():
+    for a, b in lora.weights.values():
+        if a.shape[0] == 1:
+            a, b = a.expand(len(data), -1, -1), b.expand(len(data), -1, -1)
         p = torch.randn(a.shape[2], probes, generator=g).to(a) / math.sqrt(probes)
         parts.append((lora.scale * b @ (a @ p)).flatten(1))
     v = torch.cat(parts, 1).double()
-    if v.shape[0] < 2:
-        return {"eta2": 0.0, "relative_spread": 0.0}
-    mean = v.mean(0)
-    total = (v - mean).pow(2).sum()
+    mean, total = v.mean(0), (v - v.mean(0)).pow(2).sum()
     labels = data.task_idx.tolist()
-    between = sum(((v[[i for i, t in enumerate(labels) if t == k]].mean(0) - mean).pow(2).sum()
-                   * labels.count(k)) for k in set(labels))
+    between = sum(((v[[i for i, t in enumerate(labels) if t == k]].mean(0) - mean).pow(2).sum() * labels.count(k))
+                  for k in set(labels))
     return {"eta2": float(between / total) if total > 0 else 0.0,
             "relative_spread": float((total / len(v)).sqrt() / mean.norm().clamp_min(1e-12))}
 
 
-# ------------------------------------------------------------------------------ gradient conflict
+def text_clustering(world: World, tasks=synthetic.TASKS) -> dict:
+    """How the base's text encoder groups instructions: each held-out sentence (masked mean of its
+    hidden states) against the centroids of every task's training sentences. ``accuracy``: the
+    share nearest to its own task; ``margin``: cosine to its own centroid minus the nearest other;
+    ``pair_cosine``: cosine of the whole 77x768 condition of the first training sentences of a
+    conflicting pair (what the frozen UNet and an unnormalised generator see)."""
+    def embed(sentences):
+        h, m = world.encode_text(sentences)
+        m = m.float().unsqueeze(-1)
+        return F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
 
-def _flat_grad(params) -> torch.Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    centroids = F.normalize(torch.stack([embed(synthetic.PHRASINGS[t]["train"]).mean(0) for t in tasks]), dim=-1)
+    hits, margins = [], []
+    for i, t in enumerate(tasks):
+        sims = embed(synthetic.PHRASINGS[t]["heldout"]) @ centroids.t()
+        hits += (sims.argmax(1) == i).tolist()
+        others = sims.clone()
+        others[:, i] = -2
+        margins += (sims[:, i] - others.max(1).values).tolist()
+    pair = {}
+    for a, b in synthetic.CONFLICT_PAIRS:
+        ha = world.encode_text([synthetic.PHRASINGS[a]["train"][0]])[0]
+        hb = world.encode_text([synthetic.PHRASINGS[b]["train"][0]])[0]
+        pair[f"{a}|{b}"] = float(F.cosine_similarity(ha.flatten(), hb.flatten(), dim=0))
+    return {"heldout_accuracy": float(np.mean(hits)), "heldout_margin": float(np.mean(margins)),
+            "n_heldout": len(hits), "pair_cosine": pair}
 
 
-def gradient_cosines(world: MicroWorld, data: EncodedSplit, settings: DemoSettings, shared: Adapter,
-                     n: int = 32, seed: int = 0) -> dict:
-    """Cosine between the shared LoRA's loss gradients for task a and task b.
+def gradient_cosines(world: World, data: Split, shared: GeneratedLoRA, tasks, n: int = 32, seed: int = 0) -> dict:
+    """Cosine between the shared LoRA's loss gradients for two tasks, per pair.
 
-    Both batches use the same n source images, noise and timesteps; only the task (target and
-    instruction) differs, so the cosine isolates what the tasks ask of the shared update.
-    Conflicting pairs (synthetic.CONFLICT_PAIRS) vs every other pair of demo tasks. ``centred``:
-    the same after subtracting the mean gradient over all demo tasks (the part every task
-    shares, e.g. plain denoising), i.e. how the tasks pull the shared update away from the
-    common direction.
-    """
+    Both gradients use the same n source images, noise and timesteps; only the task (target and
+    instruction) differs, so the cosine isolates what the two tasks ask of one shared update.
+    ``centred``: the same after removing the mean gradient over all tasks (the part every task
+    shares, such as plain denoising)."""
     gen = torch.Generator().manual_seed(seed + 404)
-    tasks = list(settings.tasks)
-    # source images: the first n val images; per task exact targets + a train phrasing
+    params = [p.detach().clone().requires_grad_(True) for ab in shared.weights.values() for p in ab]
+    names = list(shared.weights)
+    lora = GeneratedLoRA({k: (params[2 * i], params[2 * i + 1]) for i, k in enumerate(names)}, shared.scale)
     n = min(n, len(data))
     srcs = data.src[:n]
-    ex_lat = world.encode_images(srcs)
-    t = sample_timesteps(n, settings, gen).to(world.device)
-    noise = torch.randn(ex_lat.shape, generator=gen).to(world.device)
+    src_lat = world.encode_images(srcs)
+    t = torch.randint(0, 1000, (n,), generator=gen).to(world.device)
+    noise = torch.randn(src_lat.shape, generator=gen).to(world.device)
     rng = np.random.default_rng(seed)
     grads = {}
-    params = list(shared.parameters())
     for task in tasks:
-        tgt = np.stack([synthetic.apply_task(task, s) for s in srcs])
-        instr = [synthetic.instruction_for(task, "train", rng) for _ in range(n)]
-        bt = {"t": t, "noise": noise, "src_lat": ex_lat, "tgt_lat": world.encode_images(tgt),
-              "ctx": world.encode_text(instr)}
-        for p in params:
-            p.grad = None
-        with torch.enable_grad(), lora_patched(world.unet, shared.static.lora()):
-            diffusion_loss(world, world.unet, bt).backward()
-        grads[task] = _flat_grad(params).clone()
-    for p in params:
-        p.grad = None
-    mean_grad = torch.stack([grads[t] for t in tasks]).mean(0)
-    res = {"n_images": n}
-    for kind in ("raw", "centred"):
-        g = grads if kind == "raw" else {t: grads[t] - mean_grad for t in tasks}
-        pairs = {}
-        for i, a in enumerate(tasks):
-            for b in tasks[i + 1:]:
-                pairs[f"{a}|{b}"] = float(F.cosine_similarity(g[a], g[b], dim=0))
-        conf = {k: v for k, v in pairs.items() if synthetic.CONFLICT_PARTNER.get(k.split("|")[0]) == k.split("|")[1]}
-        other = {k: v for k, v in pairs.items() if k not in conf}
-        block = {
-            "conflicting_pairs": conf,
-            "mean_conflicting": float(np.mean(list(conf.values()))) if conf else None,
-            "mean_other_pairs": float(np.mean(list(other.values()))) if other else None,
-            "all_pairs": pairs,
-        }
-        if kind == "raw":
-            res.update(block)
-        else:
-            res["centred"] = block
-    return res
+        tgt = np.stack([synthetic.apply_task(task, x) for x in srcs])
+        text, _ = world.encode_text([synthetic.instruction_for(task, "train", rng) for _ in range(n)])
+        batch = {"t": t, "noise": noise, "src_lat": src_lat, "tgt_lat": world.encode_images(tgt), "ctx": text}
+        with torch.enable_grad(), lora_patched(world.unet, lora):
+            g = torch.autograd.grad(world.diffusion_loss(batch), params)
+        grads[task] = torch.cat([x.flatten() for x in g])
+    mean = torch.stack(list(grads.values())).mean(0)
+    out = {}
+    for kind, g in (("raw", grads), ("centred", {k: v - mean for k, v in grads.items()})):
+        pairs = {f"{a}|{b}": float(F.cosine_similarity(g[a], g[b], dim=0)) for i, a in enumerate(tasks) for b in tasks[i + 1:]}
+        conflicting = {k: v for k, v in pairs.items() if synthetic.CONFLICT_PARTNER.get(k.split("|")[0]) == k.split("|")[1]}
+        other = [v for k, v in pairs.items() if k not in conflicting]
+        out[kind] = {"conflicting_pairs": conflicting, "mean_conflicting": float(np.mean(list(conflicting.values()))),
+                     "mean_other_pairs": float(np.mean(other)) if other else None}
+    return out
 
 
 # ------------------------------------------------------------------------------ output
 
-def grid_png(path: Path, data: EncodedSplit, preds: dict, rows: list[int], columns=("base", "shared_lora", "hywu"),
-             scale: int = 3) -> None:
-    """Rows of: source | target | base | shared LoRA | HY-WU (labelled), upscaled for viewing."""
+def grid_png(path: Path, data: Split, preds: dict, rows: list[int],
+             columns=("base", "shared_lora", "per_task_lora", "hywu"), scale: int = 3) -> None:
+    """Rows of: source | target | one column per method (labelled), upscaled for viewing."""
     from PIL import Image, ImageDraw
 
     r = data.src.shape[1] * scale
-    labels = ["source", "target"] + [{"base": "base alone", "shared_lora": "shared LoRA", "hywu": "HY-WU",
-                                      "per_task_lora": "per-task LoRA"}.get(c, c) for c in columns]
+    labels = ["source", "target"] + [METHOD_NAMES.get(c, c).rstrip("*") for c in columns]
     head, left = 14, 190
     img = Image.new("RGB", (left + r * len(labels), head + r * len(rows)), (255, 255, 255))
     d = ImageDraw.Draw(img)
@@ -770,54 +720,47 @@ def grid_png(path: Path, data: EncodedSplit, preds: dict, rows: list[int], colum
     for i, k in enumerate(rows):
         y = head + i * r
         d.text((3, y + 3), data.tasks[k], fill=(0, 0, 0))
-        words, line, yy = data.instructions[k].split(), "", y + 16
-        for w in words:  # wrap the instruction
+        line, yy = "", y + 16
+        for w in data.instructions[k].split():  # wrap the instruction
             if len(line) + len(w) > 28:
                 d.text((3, yy), line, fill=(90, 90, 90))
                 line, yy = "", yy + 11
             line = (line + " " + w).strip()
         d.text((3, yy), line, fill=(90, 90, 90))
-        ims = [data.src[k], data.tgt[k]] + [preds[c][k] for c in columns]
-        for j, a in enumerate(ims):
+        for j, a in enumerate([data.src[k], data.tgt[k]] + [preds[c][k] for c in columns]):
             img.paste(Image.fromarray(a).resize((r, r), Image.NEAREST), (left + j * r, y))
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 
 
-def format_table(metrics: dict, settings: DemoSettings, methods=("base", "shared_lora", "per_task_lora", "hywu")) -> str:
-    names = {"base": "base alone", "shared_lora": "shared LoRA", "per_task_lora": "per-task LoRA*",
-             "hywu": "HY-WU", "vae_ceiling": "(VAE ceiling)", "identity": "(no edit)"}
+def format_table(metrics: dict, tasks, methods=METHODS) -> str:
     lines = []
     for split, per in metrics.items():
         if split not in SPLITS:
             continue
-        cols = list(settings.tasks) + ["conflicting", "overall"]
-        lines.append(f"PSNR dB / SSIM to the exact target -- split '{split}' ({per['base']['overall']['n']} images)")
-        short = {t: t.replace("shift_", "sh_").replace("_to_", "2").replace("brighten", "bright").replace("grayscale", "gray")
-                 for t in cols}
-        lines.append(f"{'method':16s}" + "".join(f"{short[c]:>14s}" for c in cols))
+        cols = list(tasks) + ["conflicting", "non_conflicting", "overall"]
+        short = {c: c.replace("shift_", "sh_").replace("brighten", "bright").replace("grayscale", "gray")
+                 .replace("hue_forward", "hue_fw").replace("hue_backward", "hue_bw").replace("non_conflicting", "other")
+                 .replace("conflicting", "conflict") for c in cols}
+        lines.append(f"PSNR dB to the exact target -- split '{split}' ({per['base']['overall']['n']} images)")
+        lines.append(f"{'method':16s}" + "".join(f"{short[c]:>9s}" for c in cols))
         for m in list(methods) + ["vae_ceiling", "identity"]:
             if m not in per:
                 continue
             row = per[m]
-            cells = []
-            for c in cols:
-                v = row["per_task"].get(c) if c in row["per_task"] else row.get(c)
-                cells.append(f"{v['psnr']:6.2f}/{v['ssim']:.3f}" if v else f"{'-':>14s}")
-            lines.append(f"{names.get(m, m):16s}" + "".join(f"{c:>14s}" for c in cells))
+            cells = [row["per_task"].get(c) or row.get(c) for c in cols]
+            lines.append(f"{METHOD_NAMES.get(m, m):16s}" + "".join(f"{v['psnr']:9.2f}" if v else f"{'-':>9s}" for v in cells))
         lines.append("")
     lines.append("* per-task LoRA is an oracle: it is told the task label; HY-WU and the shared LoRA are not.")
     return "\n".join(lines)
 
 
 def format_cosines(gc: dict) -> str:
-    out = ["Gradient cosine of the shared LoRA between tasks (same images/noise, only the task differs):"]
+    out = ["Gradient cosine of the shared LoRA between tasks (same images and noise, only the task differs):"]
     for when, g in gc.items():
-        for label, blk in (("raw", g), ("centred", g.get("centred"))):
-            if not blk:
-                continue
+        for kind in ("raw", "centred"):
+            blk = g[kind]
             pairs = ", ".join(f"{k.replace('|', '/')} {v:+.2f}" for k, v in blk["conflicting_pairs"].items())
-            out.append(f"  {when:>7s} {label:>7s}: conflicting pairs {blk['mean_conflicting']:+.3f} ({pairs}); "
+            out.append(f"  {when:>7s} {kind:>7s}: conflicting pairs {blk['mean_conflicting']:+.3f} ({pairs}); "
                        f"other pairs {blk['mean_other_pairs']:+.3f}")
-    out.append("  (centred = after removing the mean gradient over all tasks, the part they share)")
     return "\n".join(out)

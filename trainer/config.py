@@ -41,6 +41,7 @@ class DataConfig:
 @dataclass
 class GeneratorSection:
     preset: str = "tiny"
+    token_width: int | None = None  # entries per parameter token along d_in/d_out; None = the preset's
     rank: int = 4
     alpha: float = 4.0
     gradient_checkpointing: bool = False
@@ -174,6 +175,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"generator.preset '{g.preset}' is not one of {', '.join(PRESETS)}")
     if g.condition_norm not in CONDITION_NORMS:
         problems.append(f"generator.condition_norm '{g.condition_norm}' is not one of {', '.join(CONDITION_NORMS)}")
+    if g.token_width is not None and g.token_width < 1:
+        problems.append("generator.token_width must be positive (or null for the preset's)")
     if g.shared_rank < 0 or g.norm_examples < 1:
         problems.append("generator.shared_rank must be 0 (off) or positive, generator.norm_examples at least 1")
     if b.text_layer >= 0:

@@ -83,8 +83,9 @@ def _atomic_save(tensors: dict, path: str, metadata: dict) -> None:
 def build_method(cfg, target_spec, condition_spec, tasks: list[str]) -> Method:
     g, method = cfg.generator, cfg.train.method
     if method == "hywu":
+        extra = {} if g.token_width is None else {"token_width": g.token_width}
         gcfg = GeneratorConfig.from_preset(g.preset, rank=g.rank, alpha=g.alpha, gradient_checkpointing=g.gradient_checkpointing,
-                                           condition_norm=g.condition_norm, shared_rank=g.shared_rank, film=g.film)
+                                           condition_norm=g.condition_norm, shared_rank=g.shared_rank, film=g.film, **extra)
         return Method(method, HYWUGenerator(gcfg, target_spec, condition_spec), cfg.base.family)
     if method == "shared_lora":
         return Method(method, StaticLoRA(target_spec, g.rank, g.alpha, 1), cfg.base.family)
