@@ -50,15 +50,16 @@ def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, 
     a, b = a.to(x.dtype), b.to(x.dtype)
     n, batch = a.shape[0], x.shape[0]
     if n == 1 and sample_to_lora is None:
-        return (x @ a[0].t()) @ b[0].t() * scale
-    if sample_to_lora is None:
-        if batch % n:
-            raise ValueError(f"batch of {batch} samples does not divide into {n} generated LoRAs")
-        sample_to_lora = torch.arange(batch, device=x.device) % n
-    xs = x.reshape(batch, -1, x.shape[-1])
-    h = torch.bmm(xs, a[sample_to_lora].transpose(1, 2))
-    out = torch.bmm(h, b[sample_to_lora].transpose(1, 2))
-    return out.reshape(*x.shape[:-1], b.shape[1]) * scale
+        out = (x @ a[0].t()) @ b[0].t()
+    else:
+        if sample_to_lora is None:
+            if batch % n:
+                raise ValueError(f"batch of {batch} samples does not divide into {n} generated LoRAs")
+            sample_to_lora = torch.arange(batch, device=x.device) % n
+        xs = x.reshape(batch, -1, x.shape[-1])
+        h = torch.bmm(xs, a[sample_to_lora].transpose(1, 2))
+        out = torch.bmm(h, b[sample_to_lora].transpose(1, 2)).reshape(*x.shape[:-1], b.shape[1])
+    return out if scale == 1.0 else out * scale  # callers that fold the scale into b skip a pass
 
 
 @contextmanager
