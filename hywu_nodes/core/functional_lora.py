@@ -51,11 +51,12 @@ def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, 
     n, batch = a.shape[0], x.shape[0]
     if n == 1 and sample_to_lora is None:
         out = (x @ a[0].t()) @ b[0].t()
+    elif sample_to_lora is None:  # sample i uses LoRA i % n: broadcast over the n, no index gather
+        if batch % n:
+            raise ValueError(f"batch of {batch} samples does not divide into {n} generated LoRAs")
+        xs = x.reshape(batch // n, n, -1, x.shape[-1])
+        out = torch.matmul(torch.matmul(xs, a.transpose(1, 2)), b.transpose(1, 2)).reshape(*x.shape[:-1], b.shape[1])
     else:
-        if sample_to_lora is None:
-            if batch % n:
-                raise ValueError(f"batch of {batch} samples does not divide into {n} generated LoRAs")
-            sample_to_lora = torch.arange(batch, device=x.device) % n
         xs = x.reshape(batch, -1, x.shape[-1])
         h = torch.bmm(xs, a[sample_to_lora].transpose(1, 2))
         out = torch.bmm(h, b[sample_to_lora].transpose(1, 2)).reshape(*x.shape[:-1], b.shape[1])
