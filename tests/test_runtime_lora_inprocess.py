@@ -163,7 +163,8 @@ def test_fused_qkv_slices_match_comfy_weight_patches():
     assert list(layers) == ["attn.qkv"] and not weight_patches
     x = torch.randn(3, 5, h, generator=g)
     runtime = RuntimeLoRA(layers, 1)
-    got = model.attn.qkv(x) + runtime.delta("attn.qkv", model.attn.qkv, x)
+    with torch.no_grad():
+        got = runtime.add_delta("attn.qkv", model.attn.qkv, x, model.attn.qkv(x))
     w = model.attn.qkv.weight.detach().clone()
     for key, adapter in patches.items():
         w = comfy.lora.calculate_weight([(0.5, adapter, 1.0, key[1], None)], w, key[0])

@@ -208,13 +208,17 @@ class RuntimeLoRA:
                 "whose first axis is the batch. Set batch_index on HY-WU Apply Generated LoRA to use one LoRA for "
                 "every sample, or use mode 'patch'.")
 
-    def delta(self, path: str, module, x: torch.Tensor) -> torch.Tensor:
+    def add_delta(self, path: str, module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` (the layer's output for ``x``) plus this layer's low-rank term; added in place
+        when it can be (the usual case: it saves a pass over the output)."""
         down, up = self._weights(path, x)
-        if self.layers[path].kind == "linear":
-            if self.n > 1:
-                self._check_layer_batch(path, x.shape[0])
-            return lora_delta(x, down, up, 1.0)
-        return self._conv_delta(path, module, x, down, up)
+        if self.layers[path].kind == "conv":
+            return out + self._conv_delta(path, module, x, down, up).to(out.dtype)
+        if self.n > 1:
+            self._check_layer_batch(path, x.shape[0])
+        if out.is_contiguous() and out.dtype == x.dtype and not out.requires_grad:
+            return lora_delta(x, down, up, 1.0, out=out)
+        return out + lora_delta(x, down, up, 1.0).to(out.dtype)
 
     def _conv_delta(self, path, module, x, down, up):
         def one(xs, d, u):  # the layer's own stride/padding/dilation, then a 1x1 convolution
@@ -234,8 +238,7 @@ class RuntimeLoRA:
         """The replacement ``forward`` of one layer: its own forward (or an earlier runtime LoRA's),
         plus this node's low-rank term."""
         def forward(x, *args, **kwargs):
-            out = inner(x, *args, **kwargs)
-            return out + self.delta(path, module, x).to(out.dtype)
+            return self.add_delta(path, module, x, inner(x, *args, **kwargs))
 
         return forward
 
