@@ -113,7 +113,9 @@ def micro_sections(a) -> dict:
     gens = build_test_generator.build_test_generators()
     generator = Path(gens["seeded"]).name
     env = {"OMP_NUM_THREADS": str(a.threads)}
-    with comfy_harness.ComfyServer(checkpoints=[ckpt], extra_models={"hywu": [gens["seeded"]]}, env=env) as srv:
+    # --verbose DEBUG: the nodes' per-prompt timing lines parsed below are DEBUG lines
+    with comfy_harness.ComfyServer(checkpoints=[ckpt], extra_models={"hywu": [gens["seeded"]]}, env=env,
+                                   extra_args=["--verbose", "DEBUG"]) as srv:
         srv.put_input(g.make_test_image(0), g.load_api("hywu_demo")["2"]["inputs"]["image"])
         srv.run(g.lora_only("a fixed style", "loras/hywu_bench_static", generator=generator), timeout=600)
         static_file = sorted((srv.output_dir / "loras").glob("hywu_bench_static_*.safetensors"))[-1]

@@ -16,7 +16,7 @@ import comfy.lora_convert
 from comfy_api.latest import io
 
 from . import runtime_lora
-from .common import log
+from .common import float_input_problem, log
 from .types import CATEGORY, HYWUError, LoraModel
 
 # Suffixes of one LoRA module's entries, in the formats comfy.weight_adapter reads.
@@ -139,9 +139,9 @@ def apply_lora(model, lora: dict, strength: float, batch_index: int = 0):
     _warn_unmatched(model, lora, modules, unmatched)
     for k in not_patched:
         log.warning("HY-WU Apply Generated LoRA: NOT LOADED %s", k)
-    log.info("HY-WU: applied LoRA %d (%s) to %s at strength %g: %d/%d modules matched, %d weights patched "
-             "in %.3f s", batch_index, guess_family(lora), model_name(model), strength, stats["matched"],
-             len(modules), len(added), seconds)
+    log.debug("HY-WU: applied LoRA %d (%s) to %s at strength %g: %d/%d modules matched, %d weights patched "
+               "in %.3f s", batch_index, guess_family(lora), model_name(model), strength, stats["matched"],
+              len(modules), len(added), seconds)
     return new_model, stats
 
 
@@ -163,9 +163,9 @@ def apply_runtime_lora(model, lora, loras: list[dict], strength: float):
     if info["weight_patched"]:
         log.info("HY-WU: %d LoRA entries are not plain LoRAs on linear/convolution layers; they are patched into "
                  "the weights", info["weight_patched"])
-    log.info("HY-WU: applied %d LoRA(s) (%s) to %s at runtime, strength %g: %d/%d modules matched, %d layers "
-             "adapted per sample, in %.3f s", len(loras), guess_family(lora), model_name(model), strength,
-             stats["matched"], len(modules), info["runtime_layers"], seconds)
+    log.debug("HY-WU: applied %d LoRA(s) (%s) to %s at runtime, strength %g: %d/%d modules matched, %d layers "
+              "adapted per sample, in %.3f s", len(loras), guess_family(lora), model_name(model), strength,
+              stats["matched"], len(modules), info["runtime_layers"], seconds)
     return new_model, stats
 
 
@@ -202,12 +202,20 @@ class HYWUApplyGeneratedLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, strength=None):
+        # None: linked (checked when the node runs) or missing (ComfyUI reports that itself).
+        return True if strength is None else float_input_problem(cls, "strength", strength) or True
+
+    @classmethod
     def execute(cls, model, lora, strength, batch_index=-1, mode="runtime") -> io.NodeOutput:
+        problem = float_input_problem(cls, "strength", strength)  # a linked value skipped validation
+        if problem:
+            raise HYWUError(problem)
         if mode not in MODES:
             raise HYWUError(f"HY-WU Apply Generated LoRA: mode is '{mode}'; use one of {', '.join(MODES)}.")
         loras = select_loras(lora, batch_index, mode)  # also reports a batch_index that does not fit
         if strength == 0:
-            log.info("HY-WU: strength 0, the model is returned unchanged")
+            log.debug("HY-WU: strength 0, the model is returned unchanged")
             return io.NodeOutput(model)
         if mode == "patch":
             new_model, _ = apply_lora(model, lora, strength, max(batch_index, 0))

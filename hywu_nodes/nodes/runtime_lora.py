@@ -158,8 +158,9 @@ class RuntimeLoRA:
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # --- APPLY_MODEL wrapper --------------------------------------------------------------
-    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                  **kwargs):
+        transformer_options = {} if transformer_options is None else transformer_options
         chunks = len(transformer_options.get("cond_or_uncond") or ()) or 1
         self.check_call(x.shape[0], chunks)
         previous, self.call_batch = self.call_batch, x.shape[0]
@@ -183,9 +184,9 @@ class RuntimeLoRA:
     def to(self, target):
         """ComfyUI casts wrappers with .to(device) / .to(dtype) around sampling: drop device copies
         when moved elsewhere (the float32 masters stay on the CPU)."""
-        if isinstance(target, (torch.device, str)) and self._cache_key is not None:
-            if torch.device(target) != self._cache_key[0]:
-                self._cache, self._cache_key = {}, None
+        if (isinstance(target, (torch.device, str)) and self._cache_key is not None
+                and torch.device(target) != self._cache_key[0]):
+            self._cache, self._cache_key = {}, None
         return self
 
     # --- the layers -----------------------------------------------------------------------
