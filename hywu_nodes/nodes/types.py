@@ -64,6 +64,7 @@ class EncodedCondition:
     clip_vision: Any = None
     generator_name: str | None = None
     clip: Any = None  # to encode again at another hidden layer / with a mask for another generator
+    instructions: list | None = None  # one per edit (one_edit_per_line); None = [instruction]
 
 
 class HYWULoRA(dict):
