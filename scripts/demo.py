@@ -114,14 +114,15 @@ def _run_key(base_dir: Path, method: str, seed: int, extra: list[str]) -> str:
 
 
 def train_methods(base_dir: Path, models: Path, seed: int, force: bool, timer: Timer, extra: list[str],
-                  device: str = "auto", parallel: bool = True) -> dict[str, Path]:
+                  device: str = "auto", parallel: bool = True, methods=METHODS) -> dict[str, Path]:
     """`python -m trainer.train` for each method (cached by base, config, seed and overrides).
     On a CPU the generator trains next to the two static baselines, one thread each: these small
     models use two cores better as two processes than as one with two threads."""
     runs = models / "demo" / "runs"
-    out = {m: runs / f"{m}-seed{seed}" for m in METHODS}
+    tag = hashlib.sha256(json.dumps(extra).encode()).hexdigest()[:6] if extra else "default"
+    out = {m: runs / f"{m}-seed{seed}-{tag}" for m in methods}
     todo = []
-    for m in METHODS:
+    for m in methods:
         key = _run_key(base_dir, m, seed, extra)
         marker = out[m] / "demo_run.json"
         if not force and marker.is_file() and json.loads(marker.read_text()).get("key") == key:
@@ -157,18 +158,30 @@ def _quote(arg: str) -> str:
     return arg if all(c.isalnum() or c in "-_=./,[]:" for c in arg) else "'" + arg.replace("'", "'\\''") + "'"
 
 
+def run_files(runs: dict[str, Path], tasks) -> dict:
+    """The files the trainer wrote in each method's output folder."""
+    files = {}
+    if "shared_lora" in runs:
+        files["shared_lora"] = runs["shared_lora"] / "hywu_demo.safetensors"
+    if "per_task_lora" in runs:
+        files["per_task_lora"] = {t: runs["per_task_lora"] / f"hywu_demo-{t}.safetensors" for t in tasks}
+    if "hywu" in runs:
+        files["hywu"] = runs["hywu"] / "hywu_demo.safetensors"
+    return files
+
+
 def install_files(runs: dict[str, Path], models: Path, tasks) -> dict:
-    """The trainer's outputs under the names users load in ComfyUI."""
-    loras, hywu = models / "loras", models / "hywu"
-    loras.mkdir(parents=True, exist_ok=True)
-    hywu.mkdir(parents=True, exist_ok=True)
-    files = {"shared_lora": loras / SHARED_LORA_NAME,
-             "per_task_lora": {t: loras / TASK_LORA_NAME.format(task=t) for t in tasks},
-             "hywu": hywu / DEMO_GENERATOR_NAME}
-    shutil.copyfile(runs["shared_lora"] / "hywu_demo.safetensors", files["shared_lora"])
+    """The trainer's outputs under the names users load in ComfyUI (models/loras, models/hywu)."""
+    src = run_files(runs, tasks)
+    (models / "loras").mkdir(parents=True, exist_ok=True)
+    (models / "hywu").mkdir(parents=True, exist_ok=True)
+    files = {"shared_lora": models / "loras" / SHARED_LORA_NAME,
+             "per_task_lora": {t: models / "loras" / TASK_LORA_NAME.format(task=t) for t in tasks},
+             "hywu": models / "hywu" / DEMO_GENERATOR_NAME}
+    shutil.copyfile(src["shared_lora"], files["shared_lora"])
     for t, dst in files["per_task_lora"].items():
-        shutil.copyfile(runs["per_task_lora"] / f"hywu_demo-{t}.safetensors", dst)
-    shutil.copyfile(runs["hywu"] / "hywu_demo.safetensors", files["hywu"])
+        shutil.copyfile(src["per_task_lora"][t], dst)
+    shutil.copyfile(src["hywu"], files["hywu"])
     return files
 
 
