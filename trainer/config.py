@@ -73,7 +73,7 @@ class TrainSection:
     draws_per_example: int = 1  # noise/timestep draws per example: one generated LoRA serves them all
     max_nonfinite: int = 5  # consecutive non-finite (NaN/inf) steps that stop the run
     fsdp: bool = False  # shard the trained module with torch FSDP2 (trainer/sharding.py)
-    fsdp_shard_base: bool = False  # with fsdp: also shard the frozen base's blocks
+    fsdp_shard_base: bool = False  # also shard the frozen base's blocks (implies fsdp)
 
 
 @dataclass
@@ -199,7 +199,5 @@ def validate(cfg: TrainConfig) -> None:
             problems.append(f"generator.{k} must be a positive integer (or null for the default)")
     if d.cache_mb < 0:
         problems.append("data.cache_mb must be >= 0 (0 turns the cache of encodings off)")
-    if t.fsdp_shard_base and not t.fsdp:
-        problems.append("train.fsdp_shard_base needs train.fsdp: true")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

@@ -44,18 +44,22 @@ def build_component(family: str, component: str, device="meta", dtype: torch.dty
     random weights on a real device, in eval mode with gradients off."""
     cfg = architecture(family, component)
     name = cfg["_class_name"]
-    with torch.random.fork_rng(devices=[]), torch.device(device):
-        torch.manual_seed(seed)
-        if name in _TRANSFORMERS_CONFIGS:
-            import transformers
+    default = torch.get_default_dtype()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(seed)
+            torch.set_default_dtype(dtype)  # weights are created in their final dtype (no fp32 copy of a 12B model)
+            if name in _TRANSFORMERS_CONFIGS:
+                import transformers
 
-            config = getattr(transformers, _TRANSFORMERS_CONFIGS[name])(**{k: v for k, v in cfg.items() if k != "_class_name"})
-            model = getattr(transformers, name)(config)
-        else:
-            import diffusers
+                config = getattr(transformers, _TRANSFORMERS_CONFIGS[name])(**{k: v for k, v in cfg.items() if k != "_class_name"})
+                model = getattr(transformers, name)(config)
+            else:
+                import diffusers
 
-            model = getattr(diffusers, name).from_config(cfg)
-    model = model.to(dtype) if dtype != torch.float32 else model
+                model = getattr(diffusers, name).from_config(cfg)
+    finally:
+        torch.set_default_dtype(default)
     return model.requires_grad_(False).eval()
 
 

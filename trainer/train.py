@@ -48,8 +48,10 @@ config keys (YAML sections; override any with --section.key=value):
   base.targets       list of regexes of adapted linear layers (default: attention + FFN)
   data.source        synthetic | manifest (.jsonl/.csv) | parquet (folder)
   data.path          manifest file or parquet folder; data.n_train / data.n_val / data.tasks
+  data.cache_mb      memory for rows encoded once before the first step (latents + text
+                     features; default 2048, 0 = encode every batch)
   generator.preset   tiny | small | medium | large; generator.rank, generator.alpha,
-                     generator.gradient_checkpointing
+                     generator.gradient_checkpointing, generator.token_width / row_tokens
   train.method       hywu | shared_lora | per_task_lora
   train.max_steps, train.batch_size (per process), train.grad_accum, train.lr,
   train.weight_decay, train.warmup_steps, train.lr_schedule (constant|cosine),
@@ -57,13 +59,20 @@ config keys (YAML sections; override any with --section.key=value):
   train.device (auto|cpu|cuda), train.base_gradient_checkpointing,
   train.drop_text / train.drop_image (CFG dropout; default per family),
   train.timestep_sampling (logit_normal|uniform, flow families), train.save_every,
-  train.keep_checkpoints, train.validate_every, train.validate_steps, train.log_every
+  train.keep_checkpoints, train.validate_every, train.validate_steps, train.log_every,
+  train.draws_per_example (noise/timestep draws per example; one generated LoRA serves them),
+  train.max_nonfinite (NaN/inf steps in a row that stop the run; each one is skipped),
+  train.fsdp / train.fsdp_shard_base (FSDP2: shard the generator / also the frozen base)
 
 outputs (in --output):
   <name>.safetensors       the generator (what "HY-WU Load Generator" reads), or the LoRA(s)
-  checkpoints/step-*/      resumable training state; checkpoints/latest points at the newest
+  checkpoints/step-*/      resumable training state (sharded runs: one shard per process; resumes
+                           in any process count); checkpoints/latest points at the newest
   samples/step-*.png       source | target | base edit | edit with the generated LoRA
-  summary.json             final loss, steps, samples/s, peak memory, skipped rows
+  summary.json             final loss, steps, samples/s, peak memory, skipped rows, skipped
+                           non-finite steps, failed checkpoint writes
+exit codes: 0 done, 2 configuration / base folder error, 3 diverged (non-finite steps) or a
+checkpoint that had to be written could not be
 With no arguments the demo config runs ({DEMO_CONFIG.relative_to(CONFIG_DIR.parent.parent) if DEMO_CONFIG.exists() else FALLBACK_CONFIG.name}).
 """
 
@@ -151,7 +160,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
         raise ConfigError("train.device=cuda but no CUDA device is visible; use --device cpu or auto")
     accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum, cpu=cpu)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    sharded = t.fsdp or accelerator.distributed_type == DistributedType.FSDP
+    sharded = t.fsdp or t.fsdp_shard_base or accelerator.distributed_type == DistributedType.FSDP
     if sharded:
         ensure_process_group(device)
     group = Group(device)
@@ -178,7 +187,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
     module = method.module.to(device).train()
     if sharded:
         shard(module, compute_dtype=weight_dtype if weight_dtype != torch.float32 else None)
-        if t.fsdp_shard_base:
+        if t.fsdp_shard_base:  # implies train.fsdp
             shard(adapter.denoiser)
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -263,6 +272,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
     global_batch, draws = t.batch_size * world, t.draws_per_example
     losses: list[float | None] = []
     step_times: list[float] = []
+    step_cpu: list[float] = []
     failures: list[int] = []
     guard = NonFiniteGuard(t.max_nonfinite)
     t0, samples = time.perf_counter(), 0
@@ -270,7 +280,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
         torch.cuda.reset_peak_memory_stats(device)
     end = t.max_steps if stop_after is None else min(t.max_steps, start + stop_after)
     for step in range(start, end):
-        ts = time.perf_counter()
+        ts, cs = time.perf_counter(), time.process_time()
         step_loss = torch.zeros((), device=device)
         for micro in range(t.grad_accum):
             batch = stream.next_batch()
@@ -307,6 +317,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_times.append(time.perf_counter() - ts)
+        step_cpu.append(time.process_time() - cs)  # CPU seconds of this process: steadier than wall time on a shared machine
         samples += global_batch * t.grad_accum
         losses.append(loss_value if problem is None else None)
         if guard.should_stop:
@@ -322,7 +333,10 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
                 tb.add_scalar("train/samples_per_s", rate, done)
         bar.update(1)
         if t.save_every and done % t.save_every == 0 and done < t.max_steps:
-            save(done, must=False)
+            if guard.in_a_row:  # keep the last checkpoint a good one until a step succeeds again
+                accelerator.print(f"warning: checkpoint at step {done} skipped: the step was not finite", file=sys.stderr)
+            else:
+                save(done, must=False)
         if t.validate_every and done % t.validate_every == 0 and done < t.max_steps:
             validate(done)
     bar.close()
@@ -355,7 +369,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
         "nonfinite_steps_skipped": guard.skipped, "checkpoint_failures": failures, "files": final_files,
         "encoded_rows": rows.summary() if rows else None, "sharded": {"fsdp": sharded, "base": bool(sharded and t.fsdp_shard_base)},
         "sizes": sizes, "device": str(device), "mixed_precision": t.mixed_precision, "losses": losses,
-        "step_times": step_times,
+        "step_times": step_times, "step_cpu_times": step_cpu,
     }
     if digests is not None:
         after = {k: module_digest(m) for k, m in adapter.frozen_modules().items()}
@@ -388,7 +402,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     if summary is not None and int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in summary.items() if k not in ("losses", "sizes", "step_times")}))
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("losses", "sizes", "step_times", "step_cpu_times")}))
     return 0
 
 
