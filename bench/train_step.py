@@ -24,7 +24,8 @@ step: the base's forward+backward per sample with a shared vs. per-sample LoRA, 
 generator's own forward+backward per example, from which the step ratio at other draw counts
 follows. ``trainer_vs_inprocess`` (``--base demo``, or ``--inprocess``) compares the trainer's
 HY-WU step (pre-encoded rows) with a bare loop on tensors encoded once up front (what
-scripts/demo_core.py's loop does) on the same base, generator and batch.
+scripts/demo_core.py's loop does) on the same base, generator and batch, alternating the two in
+one process.
 """
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ def make_config(args, method: str):
         cfg.train.draws_per_example = args.draws or b["draws"]
     cfg.name, cfg.output = f"bench_{method}", str(Path(args.output) / args.base / method)
     cfg.data.n_val = 0  # no validation sampling in a timing run
+    cfg.data.cache_dir = str(Path(args.output) / "encoded")  # every child after the first loads the encodings
     t = cfg.train
     t.method, t.max_steps, t.device, t.mixed_precision = method, args.warmup + args.steps, args.device, args.precision
     t.save_every, t.validate_every, t.log_every = 0, 0, 1
@@ -183,17 +185,69 @@ def components(args) -> dict:
 
 
 def inprocess(args) -> dict:
-    """A bare HY-WU loop on tensors encoded once up front (no data path), with the trainer's base,
-    generator config and batch: the reference the trainer's step is compared with."""
+    """The trainer's HY-WU step and a bare loop on tensors encoded once up front (no data path;
+    the trainer's base, generator config and batch), alternated in one process, ``--repeats``
+    rounds of ``--steps`` each, so both see the same machine load."""
+    from trainer.train import run
+
+    _threads(args)
+    trainer, bare = [], []
+    for _ in range(args.repeats):
+        s = run(make_config(args, "hywu"), progress=False)
+        trainer += list(zip(s["step_times"], s["step_cpu_times"]))[args.warmup:]
+        bare += _bare_loop(args)
+    med = {f"{name}_{unit}": statistics.median(x[i] for x in rows)
+           for name, rows in (("trainer", trainer), ("inprocess", bare)) for i, unit in enumerate(("step_s", "step_cpu_s"))}
+    return {**med, "ratio": med["trainer_step_s"] / med["inprocess_step_s"],
+            "cpu_ratio": med["trainer_step_cpu_s"] / med["inprocess_step_cpu_s"], "steps_each": len(trainer)}
+
+
+_BARE: dict = {}  # encoded once per process, like scripts/demo_core.py encodes each split once
+
+
+def _bare_loop(args) -> list[tuple[float, float]]:
     import torch
     import torch.nn.functional as F
 
-    from hywu_nodes.core import Condition, build_target_spec, lora_patched, patchify_latent
+    from hywu_nodes.core import Condition, lora_patched, patchify_latent
+
+    if not _BARE:
+        _BARE.update(_bare_setup(args))
+    a, src, tgt, text, gen, opt, b, max_norm = (_BARE[k] for k in ("adapter", "src", "tgt", "text", "gen", "opt", "b", "max_norm"))
+    dev = a.device
+    ac = a.alphas_cumprod
+    g = torch.Generator().manual_seed(len(_BARE.setdefault("rounds", [])))
+    _BARE["rounds"].append(1)
+    now = _clock(dev)
+    times = []
+    for _ in range(args.warmup + args.steps):
+        w0, c0 = now()
+        idx = torch.randint(len(src), (b,), generator=g)
+        t = torch.randint(0, 1000, (b,), generator=g).to(dev)
+        noise = torch.randn(tgt[idx].shape, generator=g).to(dev)
+        acb = ac[t].view(-1, 1, 1, 1)
+        z = acb.sqrt() * tgt[idx] + (1 - acb).sqrt() * noise
+        lora = gen.generate(Condition({"text": text[idx], "image": patchify_latent(src[idx], 2)}))
+        with lora_patched(a.denoiser, lora):
+            pred = a.unet(torch.cat([z, src[idx] / 0.18215], 1), t, encoder_hidden_states=text[idx]).sample
+            loss = F.mse_loss(pred, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(gen.parameters(), max_norm)
+        opt.step()
+        w1, c1 = now()
+        times.append((w1 - w0, c1 - c0))
+    return times[args.warmup:]
+
+
+def _bare_setup(args) -> dict:
+    import torch
+
+    from hywu_nodes.core import build_target_spec
     from trainer.data import build_datasets, collate
     from trainer.families import load_family
     from trainer.methods import build_method
 
-    _threads(args)
     cfg = make_config(args, "hywu")
     dev = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     a = load_family(cfg, dev, torch.float32)
@@ -207,31 +261,8 @@ def inprocess(args) -> dict:
     torch.manual_seed(cfg.train.seed)
     spec = build_target_spec(a.denoiser, cfg.base.family, include=cfg.base.targets)
     gen = build_method(cfg, spec, a.condition_spec, []).module.to(dev).train()
-    opt = torch.optim.AdamW(gen.parameters(), lr=cfg.train.lr)
-    ac = a.alphas_cumprod
-    g = torch.Generator().manual_seed(0)
-    now = _clock(dev)
-    times = []
-    for _ in range(args.warmup + args.steps):
-        w0, c0 = now()
-        idx = torch.randint(len(rows), (b,), generator=g)
-        t = torch.randint(0, 1000, (b,), generator=g).to(dev)
-        noise = torch.randn(tgt[idx].shape, generator=g).to(dev)
-        acb = ac[t].view(-1, 1, 1, 1)
-        z = acb.sqrt() * tgt[idx] + (1 - acb).sqrt() * noise
-        lora = gen.generate(Condition({"text": text[idx], "image": patchify_latent(src[idx], 2)}))
-        with lora_patched(a.denoiser, lora):
-            pred = a.unet(torch.cat([z, src[idx] / 0.18215], 1), t, encoder_hidden_states=text[idx]).sample
-            loss = F.mse_loss(pred, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.train.max_grad_norm)
-        opt.step()
-        w1, c1 = now()
-        times.append((w1 - w0, c1 - c0))
-    timed = times[args.warmup:]
-    return {"median_step_s": statistics.median(x[0] for x in timed), "median_step_cpu_s": statistics.median(x[1] for x in timed),
-            "batch": b, "rows": len(rows)}
+    return {"adapter": a, "src": src, "tgt": tgt, "text": text, "gen": gen, "b": b, "max_norm": cfg.train.max_grad_norm,
+            "opt": torch.optim.AdamW(gen.parameters(), lr=cfg.train.lr)}
 
 
 def _spawn(kind: str, argv: list[str]) -> dict:
@@ -253,6 +284,7 @@ def main(argv=None) -> None:
     p.add_argument("--preset", default=None, help="generator preset (default per base)")
     p.add_argument("--generator-checkpointing", action="store_true", help="generator activation checkpointing")
     p.add_argument("--inprocess", action="store_true", help="also time the bare in-process loop (always for --base demo)")
+    p.add_argument("--repeats", type=int, default=2, help="alternating rounds of trainer / in-process steps")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"))
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: 1 on CPU, default on CUDA)")
@@ -282,12 +314,7 @@ def main(argv=None) -> None:
         "components": results["components"],
     }
     if args.base == "demo" or args.inprocess:
-        ref = _spawn("inprocess", forwarded)
-        report["trainer_vs_inprocess"] = {
-            "trainer_step_s": h["median_step_s"], "inprocess_step_s": ref["median_step_s"],
-            "trainer_step_cpu_s": h["median_step_cpu_s"], "inprocess_step_cpu_s": ref["median_step_cpu_s"],
-            "ratio": h["median_step_s"] / ref["median_step_s"], "cpu_ratio": h["median_step_cpu_s"] / ref["median_step_cpu_s"],
-            "inprocess": ref}
+        report["trainer_vs_inprocess"] = _spawn("inprocess", forwarded)
     report["bench_seconds"] = time.perf_counter() - t0
     print(json.dumps(report, indent=1))
 

@@ -35,6 +35,7 @@ class DataConfig:
     n_val: int = 4  # validation examples in the PNG grid (from the val split / first rows)
     tasks: list[str] | None = None  # synthetic: restrict to these tasks
     cache_mb: float = 2048.0  # memory for pre-encoded rows (latents + text features); 0 = encode every batch
+    cache_dir: str = ""  # also keep the encodings on disk here, for the next run on the same base and data
 
 
 @dataclass
@@ -193,6 +194,9 @@ def validate(cfg: TrainConfig) -> None:
         v = getattr(t, k)
         if v is not None and not 0 <= v < 1:
             problems.append(f"train.{k} must be in [0, 1)")
+    if (t.fsdp or t.fsdp_shard_base) and t.mixed_precision == "fp16":
+        problems.append("train.fsdp runs in fp32 or bf16 (train.mixed_precision: no | bf16); fp16 needs a sharded "
+                        "gradient scaler the trainer does not have")
     for k in ("token_width", "row_tokens"):
         v = getattr(g, k)
         if v is not None and v < 1:

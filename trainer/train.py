@@ -25,7 +25,7 @@ from hywu_nodes.core import build_target_spec, describe, lora_patched
 
 from .config import ConfigError, TrainConfig, load_config
 from .data import BadRow, BatchStream, build_datasets, collate
-from .encoded import EncodedRows
+from .encoded import EncodedRows, cache_key
 from .families import BaseFolderError, check_base, load_family, module_digest
 from .guard import NonFiniteGuard, TrainingDiverged
 from .methods import build_method
@@ -50,6 +50,8 @@ config keys (YAML sections; override any with --section.key=value):
   data.path          manifest file or parquet folder; data.n_train / data.n_val / data.tasks
   data.cache_mb      memory for rows encoded once before the first step (latents + text
                      features; default 2048, 0 = encode every batch)
+  data.cache_dir     also keep those encodings on disk there (next run on the same base/data
+                     loads them instead of encoding again)
   generator.preset   tiny | small | medium | large; generator.rank, generator.alpha,
                      generator.gradient_checkpointing, generator.token_width / row_tokens
   train.method       hywu | shared_lora | per_task_lora
@@ -180,22 +182,23 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
 
     digests = {k: module_digest(m) for k, m in adapter.frozen_modules().items()} if check_frozen else None
     train_ds, val_ds = build_datasets(cfg)
-    rows = EncodedRows(adapter, train_ds, cfg.base.resolution, cfg.data.cache_mb).fill() if cfg.data.cache_mb > 0 else None
+    rows = None
+    if cfg.data.cache_mb > 0:
+        cache_file = Path(cfg.data.cache_dir) / f"encoded-{cache_key(cfg, weight_dtype)}.safetensors" if cfg.data.cache_dir else None
+        rows = EncodedRows(adapter, train_ds, cfg.base.resolution, cfg.data.cache_mb).fill(cache_file, accelerator.is_main_process)
     torch.manual_seed(t.seed)  # same generator init on every process
     target_spec = build_target_spec(adapter.denoiser, cfg.base.family, include=cfg.base.targets)
     method = build_method(cfg, target_spec, adapter.condition_spec, train_ds.tasks)
     module = method.module.to(device).train()
-    if sharded:
+    if sharded:  # FSDP synchronises through the module itself (trainer/sharding.py)
         shard(module, compute_dtype=weight_dtype if weight_dtype != torch.float32 else None)
-        if t.fsdp_shard_base:  # implies train.fsdp
+        if t.fsdp_shard_base:
             shard(adapter.denoiser)
-        params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-        wrapped = module  # FSDP synchronises through the module itself
-    else:
-        params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-        wrapped, optimizer = accelerator.prepare(module, optimizer)  # the scheduler is stepped by hand (once per optimizer step)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    wrapped = module
+    if not sharded:  # DDP when several processes; the scheduler is stepped by hand (once per optimizer step)
+        wrapped, optimizer = accelerator.prepare(module, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     stream = BatchStream(train_ds, t.batch_size, cfg.base.resolution, t.seed, rank, world,
                          load=rows.load if rows else None, collate_fn=rows.collate if rows else None)
@@ -305,7 +308,8 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, clip) if sharded else accelerator.clip_grad_norm_(params, clip))
         loss_value = accelerator.reduce(step_loss, reduction="mean").item() if world > 1 else step_loss.item()
         done = step + 1
-        problem = guard.check(done, loss_value, _finite_float(grad_norm))
+        # fp16: an overflowing gradient is the GradScaler's business (it skips the step and lowers the scale)
+        problem = guard.check(done, loss_value, _finite_float(grad_norm) if accelerator.scaler is None else 0.0)
         if problem is None:
             optimizer.step()
         else:
