@@ -115,7 +115,9 @@ def main(argv=None):
     gens = build_test_generator.build_test_generators(base_dir=diffusers_dir)
     generator = Path(gens["seeded"]).name
 
-    with comfy_harness.ComfyServer(checkpoints=[ckpt], extra_models={"hywu": [gens["seeded"]]}) as srv:
+    # --verbose DEBUG: the nodes' per-prompt timing lines parsed below are DEBUG lines
+    with comfy_harness.ComfyServer(checkpoints=[ckpt], extra_models={"hywu": [gens["seeded"]]},
+                                   extra_args=["--verbose", "DEBUG"]) as srv:
         srv.put_input(g.make_test_image(0), g.load_api("hywu_demo")["2"]["inputs"]["image"])
         # the static LoRA: one generated LoRA saved with core Save LoRA (output/loras is a 'loras' folder)
         srv.run(g.lora_only("a fixed style", "loras/hywu_bench_static", generator=generator), timeout=600)

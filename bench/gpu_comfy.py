@@ -103,7 +103,9 @@ def graph_timing(ckpt: Path, gen: Path, a) -> dict:
     import comfy_harness
     import hywu_graphs as g
 
-    with comfy_harness.ComfyServer(checkpoints=[ckpt], extra_models={"hywu": [gen]}, cpu=a.device == "cpu") as srv:
+    # --verbose DEBUG: Generate LoRA's timing line is a DEBUG line
+    with comfy_harness.ComfyServer(checkpoints=[ckpt], extra_models={"hywu": [gen]}, cpu=a.device == "cpu",
+                                   extra_args=["--verbose", "DEBUG"]) as srv:
         srv.put_input(g.make_test_image(0, a.resolution), "hywu_gpu_check.png")
         rows = {"hywu": [], "plain": []}
         for i in range(a.repeats + 1):  # the first round warms up (model load, kernels)

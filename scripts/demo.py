@@ -8,7 +8,7 @@
    oracle told the task) and the HY-WU generator -> models/hywu/hywu_demo.safetensors;
 3. evaluates PSNR / SSIM to the exact targets on the val and held-out-phrasing splits and the
    shared LoRA's gradient cosine between conflicting tasks;
-4. runs workflows/api/hywu_demo.json (the API twin of workflows/hywu_demo.json) in a headless
+4. runs example_workflows/api/hywu_demo.json (the demo template's API twin) in a headless
    ComfyUI on a few validation images with a conflicting pair of instructions;
 5. writes output/demo/ (edited images, grid.png, metrics.json) and prints the table.
 
@@ -150,7 +150,7 @@ def run_comfy(ckpt: Path, generator: Path, val: D.EncodedSplit, settings: D.Demo
 
     from trainer import synthetic
 
-    wf = json.loads((REPO / "workflows" / "api" / "hywu_demo.json").read_text())
+    wf = json.loads((REPO / "example_workflows" / "api" / "hywu_demo.json").read_text())
     by_class = {v["class_type"]: k for k, v in wf.items()}
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -190,7 +190,7 @@ def run_comfy(ckpt: Path, generator: Path, val: D.EncodedSplit, settings: D.Demo
                 row["psnr_vs_inprocess"] = float(D.psnr(img[None], mine[None])[0])
             rows.append(row)
     return {"ran": True, "server_start_s": round(start_s, 1), "seconds": round(time.time() - t0, 1),
-            "workflow": "workflows/api/hywu_demo.json", "checkpoint": ckpt.name, "generator": generator.name,
+            "workflow": "example_workflows/api/hywu_demo.json", "checkpoint": ckpt.name, "generator": generator.name,
             "edits": rows}
 
 
@@ -275,7 +275,7 @@ def main(argv=None) -> dict:
                   for sp in ("val",)}
     comfy = {"ran": False}
     if not a.no_comfy:
-        with timer.stage("ComfyUI: workflows/api/hywu_demo.json headless"):
+        with timer.stage("ComfyUI: example_workflows/api/hywu_demo.json headless"):
             try:
                 comfy = run_comfy(ckpt, paths["hywu"], splits["val"], settings, out / "images", a.comfy_images, show,
                                   world, adapters["hywu"])

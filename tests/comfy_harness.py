@@ -4,7 +4,7 @@
     import_comfy(path=None, extra_modules=(...), cpu=True) -> module   # in-process `comfy`
     load_comfy_nodes(path=None, cpu=True) -> dict  # in-process nodes + comfy_extras (no custom nodes)
     torchvision_stub_needed() -> bool
-    with ComfyServer(checkpoints=[...], loras=[...], extra_models={"hywu": [...]}) as srv:
+    with ComfyServer(checkpoints=[...], loras=[...], extra_models={"hywu": [...]}, custom_nodes=[...]) as srv:
         srv.url                                  # http://127.0.0.1:<port>
         srv.base_dir / srv.input_dir / srv.output_dir / srv.models_dir
         srv.object_info(node_class=None) -> dict
@@ -17,10 +17,14 @@
         srv.pack_import_error() -> str | None      # None when custom_nodes/ComfyUI-HY-WU imported
         srv.custom_node_import_failures() -> list[str]
         srv.execution_error(history_entry) -> dict | None   # the execution_error message data
+        srv.rss(field="VmRSS") -> int              # the server's resident memory (bytes); "VmHWM": peak
+        srv.reset_peak_rss() -> bool               # peak := current (Linux clear_refs)
+        ComfyServer.execution_seconds(history_entry) -> float
 
 The server is started as ``python main.py --cpu --listen 127.0.0.1 --port <free>
 --base-directory <tmp>`` with the repo symlinked as ``<tmp>/custom_nodes/ComfyUI-HY-WU`` and
-model files symlinked into ``<tmp>/models/<folder>/``. It runs in its own process group and
+model files symlinked into ``<tmp>/models/<folder>/`` (``custom_nodes``: more node folders linked
+next to the pack, e.g. tests/comfy_test_nodes). It runs in its own process group and
 is always killed on exit. stdout/stderr go to ``<tmp>/comfyui.log``; its tail is attached
 to every error raised here.
 
@@ -173,13 +177,14 @@ class ComfyServer:
     """Context manager around a headless ComfyUI server. See module docstring."""
 
     def __init__(self, checkpoints=(), loras=(), extra_models=None, comfy_path=None,
-                 link_pack=True, extra_args=(), startup_timeout=180, base_dir=None, env=None, cpu=True):
+                 link_pack=True, extra_args=(), startup_timeout=180, base_dir=None, env=None, custom_nodes=(), cpu=True):
         self.comfy_path = Path(comfy_path).resolve() if comfy_path else comfyui_path()
         self.cpu = cpu  # False: ComfyUI picks the GPU as it would for a user (bench/gpu_comfy.py)
         self.models = {"checkpoints": list(checkpoints), "loras": list(loras)}
         for k, v in (extra_models or {}).items():
             self.models.setdefault(k, []).extend(v)
         self.link_pack = link_pack
+        self.custom_nodes = [Path(p).resolve() for p in custom_nodes]
         self.extra_args = list(extra_args)
         self.startup_timeout = startup_timeout
         self._own_tmp = base_dir is None
@@ -228,6 +233,10 @@ class ComfyServer:
             link = self.base_dir / "custom_nodes" / PACK_NAME
             if not link.exists():
                 link.symlink_to(REPO, target_is_directory=True)
+        for node_dir in self.custom_nodes:
+            link = self.base_dir / "custom_nodes" / node_dir.name
+            if not link.exists():
+                link.symlink_to(node_dir, target_is_directory=True)
         for folder, files in self.models.items():
             d = self.models_dir / folder
             d.mkdir(parents=True, exist_ok=True)
@@ -241,6 +250,9 @@ class ComfyServer:
         self._prepare()
         self.port = free_port()
         env = os.environ.copy()
+        # OpenMP threads that spin-wait on cores other jobs share made the server up to 10x slower here
+        # (a 1.1 s prompt took 10-14 s at load 6 on 2 cores); passive waiting only changes the timing.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env.update(self.env)
         env["PYTHONUNBUFFERED"] = "1"
         if torchvision_stub_needed():
@@ -300,6 +312,27 @@ class ComfyServer:
     def __exit__(self, *exc):
         self.cleanup()
         return False
+
+    def rss(self, field: str = "VmRSS") -> int:
+        """Resident memory of the server process in bytes (Linux /proc); "VmHWM" is the peak."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise ComfyError(f"no {field} for the server process")
+
+    def reset_peak_rss(self) -> bool:
+        """Set the peak (VmHWM) to the current RSS, so rss("VmHWM") is the peak from now on."""
+        try:
+            Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def execution_seconds(entry: dict) -> float:
+        """A history entry's execution time on the server (execution_start..execution_success)."""
+        ts = {name: data.get("timestamp") for name, data in entry["status"]["messages"]}
+        return (ts["execution_success"] - ts["execution_start"]) / 1000.0
 
     def custom_node_import_failures(self) -> list[str]:
         """Custom-node folders ComfyUI reported as "(IMPORT FAILED)" in its startup log."""

@@ -38,7 +38,8 @@ def micro_base():
 def comfy_server(micro_base):
     import comfy_harness
 
-    with comfy_harness.ComfyServer(checkpoints=[micro_base.checkpoint]) as srv:
+    with comfy_harness.ComfyServer(checkpoints=[micro_base.checkpoint],
+                                   custom_nodes=[_TESTS / "comfy_test_nodes"]) as srv:
         yield srv
 
 # ---------------------------------------------------------------------------------------------
@@ -47,6 +48,7 @@ def comfy_server(micro_base):
 # HY-WU nodes fixtures (tests/test_nodes*.py, test_workflows*.py, test_frontend*.py). Owner: nodes.
 #   hywu_env -> the comfy_server with the test generators (scripts/build_test_generator.py) and
 #               a few deliberately wrong files in models/hywu/, and the workflows' input images.
+#   The session server also loads tests/comfy_test_nodes (test-only IMAGE maker).
 # ---------------------------------------------------------------------------------------------
 HywuEnv = collections.namedtuple("HywuEnv", "server generators images bad_files")
 
@@ -83,9 +85,9 @@ def hywu_env(comfy_server, micro_base):
     torch.save({"w": torch.zeros(1)}, hywu_dir / bad["pickle"])
     from hywu_graphs import make_test_image
 
-    images = {
-        "demo": comfy_server.put_input(make_test_image(0), "hywu_demo_input.png"),
-        "example": comfy_server.put_input(make_test_image(0), "hywu_example.png"),
+    images = {  # the workflows' own images are copied into input/ by the pack when the server starts
+        "demo": "hywu_demo_input.png",
+        "example": "hywu_example.png",
         "other": comfy_server.put_input(make_test_image(1), "hywu_other_input.png"),
     }
     return HywuEnv(comfy_server, {k: Path(v).name for k, v in gens.items()}, images, bad)

@@ -1,4 +1,9 @@
-"""API-format graphs for the HY-WU node tests (built from workflows/api/hywu_demo.json). Not a test module."""
+"""API-format graphs for the HY-WU node tests (built from example_workflows/api/hywu_demo.json).
+Not a test module.
+
+The shipped demo workflow loads what `make demo` trains; the tests run it on the seeded test
+pair instead (the micro checkpoint and scripts/build_test_generator.py's generator) by
+substituting the file names (:data:`TEST_FILES`)."""
 from __future__ import annotations
 
 import copy
@@ -8,19 +13,32 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOWS = REPO / "workflows"
+WORKFLOWS = REPO / "example_workflows"
 API_DIR = WORKFLOWS / "api"
 NODE_IDS = ("HYWULoadGenerator", "HYWUConditionEncode", "HYWUGenerateLoRA", "HYWUApplyGeneratedLoRA")
+# shipped file name -> the seeded test file that stands in for it
+TEST_FILES = {
+    "hywu_demo_sd15_ip2p.safetensors": "hywu_micro_sd15_ip2p.safetensors",
+    "hywu_demo.safetensors": "hywu_micro_seeded.safetensors",
+}
 
 
 def load_api(name: str) -> dict:
     return json.loads((API_DIR / f"{name}.json").read_text())
 
 
+def with_test_files(wf):
+    """A copy of a workflow (API or UI format) with the demo's model files swapped for the test pair."""
+    text = json.dumps(wf)
+    for shipped, test in TEST_FILES.items():
+        text = text.replace(json.dumps(shipped), json.dumps(test))
+    return json.loads(text)
+
+
 def demo(instruction=None, strength=None, seed=None, steps=2, generator=None, image=None, prefix="hywu_test",
          batch_index=None) -> dict:
-    """The demo graph (micro checkpoint, seeded generator) with overrides; 2 sampler steps."""
-    wf = load_api("hywu_demo")
+    """The demo graph on the seeded test pair, with overrides; 2 sampler steps."""
+    wf = with_test_files(load_api("hywu_demo"))
     if instruction is not None:
         wf["4"]["inputs"]["instruction"] = instruction
     if strength is not None:

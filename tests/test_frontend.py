@@ -52,9 +52,10 @@ def test_frontend_loads_converts_and_queues(hywu_env, name):
     if frontend.chromium_path() is None:
         pytest.skip("no system chromium (scripts/setup_chromium.sh)")
     srv = hywu_env.server
-    ui = load_ui(name)
+    ui = g.with_test_files(load_ui(name))  # the demo's files -> the seeded test pair
     with frontend._page(srv.url) as page:
-        page.evaluate("async ([wf, n]) => { await window.app.loadGraphData(wf, true, true, n); }", [ui, name + ".json"])
+        page.evaluate("async ([wf, n]) => { await window.app.loadGraphData(wf, true, true, n); }",
+                      [ui, build_api.TITLES[name] + ".json"])
         page.wait_for_timeout(500)
         frontend._close_dialogs(page)
         nodes = page.evaluate(frontend._NODE_STATE_JS)
@@ -63,7 +64,7 @@ def test_frontend_loads_converts_and_queues(hywu_env, name):
         red = [n["type"] for n in nodes if n["has_errors"]]
         assert not missing and not red, f"missing node types {missing}, nodes with errors {red}"
         prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
-        assert normalise(prompt) == normalise(g.load_api(name)), "frontend prompt differs from the API twin"
+        assert normalise(prompt) == normalise(g.with_test_files(g.load_api(name))), "frontend prompt differs from the API twin"
         if name in build_api.RUNNABLE:
             before = set(srv._get("/history").json())
             page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")

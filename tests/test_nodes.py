@@ -1,22 +1,18 @@
 """HY-WU nodes in a real ComfyUI (0.3.75, --cpu): registration, the LoRA acts, core LoRA nodes
-accept it, and every user error comes back through /history while the server keeps serving.
+accept it (user errors: tests/test_bad_inputs.py).
 
 Uses the session server (conftest `comfy_server`, `hywu_env`): the micro SD1.5-InstructPix2Pix
 checkpoint and the seeded test generators (scripts/build_test_generator.py).
 """
 from __future__ import annotations
 
-import itertools
 import time
 
 import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-import comfy_harness
 import hywu_graphs as g
-
-_seeds = itertools.count(1000)
 
 
 def _run(srv, wf, timeout=300):
@@ -37,23 +33,6 @@ def _saved_lora(srv, prefix):
     return files[-1]
 
 
-def _expect_error(srv, wf, *needles):
-    """Queue ``wf``, expect it to fail at execution with all ``needles`` in the message, then
-    check the server still runs the next prompt. Returns the error message."""
-    with pytest.raises(comfy_harness.ExecutionFailed) as exc:
-        srv.run(wf, timeout=300)
-    err = exc.value.error
-    msg = err.get("exception_message", "")
-    for n in needles:
-        assert n.lower() in msg.lower(), f"{n!r} not in error message:\n{msg}"
-    # the next prompt (a fresh instruction, so nothing is cached) runs the HY-WU nodes and saves a LoRA
-    n = next(_seeds)
-    entry = srv.run(g.lora_only(f"canary instruction {n}", f"loras/hywu_canary_{n}"), timeout=300)
-    assert entry["status"]["status_str"] == "success", "the server did not run the next prompt"
-    _saved_lora(srv, f"hywu_canary_{n}")
-    return msg
-
-
 # ---------------------------------------------------------------------------------------------
 # registration
 # ---------------------------------------------------------------------------------------------
@@ -61,7 +40,7 @@ def test_object_info_lists_the_four_nodes(hywu_env):
     info = hywu_env.server.object_info()
     expected = {
         "HYWULoadGenerator": ({"generator_name"}, ["HYWU_GENERATOR"]),
-        "HYWUConditionEncode": ({"image", "instruction", "clip", "generator", "vae", "clip_vision"},
+        "HYWUConditionEncode": ({"image", "instruction", "clip", "vae", "generator", "clip_vision"},
                                 ["HYWU_COND", "CONDITIONING"]),
         "HYWUGenerateLoRA": ({"generator", "hywu_cond"}, ["LORA_MODEL"]),
         "HYWUApplyGeneratedLoRA": ({"model", "lora", "strength", "batch_index"}, ["MODEL"]),
@@ -77,7 +56,8 @@ def test_object_info_lists_the_four_nodes(hywu_env):
         for name, spec in specs.items():
             assert len(spec) > 1 and spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
         assert all(d["output_tooltips"]), f"{node} has an output without a tooltip"
-    assert info["HYWUConditionEncode"]["input"]["optional"].keys() == {"generator", "vae", "clip_vision"}
+    assert info["HYWUConditionEncode"]["input"]["optional"].keys() == {"generator", "clip_vision"}
+    assert "vae" in info["HYWUConditionEncode"]["input"]["required"]  # every trained generator reads the VAE
     # core nodes that take our LORA_MODEL
     assert info["SaveLoRA"]["input"]["required"]["lora"][0] == "LORA_MODEL"
     assert info["LoraModelLoader"]["input"]["required"]["lora"][0] == "LORA_MODEL"
@@ -147,7 +127,8 @@ def test_core_save_lora_and_load_lora_model_apply_it_the_same(hywu_env):
 
 def test_batch_of_conditions_gives_n_loras(hywu_env):
     srv = hywu_env.server
-    wf = g.demo(seed=31, prefix="hywu_batch1", batch_index=1)
+    # a 64 px test picture: on the shipped 32 px demo image the seeded pair's two edits round to the same bytes
+    wf = g.demo(seed=31, prefix="hywu_batch1", batch_index=1, image=hywu_env.images["other"])
     wf["20"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["2", 0], "amount": 2}}
     wf["21"] = {"class_type": "ImageFlip", "inputs": {"image": ["2", 0], "flip_method": "x-axis: vertically"}}
     wf["22"] = {"class_type": "ImageBatch", "inputs": {"image1": ["2", 0], "image2": ["21", 0]}}
@@ -161,69 +142,8 @@ def test_batch_of_conditions_gives_n_loras(hywu_env):
     assert "holds 2 LoRAs" in srv.log_tail(20000)
 
 
+# user errors: tests/test_bad_inputs.py
 # ---------------------------------------------------------------------------------------------
-# user errors: clear text through /history, next prompt still runs
-# ---------------------------------------------------------------------------------------------
-def test_error_wrong_file(hywu_env):
-    _expect_error(hywu_env.server, g.demo(generator=hywu_env.bad_files["not_generator"]),
-                  "no HY-WU generator metadata", "trainer.train")
-
-
-def test_error_truncated_file(hywu_env):
-    _expect_error(hywu_env.server, g.demo(generator=hywu_env.bad_files["truncated"]), "damaged or incomplete", "copy it again")
-
-
-def test_error_pickled_file_is_refused(hywu_env):
-    _expect_error(hywu_env.server, g.demo(generator=hywu_env.bad_files["pickle"]), ".safetensors only")
-
-
-def test_error_missing_generator_file(hywu_env):
-    _expect_error(hywu_env.server, g.demo(generator="no_such_generator.safetensors"), "not found", "models/hywu")
-
-
-def test_error_generator_for_another_base_condition(hywu_env):
-    # a Flux Kontext generator (T5 width 4096) in the SD1.5 graph: Condition Encode says so
-    _expect_error(hywu_env.server, g.demo(generator=hywu_env.generators["flux"]),
-                  "flux_kontext", "width 4096", "768")
-
-
-def test_error_generator_for_another_base_apply(hywu_env):
-    # a Flux Kontext generator whose condition fits the SD1.5 encoders: Apply finds no matching key
-    _expect_error(hywu_env.server, g.demo(generator=hywu_env.generators["flux_sd15cond"]),
-                  "none of the", "flux_kontext", "SD15_instructpix2pix")
-
-
-def test_error_missing_vae(hywu_env):
-    wf = g.demo()
-    del wf["4"]["inputs"]["vae"]
-    _expect_error(hywu_env.server, wf, "no VAE is connected", "vae")
-
-
-def test_error_missing_vae_without_generator_input(hywu_env):
-    wf = g.demo()
-    del wf["4"]["inputs"]["vae"]
-    del wf["4"]["inputs"]["generator"]
-    _expect_error(hywu_env.server, wf, "VAE", "connect")
-
-
-def test_error_image_with_alpha(hywu_env):
-    wf = g.demo()
-    wf["20"] = {"class_type": "JoinImageWithAlpha", "inputs": {"image": ["2", 0], "alpha": ["2", 1]}}
-    wf["4"]["inputs"]["image"] = ["20", 0]
-    _expect_error(hywu_env.server, wf, "alpha channel", "RGB")
-
-
-def test_error_empty_instruction(hywu_env):
-    _expect_error(hywu_env.server, g.demo(instruction="   "), "instruction is empty")
-
-
-def test_error_batch_index_beyond_the_batch(hywu_env):
-    wf = g.demo(batch_index=2)
-    wf["20"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["2", 0], "amount": 2}}
-    wf["4"]["inputs"]["image"] = ["20", 0]
-    _expect_error(hywu_env.server, wf, "batch_index is 2", "holds 2 LoRA")
-
-
 def test_generator_without_encode_link_is_encoded_by_generate(hywu_env):
     """Condition Encode without the optional generator input: Generate LoRA encodes for its spec."""
     srv = hywu_env.server

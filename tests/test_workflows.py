@@ -1,9 +1,10 @@
-"""Workflows in workflows/: every UI-format workflow (what a user drags in) has an API-format
-twin in workflows/api/ (what the tests queue); they agree, and the runnable ones run through
-POST /prompt + /history and save an image.
+"""Workflows in example_workflows/: every UI-format workflow (what a user drags in or opens from
+the Templates dialog; the file name is its title) has an API-format twin in
+example_workflows/api/ (what the tests queue) and a thumbnail; they agree, ComfyUI serves them
+as templates, and the runnable ones run through POST /prompt + /history and save an image.
 
 Regenerate the UI twins from the API ones with ComfyUI's own frontend (after editing
-workflows/build_api.py):  .venv/bin/python tests/test_workflows.py --regenerate-ui
+example_workflows/build_api.py):  .venv/bin/python tests/test_workflows.py --regenerate-ui
 """
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ import json
 import sys
 import uuid
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
+import comfy_harness
 import hywu_graphs as g
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 sys.path.insert(0, str(g.WORKFLOWS))
-import build_api  # noqa: E402  (workflows/build_api.py)
+import build_api  # noqa: E402  (example_workflows/build_api.py)
 
 sys.path.pop(0)
 
@@ -84,23 +87,74 @@ def normalise(api: dict) -> dict:
             for k, n in api.items()}
 
 
+def ui_path(name: str) -> Path:
+    return g.WORKFLOWS / f"{build_api.TITLES[name]}.json"
+
+
 def load_ui(name: str) -> dict:
-    return json.loads((g.WORKFLOWS / f"{name}.json").read_text())
+    return json.loads(ui_path(name).read_text())
 
 
 # ---------------------------------------------------------------------------------------------
 # tests
 # ---------------------------------------------------------------------------------------------
-def test_every_workflow_has_both_twins():
+def test_every_workflow_has_both_twins_and_a_thumbnail():
     ui = {p.stem for p in g.WORKFLOWS.glob("*.json")}
     api = {p.stem for p in g.API_DIR.glob("*.json")}
-    assert ui == api == set(UI_NAMES), (ui, api)
-    assert {"hywu_edit_sd15_ip2p", "hywu_demo"} <= ui and ui & {"hywu_edit_flux_kontext", "hywu_edit_qwen_image_edit"}
+    assert set(build_api.TITLES) == set(UI_NAMES) == api, (build_api.TITLES, api)
+    assert ui == set(build_api.TITLES.values()), ui
+    assert {"hywu_edit_sd15_ip2p", "hywu_demo"} <= api and api & {"hywu_edit_flux_kontext", "hywu_edit_qwen_image_edit"}
+    for title in ui:
+        thumb = g.WORKFLOWS / f"{title}.jpg"  # the frontend asks for <title>.jpg
+        assert thumb.is_file() and thumb.read_bytes()[:3] == b"\xff\xd8\xff", f"no JPEG thumbnail {thumb.name}"
 
 
 def test_api_files_match_their_builder():
     for name, wf in build_api.WORKFLOWS.items():
-        assert g.load_api(name) == json.loads(json.dumps(wf)), f"workflows/api/{name}.json is stale: run workflows/build_api.py"
+        assert g.load_api(name) == json.loads(json.dumps(wf)), f"example_workflows/api/{name}.json is stale: run example_workflows/build_api.py"
+
+
+def test_example_inputs_are_current():
+    """The shipped images are what scripts/make_examples.py makes now (rerun it after changing the demo world)."""
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(g.REPO / "scripts"))
+    try:
+        import make_examples
+    finally:
+        sys.path.remove(str(g.REPO / "scripts"))
+    for name, made in make_examples.inputs().items():
+        shipped = Image.open(g.WORKFLOWS / "input" / name).convert("RGB")
+        assert np.array_equal(np.asarray(shipped), np.asarray(made.convert("RGB"))), \
+            f"example_workflows/input/{name} is stale: run scripts/make_examples.py"
+
+
+def test_templates_are_served_by_comfyui(hywu_env):
+    """ComfyUI lists example_workflows/*.json of the pack as templates and serves them with thumbnails."""
+    import requests
+
+    srv = hywu_env.server
+    listed = srv._get("/api/workflow_templates").json()
+    pack = comfy_harness.PACK_NAME
+    assert sorted(listed.get(pack, [])) == sorted(build_api.TITLES.values()), listed
+    for name, title in build_api.TITLES.items():
+        base = f"{srv.url}/api/workflow_templates/{pack}/{quote(title)}"
+        r = requests.get(base + ".json", timeout=30)
+        assert r.ok and r.json() == load_ui(name)
+        r = requests.get(base + ".jpg", timeout=30)
+        assert r.ok and r.content[:3] == b"\xff\xd8\xff"
+
+
+def test_example_inputs_ship_and_reach_the_input_folder(hywu_env):
+    """The example images are in the repo and the pack copies them into ComfyUI's input folder."""
+    used = {n["inputs"]["image"] for wf in build_api.WORKFLOWS.values() for n in wf.values()
+            if n["class_type"] == "LoadImage"}
+    assert used == {build_api.DEMO_IMAGE, build_api.EXAMPLE_IMAGE}
+    for name in used:
+        shipped = g.WORKFLOWS / "input" / name
+        assert shipped.is_file() and shipped.stat().st_size < 200_000, name
+        assert (hywu_env.server.input_dir / name).read_bytes() == shipped.read_bytes()
 
 
 @pytest.mark.parametrize("name", UI_NAMES)
@@ -114,8 +168,9 @@ def test_ui_and_api_twins_agree(hywu_env, name):
 
 @pytest.mark.parametrize("name", build_api.RUNNABLE)
 def test_runnable_workflow_runs_and_saves_an_image(hywu_env, name):
+    """As shipped (shipped input image, instruction, steps), with the test pair for the demo's files."""
     srv = hywu_env.server
-    entry = srv.run(g.load_api(name), timeout=300)
+    entry = srv.run(g.with_test_files(g.load_api(name)), timeout=300)
     paths = srv.output_images(entry)
     assert paths and all(p.is_file() and p.stat().st_size > 0 for p in paths)
     print(f"{name}: saved {[p.name for p in paths]}")
@@ -170,7 +225,7 @@ def _tidy(ui: dict, name: str) -> dict:
         del ui[k]
     if isinstance(ui.get("extra"), dict):
         ui["extra"] = clean(ui["extra"])
-    ui["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"hywu-comfy/workflows/{name}"))
+    ui["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"hywu-comfy/workflows/{name}"))  # stable across the move
     return ui
 
 
@@ -182,8 +237,8 @@ def regenerate_ui(url: str) -> list[Path]:
         for name in UI_NAMES:
             api = g.load_api(name)
             ui = page.evaluate("async ([wf, n]) => { await window.app.loadApiJson(wf, n); "
-                               "return window.app.graph.serialize(); }", [api, name + ".json"])
-            path = g.WORKFLOWS / f"{name}.json"
+                               "return window.app.graph.serialize(); }", [api, build_api.TITLES[name] + ".json"])
+            path = ui_path(name)
             path.write_text(json.dumps(_tidy(ui, name), indent=2) + "\n")
             written.append(path)
     return written

@@ -1,6 +1,7 @@
 """Pure-torch core of HY-WU: target spec, parameter tokenizer, generator, functional LoRA,
 LoRA export and the generator file format. Imports neither ComfyUI nor diffusers."""
 from .checkpoint import GeneratorFileError, GeneratorInfo, load_generator, read_generator_info, save_generator
+from .footprint import Footprint, MemoryBudget, estimate_footprint
 from .conditions import (
     CONDITION_KINDS, Condition, ConditionSource, ConditionSpec, patchify_latent, square_resize, standard_condition_spec,
 )
@@ -12,8 +13,8 @@ from .tokenizer import ParameterTokenizer
 
 __all__ = [
     "BASE_FAMILIES", "CONDITION_KINDS", "DEFAULT_PATTERNS", "PRESETS",
-    "Condition", "ConditionSource", "ConditionSpec", "GeneratedLoRA", "GeneratorConfig", "GeneratorFileError",
-    "GeneratorInfo", "HYWUGenerator", "LinearTarget", "ParameterTokenizer", "TargetSpec",
-    "build_target_spec", "describe", "load_generator", "lora_delta", "lora_module_key", "lora_patched",
+    "Condition", "ConditionSource", "ConditionSpec", "Footprint", "GeneratedLoRA", "GeneratorConfig", "GeneratorFileError",
+    "GeneratorInfo", "HYWUGenerator", "LinearTarget", "MemoryBudget", "ParameterTokenizer", "TargetSpec",
+    "build_target_spec", "describe", "estimate_footprint", "load_generator", "lora_delta", "lora_module_key", "lora_patched",
     "merge_lora_", "patchify_latent", "read_generator_info", "square_resize", "standard_condition_spec", "save_generator", "to_lora_state_dict",
 ]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import tempfile
 from dataclasses import dataclass, field
 
@@ -15,17 +14,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .conditions import ConditionSpec
+from .errors import GeneratorFileError
+from .footprint import Footprint, MemoryBudget, estimate_footprint
 from .generator import GeneratorConfig, HYWUGenerator
+from .metadata_schema import FORMAT, FORMAT_VERSION, REMEDY, is_generator_metadata, parse_generator_metadata
+from .safetensors_header import DTYPE_BYTES, SafetensorsHeader, read_safetensors_header
 from .targets import TargetSpec
 
-FORMAT = "hywu-generator"
-FORMAT_VERSION = 1
-_REQUIRED = ("hywu.format", "hywu.format_version", "hywu.base_family", "hywu.config", "hywu.target_spec",
-             "hywu.target_fingerprint", "hywu.condition_spec", "hywu.rank", "hywu.alpha")
-
-
-class GeneratorFileError(ValueError):
-    """A file that is not a usable HY-WU generator; the message says why and what to do."""
+__all__ = ["FORMAT", "FORMAT_VERSION", "GeneratorFileError", "GeneratorInfo", "load_generator", "read_generator_info",
+           "save_generator"]
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
 @dataclass
@@ -36,6 +34,8 @@ class GeneratorInfo:
     target_spec: TargetSpec
     condition_spec: ConditionSpec
     extra: dict = field(default_factory=dict)  # e.g. training steps, base model name
+    format_version: int = FORMAT_VERSION
+    footprint: Footprint | None = None  # set by load_generator
 
 
 def save_generator(path: str | os.PathLike, generator: HYWUGenerator, extra: dict | None = None) -> None:
@@ -67,81 +67,89 @@ def save_generator(path: str | os.PathLike, generator: HYWUGenerator, extra: dic
             os.remove(tmp)
 
 
-def _check_safetensors_header(path: str) -> None:
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise GeneratorFileError(f"{path} is not a safetensors file (only {size} bytes). HY-WU generators are .safetensors files written by trainer.train.")
-        (n,) = struct.unpack("<Q", head)
-        if n > 100_000_000 or f.read(1) != b"{":
-            raise GeneratorFileError(
-                f"{path} is not a safetensors file (no safetensors header). HY-WU loads generators from "
-                ".safetensors only; pickled .pt/.ckpt/.bin files are refused for safety."
-            )
-        if 8 + n > size:
-            raise GeneratorFileError(f"{path} is truncated: its header says {8 + n} bytes, the file has {size}. Copy or download it again.")
-
-
-def read_generator_info(path: str | os.PathLike) -> GeneratorInfo:
-    """Read and check a generator file's metadata without loading its weights."""
-    path = os.fspath(path)
+def _read(path: str, label: str) -> tuple[GeneratorInfo, SafetensorsHeader]:
     if not os.path.isfile(path):
-        raise GeneratorFileError(f"generator file not found: {path}")
-    _check_safetensors_header(path)
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # safetensors' own parse errors
-        raise GeneratorFileError(f"{path} is not a readable safetensors file: {e}") from e
-    if meta.get("hywu.format") != FORMAT:
+        raise GeneratorFileError(f"{label} was not found.", "missing")
+    header = read_safetensors_header(path, label)
+    if not is_generator_metadata(header.metadata):
         raise GeneratorFileError(
-            f"{os.path.basename(path)} has no HY-WU generator metadata: it looks like another kind of model "
-            "(a LoRA or checkpoint?). Pick a generator trained with `python -m trainer.train`."
-        )
-    missing = [k for k in _REQUIRED if k not in meta]
+            f"{label} is a safetensors file without HY-WU generator metadata: it looks like another kind of model "
+            "(a LoRA or a checkpoint, which belong in models/loras or models/checkpoints). Pick a HY-WU generator "
+            "file: the HY-WU trainer writes them.", "not_generator")
+    meta = parse_generator_metadata(header.metadata, label)
+    info = GeneratorInfo(path, meta.target_spec.family, meta.config, meta.target_spec, meta.condition_spec, meta.extra,
+                         meta.version)
+    return info, header
+
+
+def read_generator_info(path: str | os.PathLike, label: str | None = None) -> GeneratorInfo:
+    """Read and check a generator file's metadata without loading its weights. ``label`` names
+    the file in messages (default: its file name, never the full path)."""
+    path = os.fspath(path)
+    return _read(path, label or os.path.basename(path))[0]
+
+
+def _check_tensor_index(expected: dict, found: dict, label: str) -> None:
+    """The file's tensor index against the state dict of the generator its metadata describes."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if tuple(expected[k].shape) != found[k].shape)
+    not_float = sorted(k for k in found if found[k].dtype not in _FLOAT_DTYPES)
+    if not (missing or unexpected or wrong or not_float):
+        return
+    parts = []
     if missing:
-        raise GeneratorFileError(f"{path}: generator metadata is missing {missing}; the file is damaged or was not written by trainer.train")
-    version = int(meta["hywu.format_version"])
-    if version > FORMAT_VERSION:
-        raise GeneratorFileError(f"{path} uses generator format v{version}; this HY-WU supports up to v{FORMAT_VERSION}. Update the node pack.")
-    try:
-        config = GeneratorConfig.from_dict(json.loads(meta["hywu.config"]))
-        spec = TargetSpec.from_json(meta["hywu.target_spec"])
-        cond = ConditionSpec.from_json(meta["hywu.condition_spec"])
-        extra = json.loads(meta.get("hywu.extra", "{}"))
-    except (ValueError, KeyError, TypeError) as e:
-        raise GeneratorFileError(f"{path}: generator metadata is malformed ({e})") from e
-    problems = []
-    if spec.fingerprint != meta["hywu.target_fingerprint"]:
-        problems.append(f"target fingerprint {meta['hywu.target_fingerprint']} != {spec.fingerprint} of the recorded spec")
-    if spec.family != meta["hywu.base_family"]:
-        problems.append(f"base family '{meta['hywu.base_family']}' != target spec family '{spec.family}'")
-    if int(meta["hywu.rank"]) != config.rank or float(meta["hywu.alpha"]) != config.alpha:
-        problems.append("rank/alpha disagree with the generator config")
-    if problems:
-        raise GeneratorFileError(f"{path}: inconsistent generator metadata: " + "; ".join(problems))
-    return GeneratorInfo(path, spec.family, config, spec, cond, extra)
+        parts.append(f"{len(missing)} missing (e.g. '{missing[0]}')")
+    if unexpected:
+        parts.append(f"{len(unexpected)} not part of it (e.g. '{unexpected[0][:80]}')")
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} of another shape (e.g. '{k}' is {list(found[k].shape)}, the metadata implies "
+                     f"{list(expected[k].shape)})")
+    if not_float:
+        k = not_float[0]
+        parts.append(f"{len(not_float)} not floating point (e.g. '{k[:80]}' is {found[k].dtype})")
+    raise GeneratorFileError(f"{label}: the weights do not match the generator its metadata describes: "
+                             f"{'; '.join(parts)}. {REMEDY}", "mismatch")
 
 
-def load_generator(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None) -> tuple[HYWUGenerator, GeneratorInfo]:
-    """Rebuild the generator from a file; raises :class:`GeneratorFileError` with the reason."""
-    info = read_generator_info(path)
-    with torch.device("meta"):
-        generator = HYWUGenerator(info.config, info.target_spec, info.condition_spec)
+def load_generator(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None, *,
+                   label: str | None = None, budget: MemoryBudget | None = None) -> tuple[HYWUGenerator, GeneratorInfo]:
+    """Rebuild the generator from a file; raises :class:`GeneratorFileError` with the reason.
+
+    Order: the header and every metadata field are checked; the generator is built on 'meta'
+    and its state dict compared with the file's tensor index; its memory is estimated and
+    checked against ``budget``; only then are the weights read (and checked to be finite)."""
+    path = os.fspath(path)
+    label = label or os.path.basename(path)
+    info, header = _read(path, label)
     try:
-        with safe_open(info.path, framework="pt", device="cpu") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise GeneratorFileError(f"{info.path}: could not read the weights ({e}); the file may be damaged") from e
-    expected = {k: tuple(v.shape) for k, v in generator.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in tensors.items()}
-    if expected != found:
-        diff = sorted(set(expected.items()) ^ set(found.items()))[:5]
-        raise GeneratorFileError(f"{info.path}: weights do not match the recorded generator config (first differences: {diff})")
+        with torch.device("meta"):
+            generator = HYWUGenerator(info.config, info.target_spec, info.condition_spec, index_buffers=False)
+    except Exception as e:  # a combination of valid fields that does not build (e.g. heads vs d_model)
+        raise GeneratorFileError(f"{label}: its metadata describes a generator that cannot be built ({e}). {REMEDY}",
+                                 "metadata") from None
+    _check_tensor_index(generator.state_dict(), header.tensors, label)
+    itemsize = dtype.itemsize if dtype is not None else max(DTYPE_BYTES[t.dtype] for t in header.tensors.values())
+    info.footprint = estimate_footprint(generator, itemsize)
+    problem = budget.problem(info.footprint) if budget is not None else None
+    if problem:
+        raise GeneratorFileError(f"{label} does not fit: {problem}. Free memory (unload other models, close other "
+                                 "programs) or pick a smaller generator.", "too_large")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k).to(dtype) if dtype is not None else f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors' own checks (e.g. overlapping data)
+        raise GeneratorFileError(f"{label}: the weights could not be read ({str(e)[:200]}). {REMEDY}",
+                                 "damaged") from None
+    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise GeneratorFileError(
+            f"{label}: {len(bad)} of {len(tensors)} weight tensors hold NaN or infinite values (e.g. '{bad[0]}'): the "
+            "training run diverged or the file is damaged. Use an earlier checkpoint of the training run, or pick "
+            "another generator.", "non_finite")
     generator.load_state_dict(tensors, assign=True)
-    generator.register_index_buffers()  # they were built on 'meta' with the weights
+    generator.register_index_buffers()
     generator.to(device=device, dtype=dtype)
     generator.eval()
     return generator, info
-

@@ -87,7 +87,10 @@ class GeneratorBlock(nn.Module):
 
 
 class HYWUGenerator(nn.Module):
-    def __init__(self, config: GeneratorConfig, targets: TargetSpec, conditions: ConditionSpec):
+    def __init__(self, config: GeneratorConfig, targets: TargetSpec, conditions: ConditionSpec,
+                 index_buffers: bool = True):
+        """``index_buffers=False`` skips the grid-sized index buffers (for a shape check on 'meta';
+        call :meth:`register_index_buffers` before use)."""
         super().__init__()
         if (config.d_model // config.n_heads) % 4:
             raise ValueError("d_model / n_heads must be divisible by 4 (2D rotary embedding)")
@@ -114,7 +117,8 @@ class HYWUGenerator(nn.Module):
         nn.init.zeros_(self.head_b.weight)
         nn.init.zeros_(self.head_b.bias)
 
-        self.register_index_buffers()
+        if index_buffers:
+            self.register_index_buffers()
 
     def register_index_buffers(self) -> None:
         """Slot masks, rotary angles and head scatter indices, derived from the specs (always
@@ -176,7 +180,7 @@ class HYWUGenerator(nn.Module):
 def describe(config: GeneratorConfig, targets: TargetSpec, conditions: ConditionSpec) -> dict:
     """Sizes of a generator for a target spec, without allocating its weights."""
     with torch.device("meta"):
-        gen = HYWUGenerator(config, targets, conditions)
+        gen = HYWUGenerator(config, targets, conditions, index_buffers=False)
     tok = gen.tokenizer
     return {
         "targets": len(targets.targets),

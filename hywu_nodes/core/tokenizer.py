@@ -10,6 +10,8 @@ pad every other row to their length. Short rows are padded, and a mask marks the
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 
 import torch
@@ -38,23 +40,9 @@ class ParameterTokenizer:
         counts = [a + b for a, b in zip(self.a_chunks, self.b_chunks)]
         self.row_tokens = row_tokens or auto_row_tokens(counts)
         self.rows_per_target = [math.ceil(c / self.row_tokens) for c in counts]
-        self.first_row = [sum(self.rows_per_target[:i]) for i in range(len(counts))]
+        self.first_row = [0, *itertools.accumulate(self.rows_per_target)][:-1]
         self.n_rows, self.n_positions = sum(self.rows_per_target), self.row_tokens
-
-        # Index tables live on the CPU (also when a model is built under a 'meta' device context).
         flat = self.n_rows * self.n_positions
-        mask = torch.zeros(flat, dtype=torch.bool, device="cpu")
-        part = torch.zeros(flat, dtype=torch.long, device="cpu")  # 0: A-token, 1: B-token
-        chunk = torch.zeros(flat, dtype=torch.long, device="cpu")  # index within A or within B
-        for i, (a, b) in enumerate(zip(self.a_chunks, self.b_chunks)):
-            start = self.first_row[i] * self.n_positions
-            mask[start : start + a + b] = True
-            part[start + a : start + a + b] = 1
-            chunk[start : start + a] = torch.arange(a, device="cpu")
-            chunk[start + a : start + a + b] = torch.arange(b, device="cpu")
-        shape = (self.n_rows, self.n_positions)
-        self.mask, self.part, self.chunk = mask.view(shape), part.view(shape), chunk.view(shape)
-
         # detokenize cuts the flat grid with one split (a slice per target would make autograd
         # build a grid-sized zero tensor per target in backward: half a CPU training step).
         self._split_sizes, self._a_piece = [], []
@@ -72,7 +60,40 @@ class ParameterTokenizer:
     @property
     def n_tokens(self) -> int:
         """Real (unpadded) parameter tokens of one LoRA."""
-        return int(self.mask.sum())
+        return sum(self.a_chunks) + sum(self.b_chunks)
+
+    @functools.cached_property
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mask, part, chunk) over the grid, built on first use: a generator built on 'meta' to
+        check a file's shapes never allocates grid-sized tables. They live on the CPU (also under
+        a 'meta' device context)."""
+        flat = self.n_rows * self.n_positions
+        mask = torch.zeros(flat, dtype=torch.bool, device="cpu")
+        part = torch.zeros(flat, dtype=torch.long, device="cpu")  # 0: A-token, 1: B-token
+        chunk = torch.zeros(flat, dtype=torch.long, device="cpu")  # index within A or within B
+        for i, (a, b) in enumerate(zip(self.a_chunks, self.b_chunks)):
+            start = self.first_row[i] * self.n_positions
+            mask[start : start + a + b] = True
+            part[start + a : start + a + b] = 1
+            chunk[start : start + a] = torch.arange(a, device="cpu")
+            chunk[start + a : start + a + b] = torch.arange(b, device="cpu")
+        shape = (self.n_rows, self.n_positions)
+        return mask.view(shape), part.view(shape), chunk.view(shape)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(rows, positions) bool: True for real token slots."""
+        return self._tables[0]
+
+    @property
+    def part(self) -> torch.Tensor:
+        """(rows, positions) long: 0 for an A-token slot, 1 for a B-token slot."""
+        return self._tables[1]
+
+    @property
+    def chunk(self) -> torch.Tensor:
+        """(rows, positions) long: the token's index within its layer's A or B."""
+        return self._tables[2]
 
     def tokenize(self, lora: LoRAWeights) -> torch.Tensor:
         """LoRA weights -> token grid (batch, rows, positions, r, w); padding is zero."""

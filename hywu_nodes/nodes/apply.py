@@ -12,7 +12,7 @@ import comfy.lora
 import comfy.lora_convert
 from comfy_api.latest import io
 
-from .common import log
+from .common import float_input_problem, log
 from .types import CATEGORY, HYWUError, LoraModel
 
 # Suffixes of one LoRA module's entries, in the formats comfy.weight_adapter reads.
@@ -106,9 +106,9 @@ def apply_lora(model, lora: dict, strength: float, batch_index: int = 0):
                     ", ".join(unmatched[:8]), " ..." if len(unmatched) > 8 else "")
     for k in not_patched:
         log.warning("HY-WU Apply Generated LoRA: NOT LOADED %s", k)
-    log.info("HY-WU: applied LoRA %d (%s) to %s at strength %g: %d/%d modules matched, %d weights patched "
-             "in %.3f s", batch_index, family, model_name(model), strength, len(matched), len(modules), len(added),
-             seconds)
+    log.debug("HY-WU: applied LoRA %d (%s) to %s at strength %g: %d/%d modules matched, %d weights patched "
+              "in %.3f s", batch_index, family, model_name(model), strength, len(matched), len(modules), len(added),
+              seconds)
     return new_model, stats
 
 
@@ -139,10 +139,18 @@ class HYWUApplyGeneratedLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, strength=None):
+        # None: linked (checked when the node runs) or missing (ComfyUI reports that itself).
+        return True if strength is None else float_input_problem(cls, "strength", strength) or True
+
+    @classmethod
     def execute(cls, model, lora, strength, batch_index=0) -> io.NodeOutput:
+        problem = float_input_problem(cls, "strength", strength)  # a linked value skipped validation
+        if problem:
+            raise HYWUError(problem)
         if strength == 0:
             select_lora(lora, batch_index)  # still report a batch_index that does not fit
-            log.info("HY-WU: strength 0, the model is returned unchanged")
+            log.debug("HY-WU: strength 0, the model is returned unchanged")
             return io.NodeOutput(model)
         new_model, _ = apply_lora(model, lora, strength, batch_index)
         return io.NodeOutput(new_model)

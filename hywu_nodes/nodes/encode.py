@@ -44,9 +44,15 @@ def check_images(images) -> torch.Tensor:
             "(3 channels): load the picture with Load Image (it converts to RGB), or turn a mask into an "
             "image with core 'Convert Mask to Image'.")
     if c != 3:
-        raise HYWUError(f"HY-WU Condition Encode: the image has {c} channels; HY-WU needs RGB images (3 channels).")
+        raise HYWUError(
+            f"HY-WU Condition Encode: the image has {c} channels ({h}x{w}); HY-WU needs an RGB image (3 channels). "
+            "Connect the IMAGE output of Load Image (always RGB), or check the node that made this image.")
     if min(h, w) < 8:
-        raise HYWUError(f"HY-WU Condition Encode: the image is {h}x{w} pixels; use an image of at least 8x8.")
+        raise HYWUError(f"HY-WU Condition Encode: the image is {h}x{w} pixels; use an image of at least 8x8 pixels "
+                        "(e.g. enlarge it with 'Upscale Image').")
+    if not bool(torch.isfinite(images).all()):
+        raise HYWUError("HY-WU Condition Encode: the image holds NaN or infinite pixel values, which would give a "
+                        "black result. The node that made the image failed: check it, or use Load Image.")
     return images
 
 
@@ -162,8 +168,10 @@ def build_condition(spec: ConditionSpec, images, text, vae=None, clip_vision=Non
     try:
         cond.validate(spec)
     except ValueError as e:
-        raise HYWUError(f"HY-WU Condition Encode: {e}") from e
-    return cond
+        problem = str(e)
+    else:
+        return cond
+    raise HYWUError(f"HY-WU Condition Encode: {problem}")  # outside the except: one traceback in the log
 
 
 @torch.no_grad()
@@ -211,13 +219,13 @@ class HYWUConditionEncode(io.ComfyNode):
                                         "and, through the conditioning output, for the sampler."),
                 io.Clip.Input("clip", tooltip="The base checkpoint's own text encoder (CLIP output of the checkpoint "
                                               "loader). Must match what the generator was trained with."),
+                io.Vae.Input("vae",
+                             tooltip="The base checkpoint's VAE (VAE output of the checkpoint loader): every HY-WU "
+                                     "generator reads the source image through it."),
                 HYWUGenerator.Input("generator", optional=True,
                                     tooltip="Optional: the generator, so the encoders are checked against its condition "
                                             "spec here and the image is encoded at its resolution. Without it, "
                                             "Generate LoRA encodes for its generator's spec."),
-                io.Vae.Input("vae", optional=True,
-                             tooltip="The base checkpoint's VAE: needed when the generator reads the image as VAE "
-                                     "latent patches (the standard HY-WU condition)."),
                 io.ClipVision.Input("clip_vision", optional=True,
                                     tooltip="A CLIP vision encoder: needed only for generators trained on CLIP vision "
                                             "image tokens."),
@@ -251,6 +259,6 @@ class HYWUConditionEncode(io.ComfyNode):
         encoded = EncodedCondition(condition=cond, spec=spec, family=family,
                                    batch_size=images.shape[0], instruction=instruction, text=text.float().cpu(),
                                    images=images, vae=vae, clip_vision=clip_vision, generator_name=name)
-        log.info("HY-WU: encoded the condition (%d image(s), '%s') in %.3f s", images.shape[0], instruction[:60],
-                 time.perf_counter() - t0)
+        log.debug("HY-WU: encoded the condition (%d image(s), '%s') in %.3f s", images.shape[0], instruction[:60],
+                  time.perf_counter() - t0)
         return io.NodeOutput(encoded, conditioning)

@@ -6,7 +6,7 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .apply import HYWUApplyGeneratedLoRA
-from .common import register_model_folder
+from .common import install_example_inputs, register_model_folder
 from .encode import HYWUConditionEncode
 from .generate import HYWUGenerateLoRA
 from .load_generator import HYWULoadGenerator
@@ -23,4 +23,5 @@ class HYWUExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> HYWUExtension:
+    install_example_inputs()  # only when ComfyUI loads the pack, never on a plain import
     return HYWUExtension()

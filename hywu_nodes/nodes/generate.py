@@ -25,9 +25,13 @@ def generate_loras(generator, encoded) -> HYWULoRA:
     try:
         cond.validate(generator.condition_spec)
     except ValueError as e:
-        raise HYWUError(f"HY-WU Generate LoRA: the condition does not fit generator {generator.describe()}: {e}. "
+        problem = str(e)
+    else:
+        problem = None
+    if problem:  # raised outside the except: one traceback in the log
+        raise HYWUError(f"HY-WU Generate LoRA: the condition does not fit generator {generator.describe()}: {problem}. "
                         "Connect this generator to HY-WU Condition Encode's generator input to see which encoder "
-                        "is wrong.") from e
+                        "is wrong.")
     patcher = generator.patcher
     mm.load_models_gpu([patcher], force_full_load=True)
     gen = patcher.model
@@ -50,15 +54,21 @@ def generate_loras(generator, encoded) -> HYWULoRA:
                 mm.throw_exception_if_processing_interrupted()
                 lora: GeneratedLoRA = gen.generate(cond.select(i).to(device=device, dtype=generator.dtype))
                 batch.append(to_lora_state_dict(lora, generator.family, 0, dtype=torch.float32))
+                if not all(bool(torch.isfinite(v).all()) for v in batch[-1].values()):
+                    raise HYWUError(
+                        f"HY-WU Generate LoRA: generator {generator.describe()} wrote NaN or infinite values for "
+                        f"condition {i} ({str(generator.dtype).replace('torch.', '')}), which would give a black "
+                        "image. Check that the image and instruction come from the checkpoint's own encoders; if "
+                        "they do, start ComfyUI with --force-fp32 or pick another generator.")
     finally:
         for h in handles:
             h.remove()
         offload(patcher)
     seconds = time.perf_counter() - t0
     norm = sum(float(v.float().pow(2).sum()) for k, v in batch[0].items() if k.endswith("lora_up.weight")) ** 0.5
-    log.info("HY-WU: generated %d LoRA(s) with %s for '%s' in %.3f s (%d modules, |B| of LoRA 0 = %.4g)",
-             n, generator.describe(), encoded.instruction[:60], seconds,
-             sum(k.endswith(".lora_down.weight") for k in batch[0]), norm)
+    log.debug("HY-WU: generated %d LoRA(s) with %s for '%s' in %.3f s (%d modules, |B| of LoRA 0 = %.4g)",
+              n, generator.describe(), encoded.instruction[:60], seconds,
+              sum(k.endswith(".lora_down.weight") for k in batch[0]), norm)
     return HYWULoRA(batch[0], base_family=generator.family, generator_name=generator.name, batch=batch, index=0)
 
 

@@ -1,6 +1,7 @@
 """HY-WU Load Generator: a generator file from models/hywu -> HYWU_GENERATOR."""
 from __future__ import annotations
 
+import difflib
 import os
 import time
 
@@ -10,8 +11,34 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..core import GeneratorFileError, load_generator
-from .common import FOLDER, generator_dtype, generator_files, log
+from .common import FOLDER, display_path, generator_dtype, generator_files, log, memory_budget
 from .types import CATEGORY, GeneratorHandle, HYWUError, HYWUGenerator
+
+TITLE = "HY-WU Load Generator"
+
+
+def generator_name_problem(name) -> str | None:
+    """Why ``name`` cannot be loaded, said before the prompt runs (None: it is listed)."""
+    if not isinstance(name, str):
+        return (f"{TITLE}: generator_name is {name!r}, not a file name. Pick a generator file from the list "
+                "(files in models/hywu).")
+    files = generator_files()
+    if name in files:
+        return None
+    if os.path.splitext(name)[1].lower() != ".safetensors":
+        return (f"{TITLE}: '{name}' is not a .safetensors file. HY-WU loads generators from .safetensors only "
+                "(pickled .pt/.ckpt/.bin files are never loaded, because they can run code). Pick a .safetensors "
+                "generator from the list.")
+    if not files:
+        return (f"{TITLE}: '{name}' is not in models/hywu, and that folder has no generator files yet. Put a HY-WU "
+                "generator (.safetensors) into ComfyUI/models/hywu/ and press R in ComfyUI to refresh the list.")
+    close = difflib.get_close_matches(name, files, n=3, cutoff=0.6)
+    if close:
+        hint = f"Did you mean {' or '.join(repr(c) for c in close)}? Pick it in the list"
+    else:
+        hint = "Pick one of: " + ", ".join(files[:8]) + (f" and {len(files) - 8} more" if len(files) > 8 else "")
+    return (f"{TITLE}: '{name}' is not in models/hywu. {hint}; or put the file into ComfyUI/models/hywu/ and "
+            "press R in ComfyUI to refresh the list.")
 
 
 def load_generator_handle(path: str, name: str | None = None) -> GeneratorHandle:
@@ -19,22 +46,16 @@ def load_generator_handle(path: str, name: str | None = None) -> GeneratorHandle
     that suits the compute device). Raises HYWUError with what to do."""
     name = name or os.path.basename(path)
     if os.path.splitext(path)[1].lower() != ".safetensors":
-        raise HYWUError(
-            f"HY-WU Load Generator: '{name}' is not a .safetensors file. HY-WU loads generators from "
-            ".safetensors only (pickled .pt/.ckpt/.bin files are refused for safety); use the file "
-            "trainer.train wrote into models/hywu/.")
+        raise HYWUError(generator_name_problem(name) or f"{TITLE}: '{name}' is not a .safetensors file.")
     t0 = time.perf_counter()
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
     dtype = generator_dtype(load_device)
     try:
-        generator, info = load_generator(path, device=offload_device, dtype=dtype)
+        generator, info = load_generator(path, device=offload_device, dtype=dtype, label=display_path(name),
+                                         budget=memory_budget(load_device))
     except GeneratorFileError as e:
-        msg = str(e)
-        if "readable" in msg or "could not read" in msg or "do not match" in msg:
-            msg += (". The file is damaged or incomplete: copy it again (or export it again with trainer.train), "
-                    "or pick another generator.")
-        raise HYWUError(f"HY-WU Load Generator: {msg}") from e
+        raise HYWUError(f"{TITLE}: {e}") from None  # the message has the cause; one traceback in the log
     patcher = comfy.model_patcher.ModelPatcher(generator, load_device=load_device, offload_device=offload_device)
     n_params = sum(p.numel() for p in generator.parameters())
     log.info("HY-WU: loaded generator %s: base family %s, %d target layers, rank %d, %.1fM parameters, %s on %s, "
@@ -48,7 +69,7 @@ class HYWULoadGenerator(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="HYWULoadGenerator",
-            display_name="HY-WU Load Generator",
+            display_name=TITLE,
             category=CATEGORY,
             description="Loads a HY-WU generator: a network that writes a LoRA for each request "
                         "(source image + edit instruction) for the frozen base model it was trained for.",
@@ -70,16 +91,16 @@ class HYWULoadGenerator(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, generator_name):
-        # The file is checked when the node runs (missing, not .safetensors, not a generator), so the
-        # error text says what to do instead of ComfyUI's generic "value not in list".
-        return True
+    def validate_inputs(cls, generator_name=None):
+        # Replaces ComfyUI's "value not in list" with a message that says what to do. A missing
+        # input (None) is left to ComfyUI's own "Required input is missing".
+        if generator_name is None:
+            return True
+        return generator_name_problem(generator_name) or True
 
     @classmethod
     def execute(cls, generator_name) -> io.NodeOutput:
         path = folder_paths.get_full_path(FOLDER, generator_name)
-        if path is None:
-            raise HYWUError(
-                f"HY-WU Load Generator: '{generator_name}' was not found in {folder_paths.get_folder_paths(FOLDER)}. "
-                "Put the generator file into models/hywu/ and refresh (press R in the UI).")
+        if path is None:  # removed since the prompt was validated
+            raise HYWUError(generator_name_problem(generator_name) or f"{TITLE}: '{generator_name}' was not found.")
         return io.NodeOutput(load_generator_handle(path, generator_name))

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Write the API-format workflows (workflows/api/*.json) — the graphs the tests run headless.
+"""Write the API-format workflows (example_workflows/api/<id>.json): the graphs the tests run headless.
 
-The UI-format twins (workflows/*.json, what a user drags into ComfyUI) are made from these by
-ComfyUI's own frontend (tests/test_workflows.py --regenerate-ui, i.e. ``python -m pytest
-tests/test_workflows.py --hywu-regenerate-ui``) and checked to agree with them in tests.
+The UI-format twins (example_workflows/<title>.json, what a user drags into ComfyUI or opens
+from the Templates dialog, where the file name is the title and <title>.jpg the thumbnail) are
+made from these by ComfyUI's own frontend (``.venv/bin/python tests/test_workflows.py
+--regenerate-ui``) and checked to agree with them in tests. Thumbnails and the example input
+images come from scripts/make_examples.py.
 """
 from __future__ import annotations
 
@@ -11,9 +13,12 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEMO_CKPT = "hywu_micro_sd15_ip2p.safetensors"
-DEMO_GENERATOR = "hywu_micro_seeded.safetensors"  # the demo issue swaps in the trained demo generator
-DEMO_IMAGE = "hywu_demo_input.png"
+# What `make demo` writes (scripts/demo.py): the trained micro checkpoint and generator.
+DEMO_CKPT = "hywu_demo_sd15_ip2p.safetensors"
+DEMO_GENERATOR = "hywu_demo.safetensors"
+DEMO_IMAGE = "hywu_demo_input.png"  # example_workflows/input/, copied into ComfyUI's input folder
+DEMO_INSTRUCTION = "shift the image left"  # a task of the demo's synthetic edit world
+EXAMPLE_IMAGE = "hywu_example.png"
 INSTRUCTION = "make it a snowy winter scene"
 
 
@@ -57,7 +62,7 @@ def flux_kontext(instruction="turn the car red", steps=20, seed=0):
                                                           "type": "flux", "device": "default"},
               "_meta": {"title": "DualCLIPLoader"}},
         "3": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}, "_meta": {"title": "Load VAE"}},
-        "4": {"class_type": "LoadImage", "inputs": {"image": "hywu_example.png"}, "_meta": {"title": "Source image"}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": EXAMPLE_IMAGE}, "_meta": {"title": "Source image"}},
         "5": {"class_type": "FluxKontextImageScale", "inputs": {"image": ["4", 0]},
               "_meta": {"title": "FluxKontextImageScale"}},
         "6": {"class_type": "HYWULoadGenerator", "inputs": {"generator_name": "hywu_flux_kontext.safetensors"},
@@ -92,13 +97,22 @@ def flux_kontext(instruction="turn the car red", steps=20, seed=0):
 WORKFLOWS = {
     # Real use: an SD1.5 InstructPix2Pix checkpoint (timbrooks/instruct-pix2pix) + a user-trained generator.
     "hywu_edit_sd15_ip2p": sd15_ip2p("instruct-pix2pix-00-22000.safetensors", "hywu_sd15_ip2p.safetensors",
-                                     "hywu_example.png"),
+                                     EXAMPLE_IMAGE),
     # DiT editing: FLUX.1 Kontext [dev] with ReferenceLatent.
     "hywu_edit_flux_kontext": flux_kontext(),
-    # The same SD1.5 graph on the micro demo checkpoint and demo generator (runs on a CPU in seconds).
-    "hywu_demo": sd15_ip2p(DEMO_CKPT, DEMO_GENERATOR, DEMO_IMAGE, steps=4, prefix="hywu_demo"),
+    # The same SD1.5 graph on the checkpoint and generator `make demo` trains (runs on a CPU in seconds).
+    "hywu_demo": sd15_ip2p(DEMO_CKPT, DEMO_GENERATOR, DEMO_IMAGE, instruction=DEMO_INSTRUCTION, steps=4,
+                           prefix="hywu_demo"),
 }
-# Workflows whose models exist in the test environment (the tests queue them through /prompt).
+# The UI twin of workflow <id> is example_workflows/<title>.json: ComfyUI's Templates dialog
+# shows the file name as the title and <title>.jpg as the thumbnail.
+TITLES = {
+    "hywu_edit_sd15_ip2p": "HY-WU edit - SD1.5 InstructPix2Pix",
+    "hywu_edit_flux_kontext": "HY-WU edit - FLUX.1 Kontext dev",
+    "hywu_demo": "HY-WU demo - micro SD1.5 (run make demo first)",
+}
+# Workflows whose models exist in the test environment (the tests queue them through /prompt,
+# with the demo's file names swapped for the seeded test pair: tests/hywu_graphs.py).
 RUNNABLE = ("hywu_demo",)
 
 

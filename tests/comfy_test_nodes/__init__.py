@@ -1,0 +1,30 @@
+"""Test-only ComfyUI nodes, linked into the test server next to the pack (never shipped to users):
+IMAGE tensors that no core node makes (one or two channels, an empty batch, NaN pixels), to test
+HY-WU Condition Encode's checks through the real server."""
+import torch
+
+
+class HYWUTestImage:
+    CATEGORY = "HY-WU tests"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "make"
+    DESCRIPTION = "Test helper: an IMAGE of any batch, size and channel count, filled with noise or NaN."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "batch": ("INT", {"default": 1, "min": 0, "max": 8, "tooltip": "images in the batch"}),
+            "size": ("INT", {"default": 64, "min": 1, "max": 512, "tooltip": "height and width"}),
+            "channels": ("INT", {"default": 3, "min": 1, "max": 8, "tooltip": "channels per pixel"}),
+            "fill": (["noise", "nan", "inf"], {"tooltip": "pixel values"}),
+        }}
+
+    def make(self, batch, size, channels, fill):
+        image = torch.rand(batch, size, size, channels, generator=torch.Generator().manual_seed(0))
+        if fill != "noise":
+            image[:, : size // 2] = float(fill)
+        return (image,)
+
+
+NODE_CLASS_MAPPINGS = {"HYWUTestImage": HYWUTestImage}
+NODE_DISPLAY_NAME_MAPPINGS = {"HYWUTestImage": "HY-WU test image (tests only)"}
