@@ -4,7 +4,7 @@
 Builds, with seeded RANDOM weights (nothing downloaded): a full-size SD1.5-InstructPix2Pix
 ComfyUI checkpoint (UNet, CLIP-L, SD VAE from trainer/architectures, fp16) and an HY-WU
 generator of the "small" preset for its full target set; then
-  1. runs workflows/api/hywu_edit_sd15_ip2p.json in a real ComfyUI server (no --cpu) at
+  1. runs example_workflows/api/hywu_edit_sd15_ip2p.json in a real ComfyUI server (no --cpu) at
      ``--resolution`` px with ``--steps`` sampler steps, and the same graph without HY-WU
      (CLIP Text Encode instead of Condition Encode -> Generate -> Apply), interleaved, after a
      warm-up; reports Generate LoRA's time (the node's log line) as a share of the HY-WU run;
