@@ -34,6 +34,7 @@ BASES = {  # what the thumbnail says each workflow needs
     "hywu_demo": "micro SD1.5 InstructPix2Pix trained by make demo (CPU)",
     "hywu_edit_sd15_ip2p": "SD1.5 InstructPix2Pix + a HY-WU generator",
     "hywu_edit_flux_kontext": "FLUX.1 Kontext [dev] + a HY-WU generator",
+    "hywu_edit_qwen_image_edit": "Qwen-Image-Edit + a HY-WU generator",
 }
 
 
@@ -74,6 +75,8 @@ def thumbnail(name: str, source: Image.Image) -> Image.Image:
     """Source image on top, the instruction and the base model below."""
     wf = build_api.WORKFLOWS[name]
     instruction = next(n["inputs"]["instruction"] for n in wf.values() if n["class_type"] == "HYWUConditionEncode")
+    if isinstance(instruction, list):  # typed in a String node linked to Condition Encode
+        instruction = wf[instruction[0]]["inputs"]["value"]
     card = Image.new("RGB", (THUMB, THUMB), (24, 26, 32))
     side = 300
     pic = source.convert("RGB").resize((side, side), Image.NEAREST if source.width < side else Image.LANCZOS)

@@ -36,11 +36,19 @@ def with_test_files(wf):
 
 
 def demo(instruction=None, strength=None, seed=None, steps=2, generator=None, image=None, prefix="hywu_test",
-         batch_index=None) -> dict:
-    """The demo graph on the seeded test pair, with overrides; 2 sampler steps."""
+         batch_index=None, mode=None, cfg=None) -> dict:
+    """The demo graph on the seeded test pair, with overrides; 2 sampler steps. A list of
+    instructions turns on one_edit_per_line (one edit per line, one sampler batch)."""
     wf = with_test_files(load_api("hywu_demo"))
+    if isinstance(instruction, (list, tuple)):
+        wf["4"]["inputs"]["one_edit_per_line"] = True
+        instruction = "\n".join(instruction)
     if instruction is not None:
         wf["4"]["inputs"]["instruction"] = instruction
+    if mode is not None:
+        wf["6"]["inputs"]["mode"] = mode
+    if cfg is not None:
+        wf["9"]["inputs"]["cfg"] = cfg
     if strength is not None:
         wf["6"]["inputs"]["strength"] = strength
     if batch_index is not None:
@@ -56,14 +64,15 @@ def demo(instruction=None, strength=None, seed=None, steps=2, generator=None, im
     return wf
 
 
-def plain(instruction=None, seed=None, steps=2, image=None, prefix="hywu_plain") -> dict:
+def plain(instruction=None, seed=None, steps=2, image=None, prefix="hywu_plain", cfg=None) -> dict:
     """The same graph without HY-WU: CLIPTextEncode(instruction) -> InstructPixToPix -> KSampler."""
-    wf = demo(instruction=instruction, seed=seed, steps=steps, image=image, prefix=prefix)
+    wf = demo(instruction=instruction, seed=seed, steps=steps, image=image, prefix=prefix, cfg=cfg)
     text = wf["4"]["inputs"]["instruction"]
     for k in ("3", "4", "5", "6"):
         del wf[k]
     wf["12"] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["1", 1]}}
     wf["8"]["inputs"]["positive"] = ["12", 0]
+    wf["8"]["inputs"]["pixels"] = ["2", 0]
     wf["9"]["inputs"]["model"] = ["1", 0]
     return wf
 
@@ -94,6 +103,24 @@ def lora_only(instruction, prefix, generator=None, image=None) -> dict:
     keep = {k: wf[k] for k in ("1", "2", "3", "4", "5")}
     keep["13"] = {"class_type": "SaveLoRA", "inputs": {"lora": ["5", 0], "prefix": prefix}}
     return keep
+
+
+def with_saved_latent(wf: dict, prefix: str) -> dict:
+    """Also save the sampler's latent (core SaveLatent: output/latents/<prefix>_*.latent, safetensors)."""
+    wf = copy.deepcopy(wf)
+    wf["14"] = {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0], "filename_prefix": f"latents/{prefix}"}}
+    return wf
+
+
+def as_sample_of_batch(wf: dict, index: int, count: int) -> dict:
+    """Sample the graph's one latent as sample ``index`` of a batch of ``count`` (core Repeat Latent
+    Batch -> Latent From Batch): the sampler then draws that sample's noise from the seed, so the
+    run equals sample ``index`` of a batched run."""
+    wf = copy.deepcopy(wf)
+    wf["15"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["8", 2], "amount": count}}
+    wf["16"] = {"class_type": "LatentFromBatch", "inputs": {"samples": ["15", 0], "batch_index": index, "length": 1}}
+    wf["9"]["inputs"]["latent_image"] = ["16", 0]
+    return wf
 
 
 def make_test_image(seed: int, size: int = 64):

@@ -221,7 +221,28 @@ def test_batch_index_beyond_the_batch(hywu_env):
 
 
 def test_negative_batch_index(hywu_env):
-    refused(hywu_env.server, g.demo(batch_index=-1), ["smaller than min of 0", "batch_index"], stage="validation")
+    # -1 means "all LoRAs, one per sample" (runtime mode); below that is refused
+    refused(hywu_env.server, g.demo(batch_index=-2), ["smaller than min of -1", "batch_index"], stage="validation")
+
+
+def test_latent_batch_that_does_not_fit_the_loras(hywu_env):
+    wf = g.demo(instruction=["make it snowy", "make it night", "make it red"])  # three LoRAs, runtime mode
+    wf["8"]["inputs"]["pixels"] = ["2", 0]  # one source image -> one latent
+    refused(hywu_env.server, wf, ["1 latent", "3 LoRAs", "image output", "batch_index"])
+
+
+def test_lines_for_another_number_of_images(hywu_env):
+    wf = g.demo(instruction=["make it snowy", "make it night", "make it red"])
+    wf["20"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["2", 0], "amount": 2}}
+    wf["4"]["inputs"]["image"] = ["20", 0]
+    refused(hywu_env.server, wf, ["3 instructions", "2 images", "line i edits image i"])
+
+
+def test_several_loras_in_patch_mode(hywu_env):
+    wf = g.demo(batch_index=-1, mode="patch")
+    wf["20"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["2", 0], "amount": 2}}
+    wf["4"]["inputs"]["image"] = ["20", 0]
+    refused(hywu_env.server, wf, ["holds 2 LoRAs", "patch mode", "runtime"])
 
 
 @pytest.mark.parametrize("value,needles", [

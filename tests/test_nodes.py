@@ -40,10 +40,10 @@ def test_object_info_lists_the_four_nodes(hywu_env):
     info = hywu_env.server.object_info()
     expected = {
         "HYWULoadGenerator": ({"generator_name"}, ["HYWU_GENERATOR"]),
-        "HYWUConditionEncode": ({"image", "instruction", "clip", "vae", "generator", "clip_vision"},
-                                ["HYWU_COND", "CONDITIONING"]),
+        "HYWUConditionEncode": ({"image", "instruction", "one_edit_per_line", "clip", "vae", "generator",
+                                 "clip_vision"}, ["HYWU_COND", "CONDITIONING", "IMAGE"]),
         "HYWUGenerateLoRA": ({"generator", "hywu_cond"}, ["LORA_MODEL"]),
-        "HYWUApplyGeneratedLoRA": ({"model", "lora", "strength", "batch_index"}, ["MODEL"]),
+        "HYWUApplyGeneratedLoRA": ({"model", "lora", "strength", "batch_index", "mode"}, ["MODEL"]),
     }
     for node, (inputs, outputs) in expected.items():
         assert node in info, f"{node} not registered; server log:\n{hywu_env.server.log_tail()}"

@@ -113,7 +113,7 @@ def test_generate_progress_interrupt_and_offload(comfy_env):
     from hywu_nodes.nodes.generate import generate_loras
 
     gen = comfy_env["gen"]
-    enc, _ = HYWUConditionEncode.execute(_images(b=2), "make it snowy", comfy_env["clip"], generator=gen,
+    enc, *_ = HYWUConditionEncode.execute(_images(b=2), "make it snowy", comfy_env["clip"], generator=gen,
                                          vae=comfy_env["vae"]).args
     calls = []
     old = comfy.utils.PROGRESS_BAR_HOOK
@@ -143,7 +143,7 @@ def test_apply_patches_a_clone_like_load_lora_for_models(comfy_env, caplog):
     from hywu_nodes.nodes.generate import generate_loras
 
     model = comfy_env["model"]
-    enc, _ = HYWUConditionEncode.execute(_images(), "make it snowy", comfy_env["clip"], generator=comfy_env["gen"],
+    enc, *_ = HYWUConditionEncode.execute(_images(), "make it snowy", comfy_env["clip"], generator=comfy_env["gen"],
                                          vae=comfy_env["vae"]).args
     lora = generate_loras(comfy_env["gen"], enc)
     before = set(model.patches)

@@ -41,24 +41,35 @@ class GeneratedLoRA:
         )
 
 
-def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, sample_to_lora=None) -> torch.Tensor:
+def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, sample_to_lora=None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """The low-rank term for x (batch, ..., d_in); a (n, r, d_in), b (n, d_out, r).
 
     Sample ``i`` uses LoRA ``sample_to_lora[i]``, by default ``i % n``: a batch duplicated for
     classifier-free guidance (``[uncond, cond]`` or more copies) keeps each sample's LoRA.
+    With ``out`` (a contiguous (batch, ..., d_out) tensor of x's dtype, e.g. the layer's own
+    output) the term is added into it in place, saving a pass over the output; ``out`` is returned.
     """
     a, b = a.to(x.dtype), b.to(x.dtype)
-    n, batch = a.shape[0], x.shape[0]
+    n, batch, d_out = a.shape[0], x.shape[0], b.shape[1]
     if n == 1 and sample_to_lora is None:
-        return (x @ a[0].t()) @ b[0].t() * scale
-    if sample_to_lora is None:
-        if batch % n:
-            raise ValueError(f"batch of {batch} samples does not divide into {n} generated LoRAs")
-        sample_to_lora = torch.arange(batch, device=x.device) % n
-    xs = x.reshape(batch, -1, x.shape[-1])
-    h = torch.bmm(xs, a[sample_to_lora].transpose(1, 2))
-    out = torch.bmm(h, b[sample_to_lora].transpose(1, 2))
-    return out.reshape(*x.shape[:-1], b.shape[1]) * scale
+        h = x.reshape(-1, x.shape[-1]) @ a[0].t()
+        if out is not None:
+            out.view(-1, d_out).addmm_(h, b[0].t(), alpha=scale)
+            return out
+        delta = (h @ b[0].t()).reshape(*x.shape[:-1], d_out)
+    else:
+        if sample_to_lora is None:
+            if batch % n:
+                raise ValueError(f"batch of {batch} samples does not divide into {n} generated LoRAs")
+            sample_to_lora = torch.arange(batch, device=x.device) % n
+        h = torch.bmm(x.reshape(batch, -1, x.shape[-1]), a[sample_to_lora].transpose(1, 2))
+        bt = b[sample_to_lora].transpose(1, 2)
+        if out is not None:
+            out.view(batch, -1, d_out).baddbmm_(h, bt, alpha=scale)
+            return out
+        delta = torch.bmm(h, bt).reshape(*x.shape[:-1], d_out)
+    return delta if scale == 1.0 else delta * scale  # callers that fold the scale into b skip a pass
 
 
 @contextmanager

@@ -1,8 +1,11 @@
-"""HY-WU Apply Generated LoRA: MODEL + LORA_MODEL -> a patched clone of the MODEL.
+"""HY-WU Apply Generated LoRA: MODEL + LORA_MODEL -> a clone of the MODEL that computes with the LoRA(s).
 
-Mirrors ``comfy.sd.load_lora_for_models`` (0.3.75): ``comfy.lora.model_lora_keys_unet`` key map,
-``comfy.lora_convert.convert_lora``, ``comfy.lora.load_lora`` -> patches, ``model.clone()`` +
-``add_patches(patches, strength)``; so every base ComfyUI loads is patched the way its LoRAs are.
+Both modes read the LoRA the way ``comfy.sd.load_lora_for_models`` (0.3.75) does:
+``comfy.lora.model_lora_keys_unet`` key map, ``comfy.lora_convert.convert_lora``,
+``comfy.lora.load_lora`` -> patches; so every base ComfyUI loads is matched the way its LoRAs are.
+* runtime (default): ``runtime_lora.install`` adds ``W x + s * B_b (A_b x)`` per sample through
+  object patches and an APPLY_MODEL wrapper on the clone; weights untouched, one LoRA per edit.
+* patch: ``model.clone()`` + ``add_patches(patches, strength)``: one LoRA merged into the weights.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import comfy.lora
 import comfy.lora_convert
 from comfy_api.latest import io
 
+from . import runtime_lora
 from .common import float_input_problem, log
 from .types import CATEGORY, HYWUError, LoraModel
 
@@ -62,53 +66,106 @@ def model_name(model) -> str:
     return type(cfg).__name__ if cfg is not None else type(inner).__name__
 
 
-def select_lora(lora, batch_index: int) -> dict:
+MODES = ("runtime", "patch")
+
+
+def select_lora(lora, batch_index: int, quiet: bool = False) -> dict:
     batch = getattr(lora, "batch", None) or [lora]
     n = len(batch)
     if batch_index >= n:
         raise HYWUError(
             f"HY-WU Apply Generated LoRA: batch_index is {batch_index}, but the LoRA input holds {n} LoRA(s) "
-            f"(one per image given to Condition Encode). Set batch_index to 0..{n - 1}, or give Condition Encode "
-            f"a batch of at least {batch_index + 1} images.")
-    if n > 1:
+            f"(one per edit made by Condition Encode). Set batch_index to 0..{n - 1} (or -1 for all, one per "
+            f"sample, in runtime mode), or give Condition Encode at least {batch_index + 1} edits.")
+    if n > 1 and not quiet:
         log.info("HY-WU: the LoRA input holds %d LoRAs; applying LoRA %d (batch_index) to this model. The other "
-                 "%d are not used by this node; add one Apply node per LoRA to use them.", n, batch_index, n - 1)
+                 "%d are not used by this node; runtime mode with batch_index -1 gives each sample its own.",
+                 n, batch_index, n - 1)
     return batch[batch_index]
 
 
-def apply_lora(model, lora: dict, strength: float, batch_index: int = 0):
-    """Clone ``model`` and add the LoRA's patches. Returns (model, stats)."""
-    t0 = time.perf_counter()
-    family = guess_family(lora)
-    generator = getattr(lora, "generator_name", None)
-    chosen = select_lora(lora, batch_index)
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    converted = comfy.lora_convert.convert_lora(chosen)
+def select_loras(lora, batch_index: int, mode: str) -> list[dict]:
+    """The LoRAs this node applies: all of the batch (batch_index -1, runtime mode) or one."""
+    batch = getattr(lora, "batch", None) or [lora]
+    if batch_index >= 0:
+        return [select_lora(lora, batch_index, quiet=mode == "patch")]  # patch mode logs when it applies
+    if mode == "patch" and len(batch) > 1:
+        raise HYWUError(
+            f"HY-WU Apply Generated LoRA: the LoRA input holds {len(batch)} LoRAs (one per edit), but patch mode "
+            f"merges one LoRA into the weights. Set mode to 'runtime' (each sample gets its own LoRA), or set "
+            f"batch_index to 0..{len(batch) - 1} to patch one.")
+    return list(batch)
+
+
+def match_lora(model, lora: dict, key_map: dict, source=None):
+    """(patches for the model, LoRA module names, unmatched names) with ComfyUI's key map; none
+    matching is an error naming the base family the LoRA was made for (``source``: the LORA_MODEL
+    that carries the generator's name, when ``lora`` is one LoRA of its batch)."""
+    source = lora if source is None else source
+    converted = comfy.lora_convert.convert_lora(lora)
     modules = lora_modules(converted)
     matched = [m for m in modules if m in key_map]
     unmatched = [m for m in modules if m not in key_map]
     if not matched:
+        generator = getattr(source, "generator_name", None)
         origin = f" by generator '{generator}'" if generator else ""
         raise HYWUError(
             f"HY-WU Apply Generated LoRA: none of the {len(modules)} LoRA modules match this model "
-            f"({model_name(model)}). The LoRA was generated{origin} for base family {family or 'unknown'}; load the "
-            "checkpoint that generator was trained for, or pick a generator trained for this checkpoint.")
+            f"({model_name(model)}). The LoRA was generated{origin} for base family {guess_family(source) or 'unknown'}; "
+            "load the checkpoint that generator was trained for, or pick a generator trained for this checkpoint.")
     patches = comfy.lora.load_lora(converted, {m: key_map[m] for m in matched}, log_missing=False)
+    return patches, modules, unmatched
+
+
+def _warn_unmatched(model, lora, modules, unmatched):
+    if unmatched:
+        log.warning("HY-WU Apply Generated LoRA: %d of %d LoRA modules have no layer in %s and are skipped "
+                    "(base family %s): %s%s", len(unmatched), len(modules), model_name(model), guess_family(lora),
+                    ", ".join(unmatched[:8]), " ..." if len(unmatched) > 8 else "")
+
+
+def apply_lora(model, lora: dict, strength: float, batch_index: int = 0):
+    """Patch mode: clone ``model`` and add the LoRA's weight patches. Returns (model, stats)."""
+    t0 = time.perf_counter()
+    chosen = select_lora(lora, batch_index)
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches, modules, unmatched = match_lora(model, chosen, key_map, lora)
     new_model = model.clone()
     added = set(new_model.add_patches(patches, strength))
     not_patched = [k for k in patches if k not in added]
     seconds = time.perf_counter() - t0
-    stats = {"modules": len(modules), "matched": len(matched), "unmatched": len(unmatched),
+    stats = {"modules": len(modules), "matched": len(modules) - len(unmatched), "unmatched": len(unmatched),
              "patched": len(added), "seconds": seconds}
-    if unmatched:
-        log.warning("HY-WU Apply Generated LoRA: %d of %d LoRA modules have no layer in %s and are skipped "
-                    "(base family %s): %s%s", len(unmatched), len(modules), model_name(model), family,
-                    ", ".join(unmatched[:8]), " ..." if len(unmatched) > 8 else "")
+    _warn_unmatched(model, lora, modules, unmatched)
     for k in not_patched:
         log.warning("HY-WU Apply Generated LoRA: NOT LOADED %s", k)
     log.debug("HY-WU: applied LoRA %d (%s) to %s at strength %g: %d/%d modules matched, %d weights patched "
-              "in %.3f s", batch_index, family, model_name(model), strength, len(matched), len(modules), len(added),
-              seconds)
+               "in %.3f s", batch_index, guess_family(lora), model_name(model), strength, stats["matched"],
+              len(modules), len(added), seconds)
+    return new_model, stats
+
+
+def apply_runtime_lora(model, lora, loras: list[dict], strength: float):
+    """Runtime mode: clone ``model`` and install ``loras`` (one per sample) as runtime LoRAs.
+    Returns (model, stats)."""
+    t0 = time.perf_counter()
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patch_sets, modules, unmatched = [], [], []
+    for one in loras:
+        patches, modules, unmatched = match_lora(model, one, key_map, lora)
+        patch_sets.append(patches)
+    new_model, info = runtime_lora.install(model, patch_sets, strength)
+    seconds = time.perf_counter() - t0
+    stats = {"modules": len(modules), "matched": len(modules) - len(unmatched), "unmatched": len(unmatched),
+             "loras": len(loras), "runtime_layers": info["runtime_layers"], "weight_patched": info["weight_patched"],
+             "seconds": seconds}
+    _warn_unmatched(model, lora, modules, unmatched)
+    if info["weight_patched"]:
+        log.info("HY-WU: %d LoRA entries are not plain LoRAs on linear/convolution layers; they are patched into "
+                 "the weights", info["weight_patched"])
+    log.debug("HY-WU: applied %d LoRA(s) (%s) to %s at runtime, strength %g: %d/%d modules matched, %d layers "
+              "adapted per sample, in %.3f s", len(loras), guess_family(lora), model_name(model), strength,
+              stats["matched"], len(modules), info["runtime_layers"], seconds)
     return new_model, stats
 
 
@@ -119,22 +176,28 @@ class HYWUApplyGeneratedLoRA(io.ComfyNode):
             node_id="HYWUApplyGeneratedLoRA",
             display_name="HY-WU Apply Generated LoRA",
             category=CATEGORY,
-            description="Applies a generated LoRA to a copy of the diffusion model with ComfyUI's own LoRA key maps "
-                        "and weight patches (the input model is not changed).",
+            description="Applies generated LoRAs to a copy of the diffusion model (the input model is not changed). "
+                        "Runtime mode gives each sample of the sampler batch its own LoRA without touching the "
+                        "weights; patch mode merges one LoRA into the weights with ComfyUI's weight patches.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model of the checkpoint the generator was trained for."),
-                LoraModel.Input("lora", tooltip="The LoRA from HY-WU Generate LoRA (any standard LORA_MODEL also works)."),
+                LoraModel.Input("lora", tooltip="The LoRA(s) from HY-WU Generate LoRA (any standard LORA_MODEL also "
+                                                "works)."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="How strongly the LoRA changes the model (1 = as trained, 0 = model unchanged, "
                                        "negative values push the other way)."),
-                io.Int.Input("batch_index", default=0, min=0, max=4095,
-                             tooltip="A batch of N images in Condition Encode makes N LoRAs; a model carries one, so "
-                                     "this picks which (0 = the first). The others are ignored here: use one Apply "
-                                     "node per LoRA to sample each."),
+                io.Int.Input("batch_index", default=-1, min=-1, max=4095,
+                             tooltip="-1: all LoRAs of the input, one per sample (runtime mode): N edits in one "
+                                     "sampler batch, latent j uses LoRA j % N. 0..N-1: only that LoRA, for every "
+                                     "sample."),
+                io.Combo.Input("mode", options=list(MODES), default="runtime",
+                               tooltip="runtime: the weights stay untouched and each layer adds the LoRA term per "
+                                       "sample (no weight copies, no re-patching per request, N LoRAs per batch). "
+                                       "patch: one LoRA is merged into the weights, as core LoRA loaders do."),
             ],
             outputs=[
                 io.Model.Output(display_name="model",
-                                tooltip="A clone of the model with the LoRA patched in; connect it to the sampler."),
+                                tooltip="A clone of the model with the LoRA(s); connect it to the sampler."),
             ],
         )
 
@@ -144,13 +207,18 @@ class HYWUApplyGeneratedLoRA(io.ComfyNode):
         return True if strength is None else float_input_problem(cls, "strength", strength) or True
 
     @classmethod
-    def execute(cls, model, lora, strength, batch_index=0) -> io.NodeOutput:
+    def execute(cls, model, lora, strength, batch_index=-1, mode="runtime") -> io.NodeOutput:
         problem = float_input_problem(cls, "strength", strength)  # a linked value skipped validation
         if problem:
             raise HYWUError(problem)
+        if mode not in MODES:
+            raise HYWUError(f"HY-WU Apply Generated LoRA: mode is '{mode}'; use one of {', '.join(MODES)}.")
+        loras = select_loras(lora, batch_index, mode)  # also reports a batch_index that does not fit
         if strength == 0:
-            select_lora(lora, batch_index)  # still report a batch_index that does not fit
             log.debug("HY-WU: strength 0, the model is returned unchanged")
             return io.NodeOutput(model)
-        new_model, _ = apply_lora(model, lora, strength, batch_index)
+        if mode == "patch":
+            new_model, _ = apply_lora(model, lora, strength, max(batch_index, 0))
+        else:
+            new_model, _ = apply_runtime_lora(model, lora, loras, strength)
         return io.NodeOutput(new_model)

@@ -12,6 +12,7 @@ The features follow the generator's condition spec exactly as the trainer extrac
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -83,6 +84,67 @@ def encode_text(clip, instruction: str):
         text = out.pop("cond")
         conditioning = [[text, out]]  # what CLIPTextEncode returns: [[cond, {"pooled_output": ...}]]
     return text, conditioning
+
+
+def split_instructions(instruction: str, one_edit_per_line: bool) -> list[str]:
+    """The edits: the whole text, or each non-empty line."""
+    instruction = check_instruction(instruction)
+    if not one_edit_per_line:
+        return [instruction]
+    return [line.strip() for line in instruction.splitlines() if line.strip()]
+
+
+def pair_images(images: torch.Tensor, n_edits: int) -> torch.Tensor:
+    """The source image of each edit: one image serves every line, or line i edits image i (a
+    single instruction edits every image of the batch, as before)."""
+    b = images.shape[0]
+    if n_edits == 1 or b == n_edits:
+        return images
+    if b == 1:
+        return images.repeat(n_edits, 1, 1, 1)
+    raise HYWUError(f"HY-WU Condition Encode: {n_edits} instructions (one per line) for {b} images. Give one image "
+                    f"(every line edits it) or {n_edits} images (line i edits image i).")
+
+
+def _batch_text(tensors: list[torch.Tensor], what: str) -> torch.Tensor:
+    """Stack per-edit text features. Different lengths are repeated to their least common multiple,
+    which ComfyUI itself does to batch conds (attention over repeated tokens is unchanged), within
+    its limit of 4 repeats."""
+    lengths = [t.shape[1] for t in tensors]
+    if len(set(lengths)) == 1:
+        return torch.cat(tensors)
+    lcm = math.lcm(*lengths)
+    if lcm // min(lengths) > 4:
+        raise HYWUError(f"HY-WU Condition Encode: the lines encode to {what} of different lengths {lengths}, which "
+                        "cannot share one sampler batch. Shorten the longest instructions, or give each edit its own "
+                        "Condition Encode and sampler.")
+    return torch.cat([t.repeat(1, lcm // t.shape[1], *([1] * (t.ndim - 2))) for t in tensors])
+
+
+def _batch_conditioning(conditionings: list) -> list:
+    """One CONDITIONING whose batch holds the edits in order (what the sampler batch needs)."""
+    if len({len(c) for c in conditionings}) != 1:
+        raise HYWUError("HY-WU Condition Encode: the lines encode to different conditioning schedules (CLIP hooks); "
+                        "give each edit its own Condition Encode.")
+    out = []
+    for entries in zip(*conditionings):
+        extras = {}
+        for key, value in entries[0][1].items():
+            values = [e[1].get(key) for e in entries]
+            if isinstance(value, torch.Tensor):
+                extras[key] = _batch_text(values, key) if value.ndim >= 2 else torch.cat(values)
+            else:
+                extras[key] = value
+        out.append([_batch_text([e[0] for e in entries], "text features"), extras])
+    return out
+
+
+def encode_instructions(clip, instructions: list[str]):
+    """(text hidden states (N, T, W), CONDITIONING with batch N): ``encode_text`` for each edit."""
+    encoded = [encode_text(clip, text) for text in instructions]
+    if len(encoded) == 1:
+        return encoded[0]
+    return _batch_text([e[0] for e in encoded], "text features"), _batch_conditioning([e[1] for e in encoded])
 
 
 def _image_tokens_vae(source, images, vae, latent_format, family, generator_name):
@@ -217,6 +279,11 @@ class HYWUConditionEncode(io.ComfyNode):
                 io.String.Input("instruction", multiline=True, dynamic_prompts=True, default="",
                                 tooltip="Edit instruction, e.g. 'make it a snowy winter scene'. Used for the generator "
                                         "and, through the conditioning output, for the sampler."),
+                io.Boolean.Input("one_edit_per_line", default=False,
+                                 tooltip="On: each non-empty line of the instruction is its own edit. N lines give N "
+                                         "conditions, N LoRAs and a sampler batch of N (one image: every line edits "
+                                         "it; N images: line i edits image i). Off: the whole text is one "
+                                         "instruction."),
                 io.Clip.Input("clip", tooltip="The base checkpoint's own text encoder (CLIP output of the checkpoint "
                                               "loader). Must match what the generator was trained with."),
                 io.Vae.Input("vae",
@@ -236,16 +303,23 @@ class HYWUConditionEncode(io.ComfyNode):
                 io.Conditioning.Output(display_name="conditioning",
                                        tooltip="The instruction encoded by the CLIP, as CLIP Text Encode gives it: the "
                                                "positive conditioning for the sampler (e.g. via "
-                                               "InstructPixToPixConditioning or ReferenceLatent)."),
+                                               "InstructPixToPixConditioning or ReferenceLatent); batch N for N "
+                                               "edits."),
+                io.Image.Output(display_name="image",
+                                tooltip="The source image of each edit, in the order of the edits (N images for N "
+                                        "lines). Connect it where the sampler's latent is made "
+                                        "(InstructPixToPixConditioning pixels, VAE Encode), so the sampler batch "
+                                        "holds one latent per edit."),
             ],
         )
 
     @classmethod
-    def execute(cls, image, instruction, clip, generator=None, vae=None, clip_vision=None) -> io.NodeOutput:
+    def execute(cls, image, instruction, clip, one_edit_per_line=False, generator=None, vae=None,
+                clip_vision=None) -> io.NodeOutput:
         t0 = time.perf_counter()
-        instruction = check_instruction(instruction)
-        images = check_images(image)
-        text, conditioning = encode_text(clip, instruction)
+        instructions = split_instructions(instruction, one_edit_per_line)
+        images = pair_images(check_images(image), len(instructions))
+        text, conditioning = encode_instructions(clip, instructions)
         if generator is not None:
             spec, family, name = generator.condition_spec, generator.family, generator.name
             cond = build_condition(spec, images, text, vae=vae, clip_vision=clip_vision, family=family,
@@ -257,8 +331,9 @@ class HYWUConditionEncode(io.ComfyNode):
                                 "image through the base model's VAE: connect the VAE output of the checkpoint loader "
                                 "to the 'vae' input.")
         encoded = EncodedCondition(condition=cond, spec=spec, family=family,
-                                   batch_size=images.shape[0], instruction=instruction, text=text.float().cpu(),
-                                   images=images, vae=vae, clip_vision=clip_vision, generator_name=name)
-        log.debug("HY-WU: encoded the condition (%d image(s), '%s') in %.3f s", images.shape[0], instruction[:60],
-                  time.perf_counter() - t0)
-        return io.NodeOutput(encoded, conditioning)
+                                   batch_size=images.shape[0], instruction=check_instruction(instruction),
+                                   text=text.float().cpu(), images=images, vae=vae, clip_vision=clip_vision,
+                                   generator_name=name)
+        log.debug("HY-WU: encoded the condition (%d image(s), %d instruction(s), '%s') in %.3f s", images.shape[0],
+                  len(instructions), instructions[0][:60], time.perf_counter() - t0)
+        return io.NodeOutput(encoded, conditioning, images)

@@ -67,7 +67,7 @@ def generate_loras(generator, encoded) -> HYWULoRA:
     seconds = time.perf_counter() - t0
     norm = sum(float(v.float().pow(2).sum()) for k, v in batch[0].items() if k.endswith("lora_up.weight")) ** 0.5
     log.debug("HY-WU: generated %d LoRA(s) with %s for '%s' in %.3f s (%d modules, |B| of LoRA 0 = %.4g)",
-              n, generator.describe(), encoded.instruction[:60], seconds,
+              n, generator.describe(), encoded.instruction[:60].replace("\n", " | "), seconds,
               sum(k.endswith(".lora_down.weight") for k in batch[0]), norm)
     return HYWULoRA(batch[0], base_family=generator.family, generator_name=generator.name, batch=batch, index=0)
 
@@ -90,7 +90,8 @@ class HYWUGenerateLoRA(io.ComfyNode):
                     display_name="lora",
                     tooltip="The generated LoRA as a standard LORA_MODEL (core 'Save LoRA Weights' and 'Load LoRA "
                             "Model' accept it). A batch of N conditions gives N LoRAs: this socket holds LoRA 0 for "
-                            "core nodes and carries all N; HY-WU Apply Generated LoRA picks one with batch_index."),
+                            "core nodes and carries all N; HY-WU Apply Generated LoRA (runtime mode) gives each "
+                            "sample its own, or picks one with batch_index."),
             ],
         )
 
