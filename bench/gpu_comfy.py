@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -32,10 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 for p in (REPO, REPO / "tests", REPO / "scripts"):
     sys.path.insert(0, str(p))
 
-GEN_RE = re.compile(r"HY-WU: generated \d+ LoRA\(s\) .* in ([0-9.]+) s")
-# ComfyUI's SD1.5 UNet layout (comfy.utils.unet_to_diffusers needs the depth per level)
-SD15_LDM = dict(num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-                transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1)
+from comfy_overhead import GEN_RE, SD15_UNET_CONFIG  # noqa: E402  (the Generate LoRA log line, ComfyUI's SD1.5 layout)
 
 
 def build_checkpoint(path: Path) -> Path:
@@ -49,7 +45,7 @@ def build_checkpoint(path: Path) -> Path:
 
     sd = {}
     unet = build_component("sd15_ip2p", "unet", "cpu", seed=1).state_dict()
-    key_map = comfy.utils.unet_to_diffusers(dict(SD15_LDM))
+    key_map = comfy.utils.unet_to_diffusers(dict(SD15_UNET_CONFIG))
     missing = [k for k in unet if k not in key_map]
     if missing:
         raise KeyError(f"no LDM key for {missing[:5]}")
@@ -67,6 +63,7 @@ def build_generator(path: Path, resolution: int) -> Path:
     """A seeded "small" generator for the full SD1.5 target set; B head small but non-zero."""
     import torch
 
+    from build_test_generator import _seed_b_head_
     from hywu_nodes.core import GeneratorConfig, HYWUGenerator, build_target_spec, save_generator, standard_condition_spec
     from trainer.full_bases import build_component
 
@@ -74,8 +71,7 @@ def build_generator(path: Path, resolution: int) -> Path:
     torch.manual_seed(0)
     gen = HYWUGenerator(GeneratorConfig.from_preset("small", rank=16, alpha=16.0), spec,
                         standard_condition_spec(768, 77, 4, resolution))
-    with torch.no_grad():
-        gen.head_b.weight.normal_(0, 1e-3)
+    _seed_b_head_(gen, 1, 1e-3)
     save_generator(path, gen, extra={"note": "random weights, benchmarks only"})
     return path
 
