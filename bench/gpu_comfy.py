@@ -90,7 +90,7 @@ def _graphs(ckpt: str, generator: str, image: str, steps: int, instruction: str)
     for cls in ("HYWULoadGenerator", "HYWUConditionEncode", "HYWUGenerateLoRA", "HYWUApplyGeneratedLoRA"):
         del plain[by[cls]]
     plain["100"] = {"class_type": "CLIPTextEncode", "inputs": {"text": instruction, "clip": [by["CheckpointLoaderSimple"], 1]}}
-    plain[by["InstructPixToPixConditioning"]]["inputs"]["positive"] = ["100", 0]
+    plain[by["InstructPixToPixConditioning"]]["inputs"].update(positive=["100", 0], pixels=[by["LoadImage"], 0])
     plain[by["KSampler"]]["inputs"]["model"] = [by["CheckpointLoaderSimple"], 0]
     return wf, plain
 
