@@ -177,8 +177,9 @@ class ComfyServer:
     """Context manager around a headless ComfyUI server. See module docstring."""
 
     def __init__(self, checkpoints=(), loras=(), extra_models=None, comfy_path=None,
-                 link_pack=True, extra_args=(), startup_timeout=180, base_dir=None, env=None, custom_nodes=()):
+                 link_pack=True, extra_args=(), startup_timeout=180, base_dir=None, env=None, custom_nodes=(), cpu=True):
         self.comfy_path = Path(comfy_path).resolve() if comfy_path else comfyui_path()
+        self.cpu = cpu  # False: ComfyUI picks the GPU as it would for a user (bench/gpu_comfy.py)
         self.models = {"checkpoints": list(checkpoints), "loras": list(loras)}
         for k, v in (extra_models or {}).items():
             self.models.setdefault(k, []).extend(v)
@@ -256,7 +257,7 @@ class ComfyServer:
         env["PYTHONUNBUFFERED"] = "1"
         if torchvision_stub_needed():
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(STUBS), env.get("PYTHONPATH")]))
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base_dir), "--disable-auto-launch",
                "--database-url", f"sqlite:///{self.base_dir / 'user' / 'comfyui.db'}",
                *self.extra_args]

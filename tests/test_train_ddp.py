@@ -23,20 +23,24 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(tmp_path, name, nproc, batch):
+def _launch(tmp_path, name, nproc, batch, args=(), **train):
+    """Train the tiny SD1.5 config in ``nproc`` CPU processes (torchrun, gloo); returns the
+    summary and the generator's weights. ``train`` overrides train.* keys, ``args`` are extra CLI flags."""
     cfg = tiny_config("sd15_ip2p", tmp_path / name, data={"n_train": 16},
-                      train={"max_steps": STEPS, "batch_size": batch, "device": "cpu", "drop_text": 0.2, "drop_image": 0.2})
+                      train={"max_steps": STEPS, "batch_size": batch, "device": "cpu", "drop_text": 0.2, "drop_image": 0.2, **train})
     cfg_path = tmp_path / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     if nproc == 1:
-        cmd = [sys.executable, "-m", "trainer.train", "--config", str(cfg_path)]
+        cmd = [sys.executable, "-m", "trainer.train", "--config", str(cfg_path), *args]
     else:
         torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
         cmd = [torchrun, "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-               "-m", "trainer.train", "--config", str(cfg_path)]
+               "-m", "trainer.train", "--config", str(cfg_path), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if "--stop-after" in args:
+        return None, None
     summary = json.loads((tmp_path / name / "summary.json").read_text())
     return summary, load_file(summary["files"][0])
 

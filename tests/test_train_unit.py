@@ -127,4 +127,5 @@ def test_checkpoint_roundtrip_and_latest(tmp_path):
     (tmp_path / "latest").write_text("step-00000009")
     assert latest_checkpoint(tmp_path).name == "step-00000003"
     # No pickle anywhere: the state is safetensors + JSON.
-    assert {p.suffix for p in found.iterdir()} <= {".safetensors", ".json"}
+    assert {p.suffix for p in found.rglob("*") if p.is_file()} <= {".safetensors", ".json"}
+    assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]

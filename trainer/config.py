@@ -22,6 +22,7 @@ class BaseConfig:
     family: str = "sd15_ip2p"  # one of BASE_FAMILIES
     path: str = ""  # local diffusers folder (or, for sd15_ip2p, a single-file checkpoint)
     tiny: bool = False  # build a seeded tiny base into `path` if it is missing (tests/demo only)
+    synthetic_full: bool = False  # full-size architecture with seeded RANDOM weights instead of `path` (benchmarks only)
     resolution: int = 32  # training/condition resolution (square bucket, multiple of 16)
     text_tokens: int | None = None  # text condition length; None = family default (77 / 512 / 1024)
     targets: list[str] | None = None  # regexes of adapted linear layers; None = family default
@@ -36,6 +37,8 @@ class DataConfig:
     n_train: int = 64  # synthetic: number of training examples
     n_val: int = 4  # validation examples in the PNG grid (from the val split / first rows)
     tasks: list[str] | None = None  # synthetic: restrict to these tasks
+    cache_mb: float = 2048.0  # memory for pre-encoded rows (latents + text features); 0 = encode every batch
+    cache_dir: str = ""  # also keep the encodings on disk here, for the next run on the same base and data
 
 
 @dataclass
@@ -45,6 +48,7 @@ class GeneratorSection:
     rank: int = 4
     alpha: float = 4.0
     gradient_checkpointing: bool = False
+    row_tokens: int | None = None  # tokens per grid row; None = chosen from the targets
     condition_norm: str = "none"  # none | feature | token: standardise the condition with training-set statistics
     shared_rank: int = 0  # > 0: a learned static LoRA of this rank inside the generator (generated = residual)
     film: bool = False  # FiLM of the generator's queries from the pooled text
@@ -74,6 +78,10 @@ class TrainSection:
     validate_every: int = 0  # steps between PNG grids (0 = only at the end)
     validate_steps: int = 4  # sampler steps of the validation edits
     log_every: int = 1
+    draws_per_example: int = 1  # noise/timestep draws per example: one generated LoRA serves them all
+    max_nonfinite: int = 5  # consecutive non-finite (NaN/inf) steps that stop the run
+    fsdp: bool = False  # shard the trained module with torch FSDP2 (trainer/sharding.py)
+    fsdp_shard_base: bool = False  # also shard the frozen base's blocks (implies fsdp)
 
 
 @dataclass
@@ -163,8 +171,10 @@ def validate(cfg: TrainConfig) -> None:
     problems = []
     if b.family not in BASE_FAMILIES:
         problems.append(f"base.family '{b.family}' is not one of {', '.join(BASE_FAMILIES)}")
-    if not b.path:
+    if not b.path and not b.synthetic_full:
         problems.append("base.path is empty: give the local diffusers folder of the frozen base")
+    if b.synthetic_full and b.tiny:
+        problems.append("base.tiny and base.synthetic_full exclude each other: pick the seeded tiny base or the full-size random one")
     if b.resolution % 16 or b.resolution < 16:
         problems.append(f"base.resolution {b.resolution} must be a positive multiple of 16")
     if d.source not in SOURCES:
@@ -193,12 +203,22 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"train.timestep_sampling '{t.timestep_sampling}' is not logit_normal or uniform")
     if t.device not in ("auto", "cpu", "cuda"):
         problems.append(f"train.device '{t.device}' is not auto, cpu or cuda")
-    for k in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "validate_steps", "log_every"):
+    for k in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "validate_steps", "log_every", "draws_per_example",
+              "max_nonfinite"):
         if getattr(t, k) < 1:
             problems.append(f"train.{k} must be at least 1")
     for k in ("drop_text", "drop_image"):
         v = getattr(t, k)
         if v is not None and not 0 <= v < 1:
             problems.append(f"train.{k} must be in [0, 1)")
+    if (t.fsdp or t.fsdp_shard_base) and t.mixed_precision == "fp16":
+        problems.append("train.fsdp runs in fp32 or bf16 (train.mixed_precision: no | bf16); fp16 needs a sharded "
+                        "gradient scaler the trainer does not have")
+    for k in ("token_width", "row_tokens"):
+        v = getattr(g, k)
+        if v is not None and v < 1:
+            problems.append(f"generator.{k} must be a positive integer (or null for the default)")
+    if d.cache_mb < 0:
+        problems.append("data.cache_mb must be >= 0 (0 turns the cache of encodings off)")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

@@ -174,10 +174,16 @@ class BatchStream:
     size and position (the state is just ``epoch`` and ``cursor``).
     """
 
-    def __init__(self, dataset: EditDataset, batch_size: int, resolution: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, dataset: EditDataset, batch_size: int, resolution: int, seed: int, rank: int = 0, world: int = 1,
+                 load=None, collate_fn=None):
+        """``load(i)`` returns row ``i`` as an item (or raises :class:`BadRow`) and ``collate_fn``
+        joins items into a batch; by default rows are decoded images (:meth:`EditDataset.load`)
+        and :func:`collate`. The trainer passes its cache of encodings here (trainer.encoded)."""
         if len(dataset) == 0:
             raise ValueError("the training data has no rows")
         self.ds, self.b, self.res, self.seed, self.rank, self.world = dataset, batch_size, resolution, seed, rank, world
+        self._load = load or (lambda i: dataset.load(i, resolution))
+        self._collate = collate_fn or collate
         self.epoch, self.cursor = 0, 0
         self.skipped: Counter = Counter()
         self._bad: set[int] = set()
@@ -212,14 +218,14 @@ class BatchStream:
                 if i in self._bad:
                     continue
                 try:
-                    items.append(self.ds.load(i, self.res))
+                    items.append(self._load(i))
                 except BadRow as e:
                     self._bad.add(i)
                     self.skipped[str(e)] += 1
             if items:
                 while len(items) < self.b:  # refill bad slots (keeps batch shapes equal across processes)
                     items.append(items[len(items) % max(1, len(items))])
-                return collate(items, self._task_index)
+                return self._collate(items, self._task_index)
         raise RuntimeError(f"no valid rows found in the training data; skipped so far: {dict(self.skipped)}")
 
 

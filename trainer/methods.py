@@ -42,11 +42,14 @@ class StaticLoRA(nn.Module):
 
 
 class Method:
-    def __init__(self, name: str, module: nn.Module, family: str, tasks: list[str] | None = None):
+    def __init__(self, name: str, module: nn.Module, family: str, tasks: list[str] | None = None, factory=None):
         self.name, self.module, self.family, self.tasks = name, module, family, tasks or []
+        self.factory = factory  # builds a fresh module of the same shape (unsharded copies)
 
-    def lora(self, wrapped: nn.Module, cond, task_id: torch.Tensor) -> tuple[GeneratedLoRA, torch.Tensor | None]:
-        """Call through ``wrapped`` (the DDP/accelerate wrapper) so gradients are synchronised."""
+    def lora(self, wrapped: nn.Module, cond, task_id: torch.Tensor, draws: int = 1) -> tuple[GeneratedLoRA, torch.Tensor | None]:
+        """Call through ``wrapped`` (the DDP wrapper or the sharded module) so gradients are
+        synchronised. ``draws``: samples per example in the base batch (draw-major, see
+        FamilyAdapter.prepare_encoded); the generated / per-task LoRA of example j serves them all."""
         inner = self.module
         if self.name == "hywu":
             return wrapped(cond), None
@@ -55,7 +58,16 @@ class Method:
             return GeneratedLoRA(weights, inner.scale), None
         if (task_id < 0).any():
             raise ValueError("per_task_lora: a training row has no task label (or one not seen when the run started)")
-        return GeneratedLoRA(weights, inner.scale), task_id
+        return GeneratedLoRA(weights, inner.scale), task_id.repeat(draws)
+
+    def unsharded(self, state_dict: dict) -> "Method":
+        """A plain copy holding ``state_dict`` (a sharded run writes its user files from it)."""
+        with torch.device("meta"):
+            module = self.factory()
+        module.load_state_dict(state_dict, assign=True)
+        if hasattr(module, "register_index_buffers"):
+            module.register_index_buffers()  # built on 'meta' with the weights
+        return Method(self.name, module, self.family, self.tasks, self.factory)
 
     def save(self, folder: str, name: str, extra: dict) -> list[str]:
         """Write the user-facing file(s) into ``folder``; returns their paths."""
@@ -83,12 +95,15 @@ def _atomic_save(tensors: dict, path: str, metadata: dict) -> None:
 def build_method(cfg, target_spec, condition_spec, tasks: list[str]) -> Method:
     g, method = cfg.generator, cfg.train.method
     if method == "hywu":
-        extra = {} if g.token_width is None else {"token_width": g.token_width}
+        overrides = {k: getattr(g, k) for k in ("token_width", "row_tokens") if getattr(g, k) is not None}
         gcfg = GeneratorConfig.from_preset(g.preset, rank=g.rank, alpha=g.alpha, gradient_checkpointing=g.gradient_checkpointing,
-                                           condition_norm=g.condition_norm, shared_rank=g.shared_rank, film=g.film, **extra)
-        return Method(method, HYWUGenerator(gcfg, target_spec, condition_spec), cfg.base.family)
+                                           condition_norm=g.condition_norm, shared_rank=g.shared_rank, film=g.film, **overrides)
+        factory = lambda: HYWUGenerator(gcfg, target_spec, condition_spec)  # noqa: E731
+        return Method(method, factory(), cfg.base.family, factory=factory)
     if method == "shared_lora":
-        return Method(method, StaticLoRA(target_spec, g.rank, g.alpha, 1), cfg.base.family)
+        factory = lambda: StaticLoRA(target_spec, g.rank, g.alpha, 1)  # noqa: E731
+        return Method(method, factory(), cfg.base.family, factory=factory)
     if not tasks:
         raise ValueError("train.method=per_task_lora needs task labels in the data (a 'task' column); none were found")
-    return Method(method, StaticLoRA(target_spec, g.rank, g.alpha, len(tasks)), cfg.base.family, tasks)
+    factory = lambda: StaticLoRA(target_spec, g.rank, g.alpha, len(tasks))  # noqa: E731
+    return Method(method, factory(), cfg.base.family, tasks, factory=factory)

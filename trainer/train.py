@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -24,9 +25,12 @@ from hywu_nodes.core import build_target_spec, condition_statistics, describe, l
 
 from .config import ConfigError, TrainConfig, load_config
 from .data import BadRow, BatchStream, build_datasets, collate
+from .encoded import EncodedRows, cache_key
 from .families import BaseFolderError, check_base, load_family, module_digest
+from .guard import NonFiniteGuard, TrainingDiverged
 from .methods import build_method
-from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+from .sharding import ensure_process_group, full_state_dict, shard
+from .state import CheckpointWriteError, Group, latest_checkpoint, load_checkpoint, save_checkpoint
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
@@ -37,13 +41,19 @@ config keys (YAML sections; override any with --section.key=value):
   base.family        sd15_ip2p | flux_kontext | qwen_image_edit
   base.path          local diffusers folder of the frozen base (never a hub id)
   base.tiny          true: build a seeded tiny base into base.path if missing (tests/demo)
+  base.synthetic_full  true: build the full-size architecture (trainer/architectures) with
+                     seeded RANDOM weights instead of reading base.path (benchmarks only)
   base.resolution    square training bucket and condition resolution (multiple of 16)
   base.text_tokens   text condition length (default: 77 / 512 / 1024 by family)
   base.targets       list of regexes of adapted linear layers (default: attention + FFN)
   data.source        synthetic | manifest (.jsonl/.csv) | parquet (folder)
   data.path          manifest file or parquet folder; data.n_train / data.n_val / data.tasks
+  data.cache_mb      memory for rows encoded once before the first step (latents + text
+                     features; default 2048, 0 = encode every batch)
+  data.cache_dir     also keep those encodings on disk there (next run on the same base/data
+                     loads them instead of encoding again)
   generator.preset   tiny | small | medium | large; generator.rank, generator.alpha,
-                     generator.gradient_checkpointing
+                     generator.gradient_checkpointing, generator.token_width / row_tokens
   train.method       hywu | shared_lora | per_task_lora
   train.max_steps, train.batch_size (per process), train.grad_accum, train.lr,
   train.weight_decay, train.warmup_steps, train.lr_schedule (constant|cosine),
@@ -51,13 +61,20 @@ config keys (YAML sections; override any with --section.key=value):
   train.device (auto|cpu|cuda), train.base_gradient_checkpointing,
   train.drop_text / train.drop_image (CFG dropout; default per family),
   train.timestep_sampling (logit_normal|uniform, flow families), train.save_every,
-  train.keep_checkpoints, train.validate_every, train.validate_steps, train.log_every
+  train.keep_checkpoints, train.validate_every, train.validate_steps, train.log_every,
+  train.draws_per_example (noise/timestep draws per example; one generated LoRA serves them),
+  train.max_nonfinite (NaN/inf steps in a row that stop the run; each one is skipped),
+  train.fsdp / train.fsdp_shard_base (FSDP2: shard the generator / also the frozen base)
 
 outputs (in --output):
   <name>.safetensors       the generator (what "HY-WU Load Generator" reads), or the LoRA(s)
-  checkpoints/step-*/      resumable training state; checkpoints/latest points at the newest
+  checkpoints/step-*/      resumable training state (sharded runs: one shard per process; resumes
+                           in any process count); checkpoints/latest points at the newest
   samples/step-*.png       source | target | base edit | edit with the generated LoRA
-  summary.json             final loss, steps, samples/s, peak memory, skipped rows
+  summary.json             final loss, steps, samples/s, peak memory, skipped rows, skipped
+                           non-finite steps, failed checkpoint writes
+exit codes: 0 done, 2 configuration / base folder error, 3 diverged (non-finite steps) or a
+checkpoint that had to be written could not be
 With no arguments the demo config runs ({DEMO_CONFIG.relative_to(CONFIG_DIR.parent.parent) if DEMO_CONFIG.exists() else FALLBACK_CONFIG.name}).
 """
 
@@ -122,31 +139,47 @@ def _tensorboard(output: str, enabled: bool):
         return None
 
 
-def condition_stats(adapter, dataset, cfg: TrainConfig, batch: int = 64) -> dict:
-    """Mean/std of the generator's condition over the first ``generator.norm_examples`` rows."""
-    def conditions():
-        rows = []
+def condition_stats(adapter, dataset, rows, cfg: TrainConfig, batch: int = 64) -> dict:
+    """Mean/std of the generator's condition over the first ``generator.norm_examples`` rows
+    (from the pre-encoded rows when there are, else encoded here)."""
+    def chunks():
+        items = []
         for i in range(min(len(dataset), cfg.generator.norm_examples)):
             try:
-                rows.append(dataset.load(i, cfg.base.resolution))
+                items.append(rows.load(i) if rows else dataset.load(i, cfg.base.resolution))
             except BadRow:
                 continue
-            if len(rows) == batch:
-                yield adapter.encode_condition(torch.stack([r["source"] for r in rows]), [r["instruction"] for r in rows]).to("cpu")
-                rows = []
-        if rows:
-            yield adapter.encode_condition(torch.stack([r["source"] for r in rows]), [r["instruction"] for r in rows]).to("cpu")
+            if len(items) == batch:
+                yield items
+                items = []
+        if items:
+            yield items
+
+    def conditions():
+        for items in chunks():
+            if rows:
+                enc = rows.collate(items, {})["enc"]
+                yield adapter.prepare_encoded(enc, 0, list(range(len(items))))["condition"].to("cpu")
+            else:
+                yield adapter.encode_condition(torch.stack([r["source"] for r in items]), [r["instruction"] for r in items]).to("cpu")
 
     return condition_statistics(conditions(), adapter.condition_spec, cfg.generator.condition_norm)
+
+
+def _finite_float(x) -> float:
+    x = x.full_tensor() if hasattr(x, "full_tensor") else x  # a sharded gradient norm
+    return float(x)
 
 
 def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_frozen: bool = False,
         stop_after: int | None = None) -> dict:
     """Train per ``cfg``; returns (and writes) the summary. Safe to call in-process (tests).
     ``check_frozen`` hashes every frozen module before and after (summary["frozen_unchanged"]).
-    ``stop_after``: checkpoint and return after this many steps of this invocation (time-limited jobs)."""
+    ``stop_after``: checkpoint and return after this many steps of this invocation (time-limited jobs).
+    Raises :class:`TrainingDiverged` after ``train.max_nonfinite`` non-finite steps in a row and
+    :class:`CheckpointWriteError` when the final (or paused) checkpoint cannot be written."""
     from accelerate import Accelerator
-    from accelerate.utils import gather_object
+    from accelerate.utils import DistributedType, gather_object
 
     t = cfg.train
     if not (cfg.base.tiny and not Path(cfg.base.path).exists()):
@@ -156,6 +189,10 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
         raise ConfigError("train.device=cuda but no CUDA device is visible; use --device cpu or auto")
     accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum, cpu=cpu)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    sharded = t.fsdp or t.fsdp_shard_base or accelerator.distributed_type == DistributedType.FSDP
+    if sharded:
+        ensure_process_group(device)
+    group = Group(device)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[t.mixed_precision]
     output = Path(cfg.output)
     ckpt_root = output / "checkpoints"
@@ -172,18 +209,29 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
 
     digests = {k: module_digest(m) for k, m in adapter.frozen_modules().items()} if check_frozen else None
     train_ds, val_ds = build_datasets(cfg)
+    rows = None
+    if cfg.data.cache_mb > 0:
+        cache_file = Path(cfg.data.cache_dir) / f"encoded-{cache_key(cfg, weight_dtype)}.safetensors" if cfg.data.cache_dir else None
+        rows = EncodedRows(adapter, train_ds, cfg.base.resolution, cfg.data.cache_mb).fill(cache_file, accelerator.is_main_process)
     torch.manual_seed(t.seed)  # same generator init on every process
     target_spec = build_target_spec(adapter.denoiser, cfg.base.family, include=cfg.base.targets)
     method = build_method(cfg, target_spec, adapter.condition_spec, train_ds.tasks)
     if method.name == "hywu" and cfg.generator.condition_norm != "none":
         # Every process computes the same statistics from the same first rows (no communication).
-        method.module.set_condition_stats(condition_stats(adapter, train_ds, cfg))
+        method.module.set_condition_stats(condition_stats(adapter, train_ds, rows, cfg))
     module = method.module.to(device).train()
+    if sharded:  # FSDP synchronises through the module itself (trainer/sharding.py)
+        shard(module, compute_dtype=weight_dtype if weight_dtype != torch.float32 else None)
+        if t.fsdp_shard_base:
+            shard(adapter.denoiser)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    wrapped = module
+    if not sharded:  # DDP when several processes; the scheduler is stepped by hand (once per optimizer step)
+        wrapped, optimizer = accelerator.prepare(module, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    wrapped, optimizer = accelerator.prepare(module, optimizer)  # the scheduler is stepped by hand (once per optimizer step)
-    stream = BatchStream(train_ds, t.batch_size, cfg.base.resolution, t.seed, rank, world)
+    stream = BatchStream(train_ds, t.batch_size, cfg.base.resolution, t.seed, rank, world,
+                         load=rows.load if rows else None, collate_fn=rows.collate if rows else None)
 
     start = 0
     if resume:
@@ -192,12 +240,14 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
             meta = load_checkpoint(found, module, optimizer, scheduler)
             start = int(meta["step"])
             stream.load_state_dict(meta["data"][rank] if rank < len(meta["data"]) else meta["data"][0])
-            accelerator.print(f"resumed from {found} (step {start})")
+            accelerator.print(f"resumed from {found} (step {start}, written by {meta.get('processes', 1)} process(es))")
         else:
             accelerator.print(f"--resume: no complete checkpoint under {ckpt_root}; starting from step 0")
 
-    sizes = describe(module.config, target_spec, adapter.condition_spec) if method.name == "hywu" else {
-        "targets": len(target_spec.targets), "lora_parameters": sum(p.numel() for p in params)}
+    with torch.device("meta"):
+        lora_parameters = sum(p.numel() for p in method.factory().parameters())  # unsharded count
+    sizes = describe(method.module.config, target_spec, adapter.condition_spec) if method.name == "hywu" else {
+        "targets": len(target_spec.targets), "lora_parameters": lora_parameters}
     info = {"name": cfg.name, "base_family": cfg.base.family, "base_path": str(cfg.base.path), "method": method.name,
             "resolution": cfg.base.resolution, "config": cfg.to_dict()}
     val_items = []
@@ -208,59 +258,106 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
             pass  # the same row is counted when the training stream reaches it
     val_batch = collate(val_items, {tk: i for i, tk in enumerate(train_ds.tasks)}) if val_items else None
 
-    def save(step: int):
+    def plain_method():
+        """The method with unsharded weights on the main process (collective when sharded)."""
+        if not sharded:
+            return method
+        full = full_state_dict(module)
+        return method.unsharded(full) if full is not None else None
+
+    def save(step: int, must: bool) -> bool:
+        """Checkpoint ``step``; a failed write is reported and (unless ``must``) training goes on."""
         states = gather_object([stream.state_dict()]) if world > 1 else [stream.state_dict()]
-        if accelerator.is_main_process:
-            extra = {"steps": step, "method": method.name, "base_path": str(cfg.base.path), "name": cfg.name}
-            save_checkpoint(ckpt_root, step, module, optimizer, scheduler, states,
-                            lambda folder: method.save(folder, cfg.name, extra), info, keep=t.keep_checkpoints)
-        accelerator.wait_for_everyone()
+        extra = {"steps": step, "method": method.name, "base_path": str(cfg.base.path), "name": cfg.name}
+        writer = plain_method()
+        err = None
+        try:
+            if sharded or accelerator.is_main_process:
+                save_checkpoint(ckpt_root, step, module, optimizer, scheduler, states,
+                                lambda folder: writer.save(folder, cfg.name, extra), info, keep=t.keep_checkpoints,
+                                group=group, sharded=sharded)
+        except CheckpointWriteError as e:
+            err = e
+        ok = group.all_true(err is None)  # every process learns that the main one failed
+        if not ok:
+            failures.append(step)
+            if err is not None and not must:
+                print(f"warning: {err}", file=sys.stderr)
+        if must and not ok:
+            raise err or CheckpointWriteError(f"checkpoint step-{step:08d} could not be written on the main process; "
+                                              f"see its log. The previous checkpoint {latest_checkpoint(ckpt_root)} is intact.")
+        return ok
 
     def validate(step: int):
-        if accelerator.is_main_process and val_batch is not None:
+        if val_batch is None:
+            return
+        if sharded or accelerator.is_main_process:  # a sharded generator needs every process for its forward
             from .validate import validation_grid
 
-            validation_grid(adapter, method, val_batch, t.validate_steps, str(output / "samples" / f"step-{step:08d}.png"), seed=t.seed)
+            validation_grid(adapter, method, val_batch, t.validate_steps, str(output / "samples" / f"step-{step:08d}.png"),
+                            seed=t.seed, write=accelerator.is_main_process)
         accelerator.wait_for_everyone()
 
     tb = _tensorboard(str(output), accelerator.is_main_process)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=t.max_steps, initial=start, disable=not (progress and accelerator.is_main_process), desc=cfg.name)
-    global_batch = t.batch_size * world
-    losses: list[float] = []
+    global_batch, draws = t.batch_size * world, t.draws_per_example
+    losses: list[float | None] = []
     step_times: list[float] = []
+    step_cpu: list[float] = []
+    failures: list[int] = []
+    guard = NonFiniteGuard(t.max_nonfinite)
     t0, samples = time.perf_counter(), 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     end = t.max_steps if stop_after is None else min(t.max_steps, start + stop_after)
     for step in range(start, end):
-        ts = time.perf_counter()
+        ts, cs = time.perf_counter(), time.process_time()
         step_loss = torch.zeros((), device=device)
         for micro in range(t.grad_accum):
             batch = stream.next_batch()
-            keys = [micro * global_batch + rank * t.batch_size + j for j in range(t.batch_size)]
-            prep = adapter.prepare(batch, step, keys)
-            with accelerator.accumulate(wrapped), accelerator.autocast():
-                lora, s2l = method.lora(wrapped, prep["condition"].to(device), batch["task_id"].to(device))
+            # One key per (global example slot, draw): noise, timesteps and dropout never depend on the process split.
+            keys = [(micro * global_batch + rank * t.batch_size + j) * draws + d for d in range(draws) for j in range(t.batch_size)]
+            enc = batch["enc"] if "enc" in batch else adapter.encode(batch)
+            prep = adapter.prepare_encoded(enc, step, keys)
+            last = micro == t.grad_accum - 1
+            if sharded:
+                module.set_requires_gradient_sync(last)  # reduce-scatter once per optimizer step
+            with (nullcontext() if sharded else accelerator.accumulate(wrapped)), accelerator.autocast():
+                lora, s2l = method.lora(wrapped, prep["condition"].to(device), batch["task_id"].to(device), draws)
                 # Backward inside the patch: activation checkpointing recomputes the hooked forward.
                 with lora_patched(adapter.denoiser, lora, sample_to_lora=s2l):
                     loss = adapter.loss(prep).mean()
-                    accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                    if sharded:
+                        (loss / t.grad_accum).backward()
+                    else:
+                        accelerator.backward(loss)
             step_loss += loss.detach() / t.grad_accum
+        clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")  # inf: measure only (non-finite check)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, clip) if sharded else accelerator.clip_grad_norm_(params, clip))
+        loss_value = accelerator.reduce(step_loss, reduction="mean").item() if world > 1 else step_loss.item()
+        done = step + 1
+        # fp16: an overflowing gradient is the GradScaler's business (it skips the step and lowers the scale)
+        problem = guard.check(done, loss_value, _finite_float(grad_norm) if accelerator.scaler is None else 0.0)
+        if problem is None:
+            optimizer.step()
+        else:
+            accelerator.print(f"warning: {problem}", file=sys.stderr)
+            if tb is not None:
+                tb.add_scalar("train/nonfinite_skipped", len(guard.skipped), done)
+        optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_times.append(time.perf_counter() - ts)
+        step_cpu.append(time.process_time() - cs)  # CPU seconds of this process: steadier than wall time on a shared machine
         samples += global_batch * t.grad_accum
-        loss_value = accelerator.reduce(step_loss, reduction="mean").item() if world > 1 else step_loss.item()
-        losses.append(loss_value)
-        done = step + 1
-        if done % t.log_every == 0 or done == t.max_steps:
+        losses.append(loss_value if problem is None else None)
+        if guard.should_stop:
+            bar.close()
+            raise TrainingDiverged(guard.stop_message(done, latest_checkpoint(ckpt_root)))
+        if problem is None and (done % t.log_every == 0 or done == t.max_steps):
             rate = samples / max(time.perf_counter() - t0, 1e-9)
             lr = scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", peak_mb=f"{_peak_memory_mb(device):.0f}")
@@ -270,36 +367,43 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
                 tb.add_scalar("train/samples_per_s", rate, done)
         bar.update(1)
         if t.save_every and done % t.save_every == 0 and done < t.max_steps:
-            save(done)
+            if guard.in_a_row:  # keep the last checkpoint a good one until a step succeeds again
+                accelerator.print(f"warning: checkpoint at step {done} skipped: the step was not finite", file=sys.stderr)
+            else:
+                save(done, must=False)
         if t.validate_every and done % t.validate_every == 0 and done < t.max_steps:
             validate(done)
     bar.close()
     elapsed = time.perf_counter() - t0
     if end < t.max_steps:  # paused: checkpoint only; the final files come when the run completes
-        save(end)
+        save(end, must=True)
         accelerator.end_training()
         return {"name": cfg.name, "steps": end, "paused": True, "resumed_from": start, "losses": losses}
 
-    save(t.max_steps)
+    save(t.max_steps, must=True)
     final_files = []
+    writer = plain_method()
     if accelerator.is_main_process:
         extra = {"steps": t.max_steps, "method": method.name, "base_path": str(cfg.base.path), "name": cfg.name}
-        final_files = method.save(str(output), cfg.name, extra)
+        final_files = writer.save(str(output), cfg.name, extra)
     validate(t.max_steps)
     skipped = gather_object([dict(stream.skipped)]) if world > 1 else [dict(stream.skipped)]
     total_skipped: dict[str, int] = {}
     for s in skipped:
         for k, v in s.items():
             total_skipped[k] = total_skipped.get(k, 0) + v
+    finite = [x for x in losses if x is not None]
     summary = {
         "name": cfg.name, "method": method.name, "base_family": cfg.base.family, "steps": t.max_steps, "resumed_from": start,
-        "processes": world, "global_batch": global_batch * t.grad_accum, "first_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None,
-        "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        "processes": world, "global_batch": global_batch * t.grad_accum, "draws_per_example": draws,
+        "first_loss": finite[0] if finite else None, "final_loss": finite[-1] if finite else None,
+        "mean_loss_last_10": sum(finite[-10:]) / len(finite[-10:]) if finite else None,
         "samples_per_s": samples / elapsed if elapsed > 0 and samples else None, "peak_memory_mb": _peak_memory_mb(device),
-        "skipped_rows": total_skipped, "skipped_total": sum(total_skipped.values()), "files": final_files,
+        "skipped_rows": total_skipped, "skipped_total": sum(total_skipped.values()),
+        "nonfinite_steps_skipped": guard.skipped, "checkpoint_failures": failures, "files": final_files,
+        "encoded_rows": rows.summary() if rows else None, "sharded": {"fsdp": sharded, "base": bool(sharded and t.fsdp_shard_base)},
         "sizes": sizes, "device": str(device), "mixed_precision": t.mixed_precision, "losses": losses,
-        "step_times": step_times,
+        "step_times": step_times, "step_cpu_times": step_cpu,
     }
     if digests is not None:
         after = {k: module_digest(m) for k, m in adapter.frozen_modules().items()}
@@ -328,8 +432,11 @@ def main(argv=None) -> int:
     except (ConfigError, BaseFolderError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (TrainingDiverged, CheckpointWriteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     if summary is not None and int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in summary.items() if k not in ("losses", "sizes", "step_times")}))
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("losses", "sizes", "step_times", "step_cpu_times")}))
     return 0
 
 

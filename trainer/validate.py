@@ -17,7 +17,9 @@ def to_pil_row(images: list[torch.Tensor]) -> Image.Image:
 
 
 @torch.no_grad()
-def validation_grid(adapter, method, val_batch: dict, steps: int, path: str, seed: int = 0) -> str:
+def validation_grid(adapter, method, val_batch: dict, steps: int, path: str, seed: int = 0, write: bool = True) -> str:
+    """Sample the grid; ``write=False`` on the other processes of a sharded run (they take part
+    in the generator's forward but write nothing)."""
     src, tgt, text = val_batch["source"], val_batch["target"], val_batch["instruction"]
     base = adapter.sample(src, text, steps, seed=seed)
     module = method.module
@@ -32,6 +34,8 @@ def validation_grid(adapter, method, val_batch: dict, steps: int, path: str, see
             edited = adapter.sample(src, text, steps, seed=seed)
     finally:
         module.train(was_training)
+    if not write:
+        return path
     rows = [to_pil_row([s, t, b, e]) for s, t, b, e in zip(src, tgt, base, edited)]
     grid = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)))
     y = 0

@@ -13,6 +13,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused kernel, same result
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -32,6 +34,11 @@ def rope_angles_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Te
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Rotate pairs of channels of x (..., seq, head_dim) by angles (seq, head_dim // 2)."""
+    if x.dtype == torch.float32:
+        # Pair (x1, x2) as the complex number x1 + i x2 times e^(i angle): the same rotation in one
+        # kernel instead of six elementwise passes and a stack (a third of a CPU generator step).
+        rot = torch.polar(torch.ones_like(angles, dtype=torch.float32), angles.float())
+        return torch.view_as_real(torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2)) * rot).flatten(-2)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)

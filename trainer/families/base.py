@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from pathlib import Path
 
 import torch
@@ -37,6 +38,52 @@ def check_base_folder(path: str, family: str, required: dict[str, str]) -> Path:
     return p
 
 
+class BaseParts:
+    """Where a family's frozen components come from: the local diffusers folder ``base.path``, or,
+    with ``base.synthetic_full``, the full-size architectures shipped in ``trainer/architectures``
+    with seeded random weights (benchmarks and memory checks only: such a base edits nothing)."""
+
+    def __init__(self, cfg, family: str, required: dict[str, str]):
+        self.family, self.synthetic = family, bool(cfg.base.synthetic_full)
+        self.root = None if self.synthetic else check_base_folder(cfg.base.path, family, required)
+
+    def model(self, sub: str, cls, device, dtype) -> nn.Module:
+        if self.synthetic:
+            from trainer.full_bases import build_component
+
+            return build_component(self.family, sub, device, dtype, seed=zlib.crc32(sub.encode()))
+        # diffusers and transformers name the dtype argument differently
+        key = "torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"
+        return cls.from_pretrained(self.root / sub, **{key: dtype}).to(device)
+
+    def tokenizer(self, sub: str, max_length: int):
+        from transformers import AutoTokenizer
+
+        if not self.synthetic:
+            return AutoTokenizer.from_pretrained(self.root / sub)
+        import tempfile
+
+        from trainer.tiny_bases import write_byte_tokenizer
+
+        with tempfile.TemporaryDirectory(prefix="hywu_tok_") as tmp:  # vocabularies are data, not shipped configs
+            write_byte_tokenizer(tmp, max_length=max_length)
+            return AutoTokenizer.from_pretrained(tmp)
+
+    def scheduler(self, cls):
+        if self.synthetic:
+            from trainer.full_bases import scheduler_config
+
+            return cls.from_config(scheduler_config(self.family))
+        return cls.from_pretrained(self.root / "scheduler")
+
+    def class_name(self, sub: str) -> str:
+        if self.synthetic:
+            from trainer.full_bases import architecture
+
+            return architecture(self.family, sub)["_class_name"]
+        return read_class_name(self.root / sub)
+
+
 def freeze(*modules: nn.Module) -> None:
     """Frozen parts: no grads, eval mode (no dropout), never in the optimizer."""
     for m in modules:
@@ -48,6 +95,30 @@ def sample_generators(seed: int, step: int, keys: list[int]) -> list[torch.Gener
     """One CPU generator per sample, keyed by (seed, step, global slot): noise, timesteps and
     dropout do not depend on how the global batch is split over processes or on resuming."""
     return [torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + k) for k in keys]
+
+
+def split_batch(x) -> list:
+    """A batched tensor (or tuple of them) -> one entry per example."""
+    if isinstance(x, (tuple, list)):
+        return list(zip(*(split_batch(t) for t in x)))
+    return list(x.unbind(0))
+
+
+def stack_batch(items: list):
+    """Inverse of :func:`split_batch`."""
+    if isinstance(items[0], (tuple, list)):
+        return tuple(stack_batch(list(col)) for col in zip(*items))
+    return torch.stack(items)
+
+
+def repeat_draws(x, n: int):
+    """Batch of B (a tensor or a tuple of tensors) -> n/B draws of it, draw-major (see prepare_encoded)."""
+    if isinstance(x, (tuple, list)):
+        return tuple(repeat_draws(t, n) for t in x)
+    k, rest = divmod(n, x.shape[0])
+    if rest:
+        raise ValueError(f"{n} samples do not divide into draws of a batch of {x.shape[0]}")
+    return x if k == 1 else x.repeat(k, *([1] * (x.ndim - 1)))
 
 
 def per_sample(gens, fn) -> torch.Tensor:
@@ -73,6 +144,7 @@ def module_digest(module: nn.Module) -> str:
     """sha256 over every parameter and buffer (tests: frozen weights stay bit-identical)."""
     h = hashlib.sha256()
     for k, v in sorted(module.state_dict().items()):
+        v = v.to_local() if hasattr(v, "to_local") else v  # a sharded base: this process's shard
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
     return h.hexdigest()
@@ -109,9 +181,37 @@ class FamilyAdapter:
         self.denoiser.enable_gradient_checkpointing()
 
     @torch.no_grad()
-    def prepare(self, batch: dict, step: int, keys: list[int]) -> dict:
-        """Frozen work for a training batch: encodings, noise, timesteps, dropout."""
+    def encode(self, batch: dict) -> dict:
+        """The frozen, deterministic encodings of a decoded batch, which the trainer caches per
+        example: ``source`` / ``target`` latents (as the denoiser sees them) and ``text`` (what
+        :meth:`training_text` returns)."""
+        return {"source": self.latent(batch["source"]), "target": self.latent(batch["target"]),
+                "text": self.training_text(batch["instruction"])}
+
+    def training_text(self, texts: list[str]):
+        """The text encodings the trainer keeps per instruction (default: :meth:`encode_text`'s)."""
+        return self.encode_text(texts)
+
+    def text_items(self, text) -> list:
+        """Split a :meth:`training_text` result into one item per instruction (for the cache)."""
+        return split_batch(text)
+
+    def stack_text(self, items: list):
+        """Inverse of :meth:`text_items`."""
+        return stack_batch(items)
+
+    @torch.no_grad()
+    def prepare_encoded(self, enc: dict, step: int, keys: list[int]) -> dict:
+        """Training inputs from encodings of B examples: noise, timesteps and dropout per key.
+        ``len(keys)`` may be a multiple k x B: each example then gets k draws, laid out as
+        [draw 0 of every example, draw 1 of every example, ...] so that sample ``i`` uses the
+        example's LoRA ``i % B`` (core.lora_delta's default). ``condition`` has the B examples."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def prepare(self, batch: dict, step: int, keys: list[int]) -> dict:
+        """Frozen work for a decoded training batch: encodings, noise, timesteps, dropout."""
+        return self.prepare_encoded(self.encode(batch), step, keys)
 
     def condition(self, prep: dict) -> Condition:
         """The generator's input for the batch (never dropped)."""

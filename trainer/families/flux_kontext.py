@@ -12,7 +12,7 @@ import torch
 
 from hywu_nodes.core import Condition, patchify_latent, standard_condition_spec
 
-from .base import FlowMatchingFamily, check_base_folder, freeze, sample_generators
+from .base import BaseParts, FlowMatchingFamily, freeze, repeat_draws, sample_generators
 
 REQUIRED = {
     "transformer": "FluxTransformer2DModel",
@@ -32,15 +32,15 @@ class FluxKontext(FlowMatchingFamily):
     def __init__(self, cfg, device, dtype):
         super().__init__(cfg, device, dtype)
         from diffusers import AutoencoderKL, FluxTransformer2DModel
-        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+        from transformers import CLIPTextModel, T5EncoderModel
 
-        root = check_base_folder(cfg.base.path, self.name, REQUIRED)
-        self.transformer = FluxTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=dtype).to(device)
-        self.clip = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype).to(device)
-        self.clip_tok = AutoTokenizer.from_pretrained(root / "tokenizer")
-        self.t5 = T5EncoderModel.from_pretrained(root / "text_encoder_2", dtype=dtype).to(device)
-        self.t5_tok = AutoTokenizer.from_pretrained(root / "tokenizer_2")
-        self.vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype).to(device)
+        parts = BaseParts(cfg, self.name, REQUIRED)
+        self.transformer = parts.model("transformer", FluxTransformer2DModel, device, dtype)
+        self.clip = parts.model("text_encoder", CLIPTextModel, device, dtype)
+        self.clip_tok = parts.tokenizer("tokenizer", max_length=77)
+        self.t5 = parts.model("text_encoder_2", T5EncoderModel, device, dtype)
+        self.t5_tok = parts.tokenizer("tokenizer_2", max_length=512)
+        self.vae = parts.model("vae", AutoencoderKL, device, dtype)
         freeze(self.transformer, self.clip, self.t5, self.vae)
         self.denoiser = self.transformer
         self.latent_channels = self.vae.config.latent_channels
@@ -97,12 +97,11 @@ class FluxKontext(FlowMatchingFamily):
         return self._empty
 
     @torch.no_grad()
-    def prepare(self, batch, step, keys):
+    def prepare_encoded(self, enc, step, keys):
         gens = sample_generators(self.cfg.train.seed, step, keys)
-        seq, pooled = self.encode_text(batch["instruction"])
-        src, x0 = self.latent(batch["source"]), self.latent(batch["target"])
+        cond = Condition({"text": enc["text"][0].float(), "image": patchify_latent(enc["source"], 2).float()})
+        (seq, pooled), src, x0 = (repeat_draws(enc[k], len(keys)) for k in ("text", "source", "target"))
         ref = patchify_latent(src, 2)
-        cond = Condition({"text": seq.float(), "image": ref.float()})
         drop_t, drop_i = self.drop_masks(gens)
         eseq, epool = self._empty_text()
         seq = torch.where(drop_t[:, None, None], eseq.expand_as(seq), seq)

@@ -15,7 +15,7 @@ import torch
 
 from hywu_nodes.core import Condition, patchify_latent, standard_condition_spec
 
-from .base import FlowMatchingFamily, check_base_folder, freeze, sample_generators
+from .base import BaseParts, FlowMatchingFamily, freeze, repeat_draws, sample_generators
 
 REQUIRED = {
     "transformer": "QwenImageTransformer2DModel",
@@ -36,13 +36,13 @@ class QwenImageEdit(FlowMatchingFamily):
     def __init__(self, cfg, device, dtype):
         super().__init__(cfg, device, dtype)
         from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
-        root = check_base_folder(cfg.base.path, self.name, REQUIRED)
-        self.transformer = QwenImageTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=dtype).to(device)
-        self.text_encoder = AutoModel.from_pretrained(root / "text_encoder", dtype=dtype).to(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-        self.vae = AutoencoderKLQwenImage.from_pretrained(root / "vae", torch_dtype=dtype).to(device)
+        parts = BaseParts(cfg, self.name, REQUIRED)
+        self.transformer = parts.model("transformer", QwenImageTransformer2DModel, device, dtype)
+        self.text_encoder = parts.model("text_encoder", AutoModel, device, dtype)
+        self.tokenizer = parts.tokenizer("tokenizer", max_length=1024)
+        self.vae = parts.model("vae", AutoencoderKLQwenImage, device, dtype)
         freeze(self.transformer, self.text_encoder, self.vae)
         self.denoiser = self.transformer
         self.latent_channels = self.vae.config.z_dim
@@ -104,13 +104,26 @@ class QwenImageEdit(FlowMatchingFamily):
             m = torch.cat([m, m.new_zeros(1, pad)], 1)
         return e[:, :n], m[:, :n]
 
+    def text_items(self, text):
+        """Per instruction: its hidden states without padding (lengths differ)."""
+        hidden, mask = text
+        return [h[: int(m.sum())] for h, m in zip(hidden, mask)]
+
+    def stack_text(self, items):
+        """Right-pad to the longest instruction of the batch, as :meth:`encode_text` does."""
+        n = max(h.shape[0] for h in items)
+        out = items[0].new_zeros(len(items), n, items[0].shape[-1])
+        mask = torch.zeros(len(items), n, dtype=torch.bool, device=items[0].device)
+        for i, h in enumerate(items):
+            out[i, : h.shape[0]], mask[i, : h.shape[0]] = h, True
+        return out, mask
+
     @torch.no_grad()
-    def prepare(self, batch, step, keys):
+    def prepare_encoded(self, enc, step, keys):
         gens = sample_generators(self.cfg.train.seed, step, keys)
-        text, mask = self.encode_text(batch["instruction"])
-        src, x0 = self.latent(batch["source"]), self.latent(batch["target"])
+        cond = Condition({"text": enc["text"][0].float(), "image": patchify_latent(enc["source"], 2).float()}, {"text": enc["text"][1]})
+        (text, mask), src, x0 = (repeat_draws(enc[k], len(keys)) for k in ("text", "source", "target"))
         ref = patchify_latent(src, 2)
-        cond = Condition({"text": text.float(), "image": ref.float()}, {"text": mask})
         drop_t, drop_i = self.drop_masks(gens)
         etext, emask = self._empty_text(text.shape[1])
         base_text = torch.where(drop_t[:, None, None], etext.expand_as(text), text)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from hywu_nodes.core import Condition, patchify_latent, prompt_mask, standard_condition_spec
 
-from .base import FamilyAdapter, check_base_folder, freeze, randn_like_per_sample, read_class_name, sample_generators
+from .base import BaseParts, FamilyAdapter, freeze, randn_like_per_sample, repeat_draws, sample_generators
 
 SD15_LATENT_SCALE = 0.18215  # SD1.5 latent format: model-space latent = raw VAE latent * this
 
@@ -40,18 +40,18 @@ class SD15IP2P(FamilyAdapter):
     def __init__(self, cfg, device, dtype):
         super().__init__(cfg, device, dtype)
         from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
-        from transformers import AutoTokenizer, CLIPTextModel
+        from transformers import CLIPTextModel
 
-        root = check_base_folder(cfg.base.path, self.name, REQUIRED)
-        self.unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype).to(device)
+        parts = BaseParts(cfg, self.name, REQUIRED)
+        self.unet = parts.model("unet", UNet2DConditionModel, device, dtype)
         if self.unet.config.in_channels != 2 * self.unet.config.out_channels:
-            raise ValueError(f"{root / 'unet'} has in_channels={self.unet.config.in_channels}; an InstructPix2Pix UNet has "
+            raise ValueError(f"{cfg.base.path}/unet has in_channels={self.unet.config.in_channels}; an InstructPix2Pix UNet has "
                              f"2 x {self.unet.config.out_channels} (noisy latent + source latent)")
-        self.text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype).to(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-        vae_cls = AutoencoderTiny if read_class_name(root / "vae") == "AutoencoderTiny" else AutoencoderKL
-        self.vae = vae_cls.from_pretrained(root / "vae", torch_dtype=dtype).to(device)
-        self.scheduler = DDPMScheduler.from_pretrained(root / "scheduler")
+        self.text_encoder = parts.model("text_encoder", CLIPTextModel, device, dtype)
+        self.tokenizer = parts.tokenizer("tokenizer", max_length=77)
+        vae_cls = AutoencoderTiny if parts.class_name("vae") == "AutoencoderTiny" else AutoencoderKL
+        self.vae = parts.model("vae", vae_cls, device, dtype)
+        self.scheduler = parts.scheduler(DDPMScheduler)
         freeze(self.unet, self.text_encoder, self.vae)
         self.denoiser = self.unet
         self.latent_channels = self.unet.config.out_channels
@@ -122,16 +122,29 @@ class SD15IP2P(FamilyAdapter):
             self._empty = self.encode_text([""])
         return self._empty
 
+    def training_text(self, texts: list[str]) -> tuple[torch.Tensor, ...]:
+        """What the trainer keeps per instruction: (UNet context, prompt mask), plus the
+        generator's text in between when it reads another layer than the last."""
+        enc = self._encoded(texts)
+        ctx, mask = torch.stack([e[0] for e in enc]), torch.stack([e[2] for e in enc])
+        if self.text_source.text_layer == -1:
+            return ctx, mask
+        return ctx, torch.stack([e[1] for e in enc]), mask
+
     # Training ---------------------------------------------------------------------------------
+    def latent(self, images01: torch.Tensor) -> torch.Tensor:
+        return self.vae_latent(images01)
+
     @torch.no_grad()
-    def prepare(self, batch, step, keys):
+    def prepare_encoded(self, enc, step, keys):
         gens = sample_generators(self.cfg.train.seed, step, keys)
         b = len(keys)
-        text = self.encode_text(batch["instruction"])
-        src_model = self.vae_latent(batch["source"])
+        ctx, *rest = enc["text"]
+        gen_text, mask = (ctx, rest[0]) if len(rest) == 1 else rest
+        masks = {"text": mask} if self.text_source.padding_mask else {}
+        cond = Condition({"text": gen_text.float(), "image": patchify_latent(enc["source"].float(), 2)}, masks)
+        text, src_model, x0 = repeat_draws(ctx, b), repeat_draws(enc["source"], b), repeat_draws(enc["target"], b)
         src = src_model / SD15_LATENT_SCALE  # the IP2P concat, as ComfyUI builds it
-        x0 = self.vae_latent(batch["target"])
-        cond = self.text_condition(batch["instruction"], patchify_latent(src_model.float(), 2))
         drop_t, drop_i = self.drop_masks(gens)
         base_text = torch.where(drop_t[:, None, None], self.empty_embedding().expand(b, -1, -1), text)
         base_src = torch.where(drop_i[:, None, None, None], torch.zeros_like(src), src)

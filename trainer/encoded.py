@@ -1,0 +1,179 @@
+"""Pre-encoded training rows: what is frozen and deterministic per example is computed once.
+
+The base, its VAE and its text encoder never change while a generator trains, so the latents
+of a row's source and target images and the text features of its instruction (from which the
+generator's condition is assembled) are the same at every visit. :class:`EncodedRows` encodes
+the rows before the first step, in fixed chunks of consecutive rows, in index order: the
+values do not depend on the data order, the process, or where a run resumed, so resuming and
+data-parallel slicing stay exact. Noise, timesteps and CFG dropout are still drawn per step
+and per global sample slot (``families.base.sample_generators``).
+
+Memory is bounded (``data.cache_mb``): when the first chunk shows that the whole dataset would
+not fit, nothing is kept and the trainer encodes every batch as it comes (a partial cache would
+delay the first step and still encode most rows). Text features are kept once per distinct
+instruction.
+
+``data.cache_dir`` also keeps them on disk (one safetensors file + JSON metadata, named by a
+key over the base's files, the data settings, resolution and dtype), so the next run on the
+same base and data (another method, a resumed run) loads them instead of encoding again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .data import BadRow, EditDataset
+
+
+def _nbytes(x) -> int:
+    if isinstance(x, (tuple, list)):
+        return sum(_nbytes(t) for t in x)
+    return x.numel() * x.element_size()
+
+
+class EncodedRows:
+    def __init__(self, adapter, dataset: EditDataset, resolution: int, max_mb: float, chunk: int = 16):
+        self.adapter, self.ds, self.res, self.chunk = adapter, dataset, resolution, max(1, chunk)
+        self.max_bytes = int(max_mb * 2**20)
+        self.rows: dict[int, tuple] = {}  # index -> (source latent, target latent, instruction, task)
+        self.texts: dict[str, object] = {}  # instruction -> text item (adapter.text_items)
+        self.bad: dict[int, str] = {}  # index -> reason (counted by the stream when it reaches the row)
+        self.nbytes, self.seconds, self.source = 0, 0.0, None
+
+    @torch.no_grad()
+    def fill(self, cache_file: str | os.PathLike | None = None, write: bool = True) -> "EncodedRows | None":
+        """Encode every row in index order, ``chunk`` at a time; None (and nothing kept) when the
+        dataset would not fit the memory budget. ``cache_file``: read it when present, else write
+        it after encoding (``write``: the main process only)."""
+        t0 = time.perf_counter()
+        if cache_file and Path(cache_file).is_file():
+            self._read(Path(cache_file))
+            self.seconds, self.source = time.perf_counter() - t0, str(cache_file)
+            return self
+        for start in range(0, len(self.ds), self.chunk):
+            done = len(self.rows) + len(self.bad)
+            if self.nbytes > self.max_bytes or (done and self.nbytes / done * len(self.ds) > self.max_bytes):
+                est = self.nbytes / max(done, 1) * len(self.ds) / 2**20
+                print(f"note: the encoded dataset would take about {est:.0f} MB, more than data.cache_mb="
+                      f"{self.max_bytes / 2**20:.0f}; encoding every batch instead", flush=True)
+                return None
+            items, idx = [], []
+            for i in range(start, min(start + self.chunk, len(self.ds))):
+                try:
+                    items.append(self.ds.load(i, self.res))
+                    idx.append(i)
+                except BadRow as e:
+                    self.bad[i] = str(e)
+            if items:
+                self._store(idx, items)
+        if cache_file and write:
+            self._write(Path(cache_file))
+        self.seconds = time.perf_counter() - t0
+        return self
+
+    def _write(self, path: Path) -> None:
+        texts = list(self.texts)
+        tensors = {}
+        for k, t in enumerate(texts):
+            for j, x in enumerate(_parts(self.texts[t])):
+                tensors[f"text.{k}.{j}"] = x.cpu().contiguous()
+        rows = sorted(self.rows)
+        for i in rows:
+            src, tgt, _, _ = self.rows[i]
+            tensors[f"source.{i}"], tensors[f"target.{i}"] = src.cpu().contiguous(), tgt.cpu().contiguous()
+        meta = {"texts": texts, "tuple": isinstance(next(iter(self.texts.values()), None), tuple),
+                "rows": {str(i): [texts.index(self.rows[i][2]), self.rows[i][3]] for i in rows},
+                "bad": {str(i): r for i, r in self.bad.items()}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        try:
+            save_file(tensors, str(tmp), metadata={"hywu.encoded": json.dumps(meta)})
+            os.replace(tmp, path)
+        except OSError as e:  # a cache, not the run: go on without it
+            print(f"note: could not write the encodings cache {path} ({e.strerror or e}); continuing", flush=True)
+            tmp.unlink(missing_ok=True)
+
+    def _read(self, path: Path) -> None:
+        dev = self.adapter.device
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = json.loads(f.metadata()["hywu.encoded"])
+            t = {k: f.get_tensor(k).to(dev) for k in f.keys()}
+        for k, text in enumerate(meta["texts"]):
+            parts = [t[f"text.{k}.{j}"] for j in range(sum(1 for x in t if x.startswith(f"text.{k}.")))]
+            self.texts[text] = tuple(parts) if meta["tuple"] else parts[0]
+        for i, (k, task) in meta["rows"].items():
+            self.rows[int(i)] = (t[f"source.{i}"], t[f"target.{i}"], meta["texts"][k], task)
+        self.bad = {int(i): r for i, r in meta["bad"].items()}
+        self.nbytes = sum(v.numel() * v.element_size() for v in t.values())
+
+    def _encode(self, items: list[dict], instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """Latents of the chunk's sources and targets, text items of its new instructions."""
+        a = self.adapter
+        src = a.latent(torch.stack([it["source"] for it in items]))
+        tgt = a.latent(torch.stack([it["target"] for it in items]))
+        return src, tgt, a.text_items(a.training_text(instructions)) if instructions else []
+
+    def _store(self, idx: list[int], items: list[dict]) -> None:
+        new = list(dict.fromkeys(it["instruction"] for it in items if it["instruction"] not in self.texts))
+        src, tgt, texts = self._encode(items, new)
+        for t, item in zip(new, texts):
+            self.texts[t] = item
+            self.nbytes += _nbytes(item)
+        for k, (i, it) in enumerate(zip(idx, items)):
+            self.rows[i] = (src[k], tgt[k], it["instruction"], it["task"])
+        self.nbytes += _nbytes(src) + _nbytes(tgt)
+
+    def load(self, i: int) -> dict:
+        """Row ``i`` encoded; raises BadRow for a row the data could not give."""
+        if i in self.bad:
+            raise BadRow(self.bad[i])
+        src, tgt, text, task = self.rows[i]
+        return {"source": src, "target": tgt, "text": self.texts[text], "instruction": text, "task": task}
+
+    def collate(self, items: list[dict], task_index: dict[str, int]) -> dict:
+        """A batch as ``adapter.prepare_encoded`` takes it (``enc``), plus labels."""
+        return {
+            "enc": {"source": torch.stack([it["source"] for it in items]), "target": torch.stack([it["target"] for it in items]),
+                    "text": self.adapter.stack_text([it["text"] for it in items])},
+            "instruction": [it["instruction"] for it in items],
+            "task": [it["task"] for it in items],
+            "task_id": torch.tensor([task_index.get(it["task"], -1) for it in items], dtype=torch.long),
+        }
+
+    def summary(self) -> dict:
+        return {"rows": len(self.rows), "bad_rows": len(self.bad), "instructions": len(self.texts),
+                "mb": round(self.nbytes / 2**20, 1), "seconds": round(self.seconds, 2), "from_disk": self.source}
+
+
+def _parts(item) -> tuple:
+    return item if isinstance(item, tuple) else (item,)
+
+
+def cache_key(cfg, dtype: torch.dtype) -> str:
+    """Names the encodings of ``cfg``'s base and training data: any change of the base's files
+    (size, mtime), of the data settings, the resolution or the dtype gives another file."""
+    b, d = cfg.base, cfg.data
+    files = []
+    if b.path and Path(b.path).is_dir():
+        for p in sorted(Path(b.path).rglob("*")):
+            if p.is_file() and p.suffix in (".safetensors", ".json", ".txt", ".model"):
+                st = p.stat()
+                files.append([str(p.relative_to(b.path)), st.st_size, st.st_mtime_ns])
+    data_files = []
+    if d.path and Path(d.path).exists():
+        for p in ([Path(d.path)] if Path(d.path).is_file() else sorted(Path(d.path).rglob("*.parquet"))):
+            st = p.stat()
+            data_files.append([str(p), st.st_size, st.st_mtime_ns])
+    key = {"family": b.family, "base": str(Path(b.path).resolve()) if b.path else "", "files": files,
+           "synthetic_full": b.synthetic_full, "resolution": b.resolution, "text_tokens": b.text_tokens,
+           "text_layer": b.text_layer, "text_mask": b.text_mask,
+           "source": d.source, "data": d.path, "data_files": data_files, "n_train": d.n_train, "tasks": d.tasks,
+           "seed": cfg.train.seed if d.source == "synthetic" else None, "dtype": str(dtype), "version": 2}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
