@@ -110,7 +110,9 @@ def activations(adapter, cfg, preset: str, checkpointing: bool) -> dict:
     text = _meta_text(adapter, b)
     enc = {"source": torch.empty(b, lat_c, side, side, device=meta, dtype=torch.bfloat16),
            "target": torch.empty(b, lat_c, side, side, device=meta, dtype=torch.bfloat16), "text": text}
-    adapter._empty = _meta_text(adapter, 1)  # the empty prompt for CFG dropout, without running an encoder on meta
+    # The empty prompt for CFG dropout (encode_text's form), without running an encoder on meta.
+    empty = _meta_text(adapter, 1)
+    adapter._empty = empty[0] if adapter.name == "sd15_ip2p" else empty
     prep = adapter.prepare_encoded(enc, 0, list(range(b * k)))
     skip = {id(p) for p in list(adapter.denoiser.parameters()) + list(gen.parameters())}
     counter = SavedBytes(skip)
@@ -134,15 +136,15 @@ def activations(adapter, cfg, preset: str, checkpointing: bool) -> dict:
 
 
 def _meta_text(adapter, b: int):
-    """What encode_text returns for b instructions, as meta tensors of the configured length."""
+    """What training_text returns for b instructions, as meta tensors of the configured length."""
     import torch
 
     meta, bf = torch.device("meta"), torch.bfloat16
     name = adapter.name
     width = adapter.condition_spec["text"].width
     n = adapter.text_tokens
-    if name == "sd15_ip2p":
-        return torch.empty(b, n, width, device=meta, dtype=bf)
+    if name == "sd15_ip2p":  # (UNet context, prompt mask)
+        return torch.empty(b, n, width, device=meta, dtype=bf), torch.ones(b, n, dtype=torch.bool, device=meta)
     if name == "flux_kontext":
         return (torch.empty(b, n, width, device=meta, dtype=bf),
                 torch.empty(b, adapter.clip.config.hidden_size, device=meta, dtype=bf))

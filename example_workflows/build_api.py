@@ -17,12 +17,13 @@ HERE = Path(__file__).resolve().parent
 DEMO_CKPT = "hywu_demo_sd15_ip2p.safetensors"
 DEMO_GENERATOR = "hywu_demo.safetensors"
 DEMO_IMAGE = "hywu_demo_input.png"  # example_workflows/input/, copied into ComfyUI's input folder
-DEMO_INSTRUCTION = "shift the image left"  # a task of the demo's synthetic edit world
+DEMO_INSTRUCTION = "make it brighter"  # a task of the demo's synthetic edit world (scripts/demo.py COMFY_PAIR)
 EXAMPLE_IMAGE = "hywu_example.png"
 INSTRUCTION = "make it a snowy winter scene"
 
 
-def sd15_ip2p(ckpt, generator, image, instruction=INSTRUCTION, steps=20, cfg=7.5, seed=0, prefix="hywu_edit"):
+def sd15_ip2p(ckpt, generator, image, instruction=INSTRUCTION, steps=20, cfg=7.5, scheduler="normal", seed=0,
+              prefix="hywu_edit"):
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt},
               "_meta": {"title": "Load Checkpoint (SD1.5 InstructPix2Pix)"}},
@@ -43,7 +44,7 @@ def sd15_ip2p(ckpt, generator, image, instruction=INSTRUCTION, steps=20, cfg=7.5
               "inputs": {"positive": ["4", 1], "negative": ["7", 0], "vae": ["1", 2], "pixels": ["4", 2]},
               "_meta": {"title": "InstructPixToPixConditioning"}},
         "9": {"class_type": "KSampler",
-              "inputs": {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
+              "inputs": {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": scheduler,
                          "denoise": 1.0, "model": ["6", 0], "positive": ["8", 0], "negative": ["8", 1],
                          "latent_image": ["8", 2]}, "_meta": {"title": "KSampler"}},
         "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]},
@@ -151,8 +152,9 @@ WORKFLOWS = {
     # Qwen-Image-Edit: the sampler's conditioning from ComfyUI's TextEncodeQwenImageEdit (it sees the image).
     "hywu_edit_qwen_image_edit": qwen_image_edit(),
     # The same SD1.5 graph on the checkpoint and generator `make demo` trains (runs on a CPU in seconds).
-    "hywu_demo": sd15_ip2p(DEMO_CKPT, DEMO_GENERATOR, DEMO_IMAGE, instruction=DEMO_INSTRUCTION, steps=4,
-                           prefix="hywu_demo"),
+    # Its sampler settings are the demo's (scripts/demo.py: 8 euler steps, simple schedule, cfg 1).
+    "hywu_demo": sd15_ip2p(DEMO_CKPT, DEMO_GENERATOR, DEMO_IMAGE, instruction=DEMO_INSTRUCTION, steps=8, cfg=1.0,
+                           scheduler="simple", prefix="hywu_demo"),
 }
 # The UI twin of workflow <id> is example_workflows/<title>.json: ComfyUI's Templates dialog
 # shows the file name as the title and <title>.jpg as the thumbnail.

@@ -40,12 +40,12 @@ BASES = {  # what the thumbnail says each workflow needs
 
 def demo_input() -> Image.Image:
     """Validation example 0 of the demo world, at the demo's resolution, tasks and seed."""
-    from demo_core import DemoSettings
+    from demo_core import DEMO_TASKS, WorldSettings
 
     from trainer import synthetic
 
-    s = DemoSettings()
-    return synthetic.make_examples("val", 1, seed=s.seed, resolution=s.resolution, tasks=s.tasks)[0].source
+    s = WorldSettings()
+    return synthetic.make_examples("val", 1, seed=s.seed, resolution=s.resolution, tasks=DEMO_TASKS)[0].source
 
 
 def example_input() -> Image.Image:

@@ -1,5 +1,7 @@
 """A reduced `make demo` run (scripts/demo.py --quick): every stage runs with tiny step counts,
-including the headless ComfyUI workflow; checks the outputs, metrics.json and the cache."""
+the three methods are trained by `python -m trainer.train`, and the headless ComfyUI part runs
+the demo workflow and a core LoraLoaderModelOnly graph. Checks outputs, metrics.json, the
+installed files and the cache. (The full demo's figures are in docs/demo.md.)"""
 
 import json
 import math
@@ -9,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
@@ -30,67 +33,82 @@ def quick_demo(tmp_path_factory, micro_base):
     return root, first, second
 
 
-def test_outputs_and_metrics(quick_demo, capsys):
+def test_outputs_and_metrics(quick_demo):
     import demo_core as D
+    from trainer import synthetic
 
     root, result, _ = quick_demo
     out = root / "out"
     m = json.loads((out / "metrics.json").read_text())
     assert m["metrics"].keys() == set(D.SPLITS)
-    tasks = m["settings"]["tasks"]
+    tasks = m["tasks"]
+    assert tasks == list(synthetic.ADAPTER_TASKS)
     for split in D.SPLITS:
         for method in ("base", "shared_lora", "per_task_lora", "hywu", "vae_ceiling", "identity"):
             row = m["metrics"][split][method]
             assert set(row["per_task"]) == set(tasks)
-            for v in list(row["per_task"].values()) + [row["overall"], row["conflicting"]]:
+            for v in [*row["per_task"].values(), row["overall"], row["conflicting"], row["non_conflicting"]]:
                 assert _finite(v["psnr"]) and _finite(v["ssim"]) and -1 <= v["ssim"] <= 1
+            assert row["overall"]["n"] == 2 * len(tasks)
+    pairs = {f"{a}|{b}" for a, b in synthetic.CONFLICT_PAIRS}
     for when in ("init", "trained"):
-        g = m["gradient_cosine"][when]
-        assert set(g["conflicting_pairs"]) == {"brighten|darken", "shift_left|shift_right", "red_to_blue|blue_to_red"}
-        assert all(_finite(v) and -1.0001 <= v <= 1.0001 for v in g["all_pairs"].values())
-        assert _finite(g["mean_conflicting"]) and _finite(g["mean_other_pairs"])
+        for kind in ("raw", "centred"):
+            g = m["gradient_cosine"][when][kind]
+            assert set(g["conflicting_pairs"]) == pairs
+            assert all(_finite(v) and -1.0001 <= v <= 1.0001 for v in g["conflicting_pairs"].values())
     for v in m["lora_task_separation_val"].values():
         assert 0 <= v["eta2"] <= 1 + 1e-9 and _finite(v["relative_spread"])
-        assert set(m["gradient_cosine"]["trained"]["centred"]["conflicting_pairs"]) == set(g["conflicting_pairs"])
+    assert m["lora_task_separation_val"]["per_task_lora"]["eta2"] > 0.99  # one LoRA per task: all variance between tasks
+    c = m["text_clustering"]
+    assert 0 <= c["heldout_accuracy"] <= 1 and c["n_heldout"] > 0 and set(c["pair_cosine"]) == pairs
+    for method in ("shared_lora", "per_task_lora", "hywu"):
+        assert m["trainer_runs"][method]["steps"] == 2  # trained by python -m trainer.train (QUICK_TRAIN)
     assert _finite(m["timings_s"]["total"])
     grid = Image.open(out / "grid.png")
     assert grid.width > 5 * 32 and grid.height > 32
     assert (out / "grid_heldout_phrasing.png").is_file()
-    pngs = list((out / "images").glob("val*_hywu.png"))
-    assert len(pngs) == len(tasks)
-    # the table is printed
-    text = D.format_table(m["metrics"], D.DemoSettings(**{**m["settings"], "tasks": tuple(tasks)}))
-    assert "HY-WU" in text and "shared LoRA" in text and "per-task LoRA" in text
+    assert len(list((out / "images").glob("val*_hywu.png"))) == 2 * len(tasks)
 
 
-def test_built_artefacts(quick_demo):
+def test_installed_files_load_where_users_load_them(quick_demo):
     from hywu_nodes.core import read_generator_info
+    from trainer import synthetic
 
     root, _, _ = quick_demo
     models = root / "models"
     info = read_generator_info(models / "hywu" / "hywu_demo.safetensors")
     assert info.base_family == "sd15_ip2p" and info.config.rank == 8
+    assert info.config.condition_norm == "token" and info.config.shared_rank == 8 and info.config.film
     assert (models / "checkpoints" / "hywu_demo_sd15_ip2p.safetensors").is_file()
-    assert (models / "demo" / "base" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    shared = load_file(models / "loras" / "hywu_demo_shared_lora.safetensors")
+    assert shared and all(k.startswith("lora_unet_") for k in shared)  # kohya names, as core LoraLoader reads them
+    for task in synthetic.ADAPTER_TASKS:
+        per_task = load_file(models / "loras" / f"hywu_demo_{task}.safetensors")
+        assert per_task.keys() == shared.keys()
 
 
-def test_comfyui_ran_the_demo_workflow(quick_demo):
+def test_comfyui_ran_the_demo_workflow_and_the_core_lora_graph(quick_demo):
+    import demo
+
     root, result, _ = quick_demo
     c = result["comfyui"]
     assert c.get("ran"), c.get("error")
-    assert len(c["edits"]) == 2 and {e["task"] for e in c["edits"]} == {"shift_left", "shift_right"}
+    hywu = [e for e in c["edits"] if e["method"] == "hywu"]
+    shared = [e for e in c["edits"] if e["method"] == "shared_lora"]
+    assert {e["task"] for e in hywu} == set(demo.COMFY_PAIR) and len(shared) == 1
     for e in c["edits"]:
         img = np.asarray(Image.open(root / "out" / e["file"]))
         assert img.shape == (32, 32, 3) and _finite(e["psnr"])
-        # ComfyUI and the in-process pipeline make the same edit (same seed; fp16 checkpoint)
-        assert e["psnr_vs_inprocess"] > 30, e
+    # Same seed, same sampler: ComfyUI makes the in-process edit. The generated LoRA runs at
+    # runtime in float32; LoraLoaderModelOnly merges into the fp16 checkpoint's weights.
+    assert all(e["psnr_vs_inprocess"] > 40 for e in hywu), hywu
+    assert shared[0]["psnr_vs_inprocess"] > 25, shared
 
 
 def test_second_run_reuses_the_cache(quick_demo):
     _, first, second = quick_demo
-    trained = [k for k in first["timings_s"] if k.startswith(("pretrain", "train "))]
-    assert len(trained) == 4
-    assert not [k for k in second["timings_s"] if k.startswith(("pretrain", "train ", "export"))]
-    # same models, same seeds: same numbers
+    assert [k for k in first["timings_s"] if k.startswith(("build the demo base", "train "))]
+    assert not [k for k in second["timings_s"] if k.startswith(("build the demo base", "train ", "export"))]
+    # same files, same seeds: same numbers
     a, b = first["metrics"]["val"]["hywu"]["overall"], second["metrics"]["val"]["hywu"]["overall"]
     assert a["psnr"] == pytest.approx(b["psnr"], abs=1e-6)

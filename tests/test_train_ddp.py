@@ -50,8 +50,10 @@ def test_two_process_matches_single(tmp_path):
     ddp, w2 = _launch(tmp_path, "ddp", 2, 2)
     assert ddp["processes"] == 2 and ddp["global_batch"] == single["global_batch"] == 4
     assert w1.keys() == w2.keys()
-    worst = max(((w1[k] - w2[k]).abs().max() / (w1[k].abs().max() + 1e-8)).item() for k in w1)
-    assert worst < 1e-3, f"relative difference {worst:.2e}"
+    worst, key = max((((w1[k] - w2[k]).abs().max() / (w1[k].abs().max() + 1e-8)).item(), k) for k in w1)
+    # Reduction order differs across processes; Adam turns that into up to ~0.1% where a gradient
+    # is near zero. Unsynchronised gradients would differ by tens of percent.
+    assert worst < 3e-3, f"relative difference {worst:.2e} in {key}"
     head_b = [k for k in w1 if k.startswith("head_b")][0]
     assert w1[head_b].abs().sum() > 0  # both runs really trained
     assert abs(single["final_loss"] - ddp["final_loss"]) < 1e-3 * max(1.0, abs(single["final_loss"]))

@@ -69,7 +69,12 @@ def test_disk_cache_roundtrip_and_key(tmp_path):
     for i in range(5):
         a, b = first.load(i), again.load(i)
         assert a["instruction"] == b["instruction"] and a["task"] == b["task"]
-        assert torch.equal(a["source"], b["source"]) and torch.equal(a["target"], b["target"]) and torch.equal(a["text"], b["text"])
+        assert torch.equal(a["source"], b["source"]) and torch.equal(a["target"], b["target"]) 
+        assert len(a["text"]) == len(b["text"]) == 2  # UNet context, prompt mask
+        assert all(torch.equal(x, y) for x, y in zip(a["text"], b["text"]))
     cfg.data.n_train = 6  # other data -> another file
     assert cache_key(cfg, torch.float32) != path.stem.split("-", 1)[1]
     assert cache_key(cfg, torch.bfloat16) != cache_key(cfg, torch.float32)
+    key = cache_key(cfg, torch.float32)
+    cfg.base.text_layer = -2  # the generator reads another layer: other encodings
+    assert cache_key(cfg, torch.float32) != key

@@ -125,4 +125,6 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     assert acc["global_batch"] == full["global_batch"] == 4
     a, b = load_file(full["files"][0]), load_file(acc["files"][0])
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4), k
+        # Adam moves every weight by ~lr (1e-3) per step; summing the batch in two halves changes
+        # float rounding only, which Adam can amplify to ~1e-6 where a gradient is near zero.
+        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
