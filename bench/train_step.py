@@ -24,7 +24,7 @@ step: the base's forward+backward per sample with a shared vs. per-sample LoRA, 
 generator's own forward+backward per example, from which the step ratio at other draw counts
 follows. ``trainer_vs_inprocess`` (``--base demo``, or ``--inprocess``) compares the trainer's
 HY-WU step (pre-encoded rows) with a bare loop on tensors encoded once up front (what
-scripts/demo_core.py's loop does) on the same base, generator and batch, alternating the two in
+the demo's former in-process loop did) on the same base, generator and batch, alternating the two in
 one process.
 """
 from __future__ import annotations
@@ -202,7 +202,7 @@ def inprocess(args) -> dict:
             "cpu_ratio": med["trainer_step_cpu_s"] / med["inprocess_step_cpu_s"], "steps_each": len(trainer)}
 
 
-_BARE: dict = {}  # encoded once per process, like scripts/demo_core.py encodes each split once
+_BARE: dict = {}  # encoded once per process, as the demo's former in-process loop encoded each split
 
 
 def _bare_loop(args) -> list[tuple[float, float]]:
@@ -214,6 +214,7 @@ def _bare_loop(args) -> list[tuple[float, float]]:
     if not _BARE:
         _BARE.update(_bare_setup(args))
     a, src, tgt, text, gen, opt, b, max_norm = (_BARE[k] for k in ("adapter", "src", "tgt", "text", "gen", "opt", "b", "max_norm"))
+    gen_text, mask = _BARE["gen_text"], _BARE["mask"]
     dev = a.device
     ac = a.alphas_cumprod
     g = torch.Generator().manual_seed(len(_BARE.setdefault("rounds", [])))
@@ -227,7 +228,8 @@ def _bare_loop(args) -> list[tuple[float, float]]:
         noise = torch.randn(tgt[idx].shape, generator=g).to(dev)
         acb = ac[t].view(-1, 1, 1, 1)
         z = acb.sqrt() * tgt[idx] + (1 - acb).sqrt() * noise
-        lora = gen.generate(Condition({"text": text[idx], "image": patchify_latent(src[idx], 2)}))
+        lora = gen(Condition({"text": gen_text[idx], "image": patchify_latent(src[idx], 2)},
+                             {} if mask is None else {"text": mask[idx]}))
         with lora_patched(a.denoiser, lora):
             pred = a.unet(torch.cat([z, src[idx] / 0.18215], 1), t, encoder_hidden_states=text[idx]).sample
             loss = F.mse_loss(pred, noise)
@@ -257,11 +259,16 @@ def _bare_setup(args) -> dict:
     with torch.no_grad():
         src = torch.cat([a.latent(collate(rows[i:i + 64])["source"]) for i in range(0, len(rows), 64)])
         tgt = torch.cat([a.latent(collate(rows[i:i + 64])["target"]) for i in range(0, len(rows), 64)])
-        text = torch.cat([a.encode_text([x["instruction"] for x in rows[i:i + 64]]) for i in range(0, len(rows), 64)])
+        # (UNet context, [generator text,] prompt mask) per instruction, as the trainer keeps them (sd15)
+        parts = [a.training_text([x["instruction"] for x in rows[i:i + 64]]) for i in range(0, len(rows), 64)]
+        text, *gen_text, mask = (torch.cat(col) for col in zip(*parts))
+    gen_text = gen_text[0] if gen_text else text
+    masks = mask if a.condition_spec["text"].padding_mask else None
     torch.manual_seed(cfg.train.seed)
     spec = build_target_spec(a.denoiser, cfg.base.family, include=cfg.base.targets)
     gen = build_method(cfg, spec, a.condition_spec, []).module.to(dev).train()
-    return {"adapter": a, "src": src, "tgt": tgt, "text": text, "gen": gen, "b": b, "max_norm": cfg.train.max_grad_norm,
+    return {"adapter": a, "src": src, "tgt": tgt, "text": text, "gen_text": gen_text, "mask": masks, "gen": gen, "b": b,
+            "max_norm": cfg.train.max_grad_norm,
             "opt": torch.optim.AdamW(gen.parameters(), lr=cfg.train.lr)}
 
 

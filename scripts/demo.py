@@ -129,7 +129,8 @@ def train_methods(base_dir: Path, models: Path, seed: int, force: bool, timer: T
             D.log(f"\n== reusing {m} (seed {seed}) from {out[m]}")
             continue
         cmd = [sys.executable, "-m", "trainer.train", "--config", str(CONFIG), "--method", m, "--seed", str(seed),
-               "--output", str(out[m]), f"--base.path={base_dir}", f"--device={device}", *extra]
+               "--output", str(out[m]), f"--base.path={base_dir}", f"--data.cache_dir={models / 'demo' / 'encoded'}",
+               f"--device={device}", *extra]
         if out[m].exists():
             shutil.rmtree(out[m])
         todo.append((m, cmd, marker, key))
@@ -310,6 +311,7 @@ def main(argv=None) -> dict:
         metrics, preds = D.evaluate(world, splits, methods, tasks, steps, a.cfg, a.seed, show)
         separation = {m: D.task_separation(splits["val"], methods[m]) for m in ("per_task_lora", "hywu")}
         clustering = D.text_clustering(world)
+        editor = D.base_editor(world, eval_per_task, steps, a.cfg, settings.resolution)
     with timer.stage("gradient cosine of the shared LoRA"):
         init = methods["shared_lora"].lora
         g = torch.Generator().manual_seed(1)  # B = 0 gives A no gradient: a fresh LoRA with a small random B
@@ -331,13 +333,13 @@ def main(argv=None) -> dict:
 
     with timer.stage("write output"):
         result = write_output(out, splits, preds, metrics, tasks, settings, a, gc, separation, clustering, comfy,
-                              timer, device, files, runs)
+                              timer, device, files, runs, editor)
     report(result, tasks)
     return result
 
 
 def write_output(out, splits, preds, metrics, tasks, settings, a, gc, separation, clustering, comfy, timer, device,
-                 files, runs) -> dict:
+                 files, runs, editor) -> dict:
     from PIL import Image
 
     img_dir = out / "images"
@@ -364,7 +366,8 @@ def write_output(out, splits, preds, metrics, tasks, settings, a, gc, separation
     result = {
         "world": asdict(settings), "seed": a.seed, "device": device, "tasks": tasks,
         "sampler": {"steps": 2 if a.quick else a.sample_steps, "cfg": a.cfg, "sampler": "euler", "scheduler": "simple"},
-        "metrics": metrics, "text_clustering": clustering, "gradient_cosine": gc, "lora_task_separation_val": separation,
+        "metrics": metrics, "base_editor": editor, "text_clustering": clustering, "gradient_cosine": gc,
+        "lora_task_separation_val": separation,
         "comfyui": comfy, "trainer_runs": summaries,
         "files": {"grid": "grid.png", "grid_heldout_phrasing": "grid_heldout_phrasing.png", "images": "images/",
                   "generator": str(files["hywu"]), "shared_lora": str(files["shared_lora"])},
@@ -376,6 +379,9 @@ def write_output(out, splits, preds, metrics, tasks, settings, a, gc, separation
 
 def report(result: dict, tasks) -> None:
     D.log("\n" + D.format_table(result["metrics"], tasks))
+    e = result["base_editor"]
+    D.log(f"The frozen base on its own pretraining tasks ({', '.join(e['tasks'])}; val, {e['n']} images): "
+          f"{e['base']['overall']:.2f} dB, no edit {e['identity']['overall']:.2f} dB, VAE ceiling {e['vae_ceiling']['overall']:.2f} dB")
     c = result["text_clustering"]
     D.log(f"Text encoder: {c['heldout_accuracy']:.0%} of the {c['n_heldout']} held-out sentences are nearest their own "
           f"task (mean margin {c['heldout_margin']:.2f}); whole-condition cosine of opposite instructions: "

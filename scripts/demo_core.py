@@ -616,6 +616,18 @@ def evaluate(world: World, splits: dict[str, Split], methods: dict[str, Method],
     return metrics, preds
 
 
+def base_editor(world: World, n_per_task: int, steps: int, cfg: float, resolution: int = 32) -> dict:
+    """Is the frozen base a real editor? The base alone on the tasks it was pretrained on
+    (val images, train phrasings) against "no edit" and the VAE ceiling, PSNR dB overall."""
+    tasks = list(synthetic.BASE_TASKS)
+    data = {"val": make_split(world, "val", n_per_task * len(tasks), tasks, 0, resolution)}
+    metrics, _ = evaluate(world, data, {"base": Method("base")}, tasks, steps, cfg, show=False)
+    m = metrics["val"]
+    return {"tasks": tasks, "n": len(data["val"]),
+            **{k: {"overall": m[k]["overall"]["psnr"], "per_task": {t: v["psnr"] for t, v in m[k]["per_task"].items()}}
+               for k in ("base", "identity", "vae_ceiling")}}
+
+
 @torch.no_grad()
 def task_separation(data: Split, method: Method, probes: int = 8, seed: int = 0) -> dict:
     """Does a method's LoRA depend on the request? Sketch each example's update dW = s B A of every

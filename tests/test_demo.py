@@ -59,6 +59,9 @@ def test_outputs_and_metrics(quick_demo):
     for v in m["lora_task_separation_val"].values():
         assert 0 <= v["eta2"] <= 1 + 1e-9 and _finite(v["relative_spread"])
     assert m["lora_task_separation_val"]["per_task_lora"]["eta2"] > 0.99  # one LoRA per task: all variance between tasks
+    e = m["base_editor"]
+    assert e["tasks"] == list(synthetic.BASE_TASKS) and e["n"] == 2 * len(e["tasks"])
+    assert all(_finite(e[k]["overall"]) for k in ("base", "identity", "vae_ceiling"))
     c = m["text_clustering"]
     assert 0 <= c["heldout_accuracy"] <= 1 and c["n_heldout"] > 0 and set(c["pair_cosine"]) == pairs
     for method in ("shared_lora", "per_task_lora", "hywu"):
