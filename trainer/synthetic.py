@@ -53,7 +53,6 @@ SPLITS: tuple[str, ...] = ("train", "val", "heldout_phrasing")
 # Task parameters (fixed; part of the world's definition).
 BRIGHTNESS_DELTA = 48   # brighten / darken: added to every channel (0..255), clipped
 WARMTH_DELTA = 40       # warm: red +, blue -; cool: the opposite
-CONTRAST = 1.6          # (unused by the tasks above; kept for bench variants)
 SEPIA = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]])
 
 # ------------------------------------------------------------------------------ instructions
