@@ -1,6 +1,7 @@
 """Test-only ComfyUI nodes, linked into the test server next to the pack (never shipped to users):
 IMAGE tensors that no core node makes (one or two channels, an empty batch, NaN pixels), to test
-HY-WU Condition Encode's checks through the real server."""
+HY-WU Condition Encode's checks through the real server; tiny FLUX / Qwen-Image models and text
+encoders built with ComfyUI's own classes (tiny_dit.py and the per-family modules)."""
 import torch
 
 
@@ -26,5 +27,8 @@ class HYWUTestImage:
         return (image,)
 
 
-NODE_CLASS_MAPPINGS = {"HYWUTestImage": HYWUTestImage}
-NODE_DISPLAY_NAME_MAPPINGS = {"HYWUTestImage": "HY-WU test image (tests only)"}
+from .tiny_dit import HYWUTestTinyDiTLoader  # noqa: E402
+
+NODE_CLASS_MAPPINGS = {"HYWUTestImage": HYWUTestImage, "HYWUTestTinyDiTLoader": HYWUTestTinyDiTLoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"HYWUTestImage": "HY-WU test image (tests only)",
+                              "HYWUTestTinyDiTLoader": "HY-WU test tiny DiT loader (tests only)"}
