@@ -1,6 +1,6 @@
 """Bad input through the real server (ComfyUI 0.3.75, --cpu): every crafted generator file
-(tests/crafted_files.py), wrong generator names, images, instructions, batch indices and float
-inputs. Each case must be refused with a message that says what is wrong and what to do, log
+(tests/crafted_files.py), wrong or empty generator names, images, instructions, batch indices,
+float and combo inputs. Each case must be refused with a message that says what is wrong and what to do, log
 at most one traceback, keep the server's memory bounded, and leave the server able to run the
 next valid prompt."""
 from __future__ import annotations
@@ -114,6 +114,38 @@ def test_unknown_generator_name_lists_the_files(hywu_env):
     refused(hywu_env.server, g.demo(generator="zzzz.safetensors"),
             ["'zzzz.safetensors' is not in models/hywu", "Pick one of: hywu_", "or put the file into ComfyUI/models/hywu/"],
             stage="validation")
+
+
+@pytest.mark.parametrize("name", ["", "  \t"], ids=["empty", "whitespace"])
+def test_empty_generator_name_says_none_was_picked(hywu_env, name):
+    msg = refused(hywu_env.server, g.demo(generator=name), ["no generator was picked", "Pick one of: hywu_"],
+                  stage="validation")
+    assert "not a .safetensors file" not in msg and "pickle" not in msg.lower(), msg
+
+
+def test_empty_generator_name_with_an_empty_folder(hywu_env, tmp_path):
+    """In-process (the session server's models/hywu is not empty): ComfyUI's own folder_paths
+    with the hywu folder pointed at an empty directory."""
+    import comfy_harness
+
+    comfy_harness.import_comfy(extra_modules=("folder_paths", "comfy_api.latest", "comfy.model_patcher",
+                                              "hywu_nodes.nodes.load_generator"))
+    import folder_paths
+
+    from hywu_nodes.nodes.load_generator import HYWULoadGenerator
+
+    saved = folder_paths.folder_names_and_paths.get("hywu")
+    try:
+        folder_paths.folder_names_and_paths["hywu"] = ([str(tmp_path)], {".safetensors"})
+        folder_paths.filename_list_cache.pop("hywu", None)
+        msg = HYWULoadGenerator.validate_inputs(generator_name=" ")
+    finally:
+        if saved is not None:
+            folder_paths.folder_names_and_paths["hywu"] = saved
+        folder_paths.filename_list_cache.pop("hywu", None)
+    for needle in ["no generator was picked", "models/hywu/ has no generator files yet", "python -m trainer.train",
+                   "make demo", "press R"]:
+        assert needle in msg, msg
 
 
 def test_generator_name_that_is_a_number(hywu_env):
@@ -243,6 +275,44 @@ def test_several_loras_in_patch_mode(hywu_env):
     wf["20"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["2", 0], "amount": 2}}
     wf["4"]["inputs"]["image"] = ["20", 0]
     refused(hywu_env.server, wf, ["holds 2 LoRAs", "patch mode", "runtime"])
+
+
+def test_mode_outside_the_list_is_refused_at_validation(hywu_env):
+    # ComfyUI 0.3.75 does not check a V3 combo's options for API prompts: the node does, before any model loads
+    refused(hywu_env.server, g.demo(mode="bypass"),
+            ["HY-WU Apply Generated LoRA", "mode is 'bypass'", "'runtime', 'patch'", "Pick one"], stage="validation")
+
+
+def _combo_inputs(info) -> list[tuple[str, str, list]]:
+    out = []
+    for node, d in info.items():
+        if d.get("category") != "HY-WU":
+            continue
+        for section in ("required", "optional"):
+            for name, spec in d["input"].get(section, {}).items():
+                if spec[0] == "COMBO":
+                    out.append((node, name, spec[1]["options"]))
+                elif isinstance(spec[0], list):
+                    out.append((node, name, spec[0]))
+    return out
+
+
+def test_every_combo_input_of_the_pack_is_checked_at_validation(hywu_env):
+    """Every COMBO widget of every HY-WU node (new ones too) refuses a value outside its list,
+    and a non-string, at POST /prompt, naming the input."""
+    combos = _combo_inputs(hywu_env.server.object_info())
+    assert {(n, i) for n, i, _ in combos} >= {("HYWUApplyGeneratedLoRA", "mode"), ("HYWULoadGenerator", "generator_name")}
+    graph_node = {v["class_type"]: k for k, v in g.demo().items()}
+    for node, name, options in combos:
+        assert node in graph_node, f"{node}.{name}: add the node to this test's graph"
+        for bad in ("zz_not_an_option", 7):
+            assert bad not in options
+            wf = g.demo()
+            wf[graph_node[node]]["inputs"][name] = bad
+            r = _queue_raw(hywu_env.server, wf)
+            assert r.status_code == 400, f"{node}.{name}={bad!r} accepted: {r.text[:300]}"
+            text = _validation_text(r.json())
+            assert name in text and repr(bad) in text, f"{node}.{name}={bad!r}: {text}"
 
 
 @pytest.mark.parametrize("value,needles", [

@@ -27,6 +27,7 @@ from .config import ConfigError, TrainConfig, load_config
 from .data import BadRow, BatchStream, build_datasets, collate
 from .encoded import EncodedRows, cache_key
 from .families import BaseFolderError, check_base, load_family, module_digest
+from .families.libraries import LibraryVersionError, check_libraries
 from .guard import NonFiniteGuard, TrainingDiverged
 from .methods import build_method
 from .sharding import ensure_process_group, full_state_dict, shard
@@ -184,6 +185,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
     t = cfg.train
     if not (cfg.base.tiny and not Path(cfg.base.path).exists()):
         check_base(cfg)  # before the engine starts: a wrong path fails in a second, not after model imports
+    check_libraries(cfg.base.family)  # a too-old diffusers/transformers: say which version, before any work
     cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
     if t.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible; use --device cpu or auto")
@@ -429,7 +431,7 @@ def main(argv=None) -> int:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
         summary = run(cfg, resume=args.resume, check_frozen=args.check_frozen, stop_after=args.stop_after)
-    except (ConfigError, BaseFolderError, FileNotFoundError) as e:
+    except (ConfigError, BaseFolderError, FileNotFoundError, LibraryVersionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (TrainingDiverged, CheckpointWriteError) as e:

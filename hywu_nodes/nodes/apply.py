@@ -16,7 +16,7 @@ import comfy.lora_convert
 from comfy_api.latest import io
 
 from . import runtime_lora
-from .common import float_input_problem, log
+from .common import combo_input_problem, float_input_problem, log
 from .types import CATEGORY, HYWUError, LoraModel
 
 # Suffixes of one LoRA module's entries, in the formats comfy.weight_adapter reads.
@@ -202,17 +202,19 @@ class HYWUApplyGeneratedLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, strength=None):
+    def validate_inputs(cls, strength=None, mode=None):
         # None: linked (checked when the node runs) or missing (ComfyUI reports that itself).
-        return True if strength is None else float_input_problem(cls, "strength", strength) or True
+        problem = None if strength is None else float_input_problem(cls, "strength", strength)
+        return problem or (None if mode is None else combo_input_problem(cls, "mode", mode)) or True
 
     @classmethod
     def execute(cls, model, lora, strength, batch_index=-1, mode="runtime") -> io.NodeOutput:
         problem = float_input_problem(cls, "strength", strength)  # a linked value skipped validation
         if problem:
             raise HYWUError(problem)
-        if mode not in MODES:
-            raise HYWUError(f"HY-WU Apply Generated LoRA: mode is '{mode}'; use one of {', '.join(MODES)}.")
+        problem = combo_input_problem(cls, "mode", mode)  # a linked value skipped validation
+        if problem:
+            raise HYWUError(problem)
         loras = select_loras(lora, batch_index, mode)  # also reports a batch_index that does not fit
         if strength == 0:
             log.debug("HY-WU: strength 0, the model is returned unchanged")

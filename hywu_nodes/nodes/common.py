@@ -1,5 +1,5 @@
 """Shared helpers: the ``models/hywu`` folder, the example inputs, device/dtype choice and
-memory budget, float-input checks, latent formats, logging."""
+memory budget, float- and combo-input checks, latent formats, logging."""
 from __future__ import annotations
 
 import logging
@@ -95,6 +95,17 @@ def float_input_problem(node_cls, name: str, value) -> str | None:
         return (f"{schema.display_name}: {name} is {value}; it must be a finite number from {lo:g} to {hi:g}. "
                 f"Set {name} to a value in that range{default}.")
     return None
+
+
+def combo_input_problem(node_cls, name: str, value) -> str | None:
+    """None when ``value`` is one of the COMBO input's options, else the message. ComfyUI 0.3.75
+    does not check a V3 node's option list for a prompt sent through the API, so without this
+    a wrong value fails only when the node runs (after the models have loaded)."""
+    schema = node_cls.define_schema()
+    options = list(next(i for i in schema.inputs if i.id == name).options)
+    if isinstance(value, str) and value in options:
+        return None
+    return f"{schema.display_name}: {name} is {value!r}; it must be one of {', '.join(map(repr, options))}. Pick one in the list."
 
 
 def generator_dtype(device: torch.device) -> torch.dtype:

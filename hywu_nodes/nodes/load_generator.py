@@ -25,6 +25,13 @@ def generator_name_problem(name) -> str | None:
     files = generator_files()
     if name in files:
         return None
+    if not name.strip():  # nothing picked (an API prompt, or a graph saved while the folder was empty)
+        if not files:
+            return (f"{TITLE}: no generator was picked, and models/hywu/ has no generator files yet. Put a HY-WU "
+                    "generator (.safetensors, written by python -m trainer.train; make demo writes "
+                    "models/hywu/hywu_demo.safetensors) into ComfyUI/models/hywu/, press R in ComfyUI to refresh "
+                    "the list and pick it.")
+        return f"{TITLE}: no generator was picked (generator_name is empty). {_pick_one(files)}."
     if os.path.splitext(name)[1].lower() != ".safetensors":
         return (f"{TITLE}: '{name}' is not a .safetensors file. HY-WU loads generators from .safetensors only "
                 "(pickled .pt/.ckpt/.bin files are never loaded, because they can run code). Pick a .safetensors "
@@ -36,9 +43,13 @@ def generator_name_problem(name) -> str | None:
     if close:
         hint = f"Did you mean {' or '.join(repr(c) for c in close)}? Pick it in the list"
     else:
-        hint = "Pick one of: " + ", ".join(files[:8]) + (f" and {len(files) - 8} more" if len(files) > 8 else "")
+        hint = _pick_one(files)
     return (f"{TITLE}: '{name}' is not in models/hywu. {hint}; or put the file into ComfyUI/models/hywu/ and "
             "press R in ComfyUI to refresh the list.")
+
+
+def _pick_one(files: list[str]) -> str:
+    return "Pick one of: " + ", ".join(files[:8]) + (f" and {len(files) - 8} more" if len(files) > 8 else "")
 
 
 def load_generator_handle(path: str, name: str | None = None) -> GeneratorHandle:
