@@ -145,6 +145,23 @@ def apply_lora(model, lora: dict, strength: float, batch_index: int = 0):
     return new_model, stats
 
 
+def runtime_fallback(model, loras: list[dict]) -> bool:
+    """True when runtime mode would not compute right on ``model`` (newer ComfyUI, see
+    runtime_lora.runtime_problem): one LoRA then goes through patch mode with a warning saying
+    why; N LoRAs (one per sample, which only runtime mode does) are refused."""
+    problem = runtime_lora.runtime_problem(model)
+    if problem is None:
+        return False
+    if len(loras) > 1:
+        raise HYWUError(
+            f"HY-WU Apply Generated LoRA: runtime mode cannot give each sample its own LoRA here: {problem}. "
+            f"Set batch_index to 0..{len(loras) - 1} (one LoRA for every sample, merged with patch mode), or "
+            "connect a MODEL without that (e.g. the loader's output directly).")
+    log.warning("HY-WU Apply Generated LoRA: runtime mode would not apply here (%s); using patch mode (the LoRA "
+                "is merged into the weights with ComfyUI's own weight patches) instead.", problem)
+    return True
+
+
 def apply_runtime_lora(model, lora, loras: list[dict], strength: float):
     """Runtime mode: clone ``model`` and install ``loras`` (one per sample) as runtime LoRAs.
     Returns (model, stats)."""
@@ -219,7 +236,7 @@ class HYWUApplyGeneratedLoRA(io.ComfyNode):
         if strength == 0:
             log.debug("HY-WU: strength 0, the model is returned unchanged")
             return io.NodeOutput(model)
-        if mode == "patch":
+        if mode == "patch" or runtime_fallback(model, loras):
             new_model, _ = apply_lora(model, lora, strength, max(batch_index, 0))
         else:
             new_model, _ = apply_runtime_lora(model, lora, loras, strength)

@@ -15,10 +15,22 @@ Installed on a *clone* of the ModelPatcher through ComfyUI's own extension point
   multiple of the LoRA count; ``comfy.utils.repeat_to_batch_size`` tiles conds the same way.
 
 The low-rank product is the core's per-sample path (:func:`hywu_nodes.core.lora_delta`).
+
+Guards for newer ComfyUI (read in its source, not present in 0.3.75): an object patch is a forward
+bound to one layer of one model, so it computes right only on that model. Multi-GPU work units
+(``comfy/multigpu.py``: ``deepclone_multigpu`` / ``match_multigpu_clones``) and the non-dynamic
+delegate of a dynamic-VRAM ``ModelPatcherDynamic`` (``get_non_dynamic_delegate``, taken e.g. for
+conditioning with hooks) clone the patcher onto *another* model object and copy (or deep-copy) its
+object patches and wrappers, which would then run this model's layers. :func:`runtime_problem`
+names such a MODEL before installing (HY-WU Apply then uses patch mode, whose weight patches
+ComfyUI carries to every copy by key); the APPLY_MODEL wrapper refuses a model call on any other
+model than the one it was installed on. Dynamic VRAM itself keeps runtime mode: its loader still
+applies object patches (``patch_model(load_weights=False)`` in ``partially_load``).
 """
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -146,20 +158,65 @@ def split_patches(model, patch_sets: list[dict], strength: float):
     return layers, {k: v for k, v in weight_patches.items() if v is not None}
 
 
+_EXTENSION_POINTS = ("clone", "add_object_patch", "add_wrapper_with_key", "add_patches")
+
+
+def multigpu_clones(model_patcher) -> int:
+    """How many multi-GPU copies of the model this MODEL carries (newer ComfyUI's MultiGPU nodes)."""
+    get = getattr(model_patcher, "get_additional_models_with_key", None)
+    n = len(get("multigpu") or ()) if callable(get) else 0
+    opts = getattr(model_patcher, "model_options", None)
+    return max(n, len((opts.get("multigpu_clones") or ()) if isinstance(opts, dict) else ()))
+
+
+def runtime_problem(model_patcher) -> str | None:
+    """Why runtime LoRAs would not compute right on this MODEL (a sentence), or None when they do."""
+    missing = [a for a in _EXTENSION_POINTS if not callable(getattr(model_patcher, a, None))]
+    if not isinstance(getattr(model_patcher, "object_patches", None), dict):
+        missing.append("object_patches")
+    if missing or not hasattr(comfy.patcher_extension.WrappersMP, "APPLY_MODEL"):
+        return (f"this MODEL ({type(model_patcher).__name__}) lacks the ComfyUI extension points runtime mode "
+                f"installs through ({', '.join(missing) or 'WrappersMP.APPLY_MODEL'})")
+    n = multigpu_clones(model_patcher)
+    if n:
+        return (f"this MODEL carries {n} multi-GPU clone(s) (a MultiGPU node before this one): each runs its own "
+                "copy of the model on another GPU, where runtime mode's object patches would still run this "
+                "copy's layers")
+    return None
+
+
+FOREIGN_MODEL = (
+    "HY-WU runtime LoRA: ComfyUI is running a copy of the model that HY-WU Apply Generated LoRA did not patch "
+    "(newer ComfyUI makes one for multi-GPU work units, or a non-dynamic delegate of a dynamic-VRAM model, e.g. "
+    "for conditioning with hooks); runtime mode's per-layer patches would compute with the original model's "
+    "layers there. Set mode to 'patch' on HY-WU Apply Generated LoRA (one LoRA: batch_index 0..N-1), or place "
+    "the MultiGPU node before it (it then uses patch mode by itself).")
+
+
 class RuntimeLoRA:
     """The per-sample low-rank terms of one HY-WU Apply node: the APPLY_MODEL wrapper (it learns
     each call's batch layout) and the forwards its object patches install."""
 
-    def __init__(self, layers: dict[str, LowRankLayer], n_loras: int):
+    def __init__(self, layers: dict[str, LowRankLayer], n_loras: int, model=None):
         self.layers = layers
         self.n = n_loras
         self.call_batch: int | None = None  # the batch of the model call in progress
         self._cache_key = None
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # the BaseModel the object patches were built for (a weak reference: a deep copy of the
+        # wrapper must not copy the model, and the check must not keep it alive)
+        self._model = weakref.ref(model) if model is not None else None
+
+    def __deepcopy__(self, memo):
+        # the object patches call this instance; a copy would get the batch layout they never see
+        return self
 
     # --- APPLY_MODEL wrapper --------------------------------------------------------------
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                  **kwargs):
+        running = getattr(executor, "class_obj", None)
+        if self._model is not None and running is not None and running is not self._model():
+            raise HYWUError(FOREIGN_MODEL)
         transformer_options = {} if transformer_options is None else transformer_options
         chunks = len(transformer_options.get("cond_or_uncond") or ()) or 1
         self.check_call(x.shape[0], chunks)
@@ -249,7 +306,7 @@ def install(model_patcher, patch_sets: list[dict], strength: float):
     dict per LoRA) as runtime LoRAs. Returns (clone, {"runtime": layers, "weight_patched": n})."""
     clone = model_patcher.clone()
     layers, weight_patches = split_patches(clone.model, patch_sets, strength)
-    runtime = RuntimeLoRA(layers, len(patch_sets))
+    runtime = RuntimeLoRA(layers, len(patch_sets), clone.model)
     for path in layers:
         name = f"{path}.forward"
         module = comfy.utils.get_attr(clone.model, path)
