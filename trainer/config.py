@@ -12,6 +12,8 @@ import yaml
 from hywu_nodes.core import BASE_FAMILIES, PRESETS
 from hywu_nodes.core.generator import CONDITION_NORMS
 
+from .replay import ReplayConfig, replay_problems
+
 METHODS = ("hywu", "shared_lora", "per_task_lora")
 SOURCES = ("synthetic", "manifest", "parquet")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -39,6 +41,7 @@ class DataConfig:
     tasks: list[str] | None = None  # synthetic: restrict to these tasks
     cache_mb: float = 2048.0  # memory for pre-encoded rows (latents + text features); 0 = encode every batch
     cache_dir: str = ""  # also keep the encodings on disk here, for the next run on the same base and data
+    replay: ReplayConfig = field(default_factory=ReplayConfig)  # old data mixed in a set share (trainer/replay.py)
 
 
 @dataclass
@@ -82,6 +85,7 @@ class TrainSection:
     max_nonfinite: int = 5  # consecutive non-finite (NaN/inf) steps that stop the run
     fsdp: bool = False  # shard the trained module with torch FSDP2 (trainer/sharding.py)
     fsdp_shard_base: bool = False  # also shard the frozen base's blocks (implies fsdp)
+    init_from: str = ""  # a generator file to continue, or a kohya LoRA as the shared rank (trainer/init_from.py)
 
 
 @dataclass
@@ -218,6 +222,7 @@ def validate(cfg: TrainConfig) -> None:
         v = getattr(g, k)
         if v is not None and v < 1:
             problems.append(f"generator.{k} must be a positive integer (or null for the default)")
+    problems += replay_problems(d.replay)
     if d.cache_mb < 0:
         problems.append("data.cache_mb must be >= 0 (0 turns the cache of encodings off)")
     if problems:

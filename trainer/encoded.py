@@ -176,4 +176,8 @@ def cache_key(cfg, dtype: torch.dtype) -> str:
            "text_layer": b.text_layer, "text_mask": b.text_mask,
            "source": d.source, "data": d.path, "data_files": data_files, "n_train": d.n_train, "tasks": d.tasks,
            "seed": cfg.train.seed if d.source == "synthetic" else None, "dtype": str(dtype), "version": 2}
+    from .replay import key as replay_key
+
+    if replay_key(cfg) is not None:  # replay rows are part of the training set (keys without replay unchanged)
+        key["replay"] = replay_key(cfg)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

@@ -30,6 +30,7 @@ from .families import BaseFolderError, check_base, load_family, module_digest
 from .families.libraries import LibraryVersionError, check_libraries
 from .guard import NonFiniteGuard, TrainingDiverged
 from .methods import build_method
+from .replay import mix as replay_mix
 from .sharding import ensure_process_group, full_state_dict, shard
 from .state import CheckpointWriteError, Group, latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -53,6 +54,10 @@ config keys (YAML sections; override any with --section.key=value):
                      features; default 2048, 0 = encode every batch)
   data.cache_dir     also keep those encodings on disk there (next run on the same base/data
                      loads them instead of encoding again)
+  data.replay.fraction, data.replay.sources   old data mixed into every epoch in this share
+                     (sources: [{{source: synthetic|manifest|parquet, path, tasks, n_train}}])
+  train.init_from    (= --init-from FILE) continue a generator file: family, targets, condition
+                     and generator settings come from it; or a kohya LoRA as the shared rank
   generator.preset   tiny | small | medium | large; generator.rank, generator.alpha,
                      generator.gradient_checkpointing, generator.token_width / row_tokens
   train.method       hywu | shared_lora | per_task_lora
@@ -86,6 +91,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     p.add_argument("--config", help="YAML config (default: the built-in demo config)")
     p.add_argument("--output", help="output folder (= output: in the config)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in the output folder")
+    p.add_argument("--init-from", metavar="FILE", help="continue training this generator file on new data (its settings are kept; a conflicting option is refused), or start from a kohya LoRA as the shared rank (= train.init_from)")
     p.add_argument("--max-steps", type=int, help="optimizer steps to train (= train.max_steps)")
     p.add_argument("--seed", type=int, help="seed of weights init, data order, noise and dropout (= train.seed)")
     p.add_argument("--method", choices=("hywu", "shared_lora", "per_task_lora"), help="what to train (= train.method)")
@@ -103,6 +109,10 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       ("method", "train.method"), ("device", "train.device")):
         if getattr(args, flag) is not None:
             overrides.append(f"--{key}={getattr(args, flag)}")
+    if args.init_from:  # the file fixes base, condition and generator settings; no demo config underneath
+        from .init_from import config_for
+
+        return config_for(args.init_from, args.config, overrides), args
     return load_config(path, overrides), args
 
 
@@ -183,6 +193,11 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
     from accelerate.utils import DistributedType, gather_object
 
     t = cfg.train
+    init = None
+    if t.init_from:  # takes the file's settings into cfg (trainer/init_from.py)
+        from . import init_from
+
+        init = init_from.prepare(cfg)
     if not (cfg.base.tiny and not Path(cfg.base.path).exists()):
         check_base(cfg)  # before the engine starts: a wrong path fails in a second, not after model imports
     check_libraries(cfg.base.family)  # a too-old diffusers/transformers: say which version, before any work
@@ -211,14 +226,20 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
 
     digests = {k: module_digest(m) for k, m in adapter.frozen_modules().items()} if check_frozen else None
     train_ds, val_ds = build_datasets(cfg)
+    train_ds = replay_mix(train_ds, cfg)  # data.replay: old rows in a set share
     rows = None
     if cfg.data.cache_mb > 0:
         cache_file = Path(cfg.data.cache_dir) / f"encoded-{cache_key(cfg, weight_dtype)}.safetensors" if cfg.data.cache_dir else None
         rows = EncodedRows(adapter, train_ds, cfg.base.resolution, cfg.data.cache_mb).fill(cache_file, accelerator.is_main_process)
     torch.manual_seed(t.seed)  # same generator init on every process
-    target_spec = build_target_spec(adapter.denoiser, cfg.base.family, include=cfg.base.targets)
-    method = build_method(cfg, target_spec, adapter.condition_spec, train_ds.tasks)
-    if method.name == "hywu" and cfg.generator.condition_norm != "none":
+    if init is not None:  # the file's layers and generator (or the LoRA as the shared rank)
+        target_spec = init_from.target_spec(init, adapter.denoiser, cfg)
+        method = init_from.build_method(cfg, init, target_spec, adapter.condition_spec, train_ds.tasks)
+    else:
+        target_spec = build_target_spec(adapter.denoiser, cfg.base.family, include=cfg.base.targets)
+        method = build_method(cfg, target_spec, adapter.condition_spec, train_ds.tasks)
+    lineage = init.lineage() if init is not None else {}
+    if method.name == "hywu" and cfg.generator.condition_norm != "none" and not (init and init.keeps_condition_stats):
         # Every process computes the same statistics from the same first rows (no communication).
         method.module.set_condition_stats(condition_stats(adapter, train_ds, rows, cfg))
     module = method.module.to(device).train()
@@ -270,7 +291,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
     def save(step: int, must: bool) -> bool:
         """Checkpoint ``step``; a failed write is reported and (unless ``must``) training goes on."""
         states = gather_object([stream.state_dict()]) if world > 1 else [stream.state_dict()]
-        extra = {"steps": step, "method": method.name, "base_path": str(cfg.base.path), "name": cfg.name}
+        extra = {"steps": step, "method": method.name, "base_path": str(cfg.base.path), "name": cfg.name, **lineage}
         writer = plain_method()
         err = None
         try:
@@ -386,7 +407,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
     final_files = []
     writer = plain_method()
     if accelerator.is_main_process:
-        extra = {"steps": t.max_steps, "method": method.name, "base_path": str(cfg.base.path), "name": cfg.name}
+        extra = {"steps": t.max_steps, "method": method.name, "base_path": str(cfg.base.path), "name": cfg.name, **lineage}
         final_files = writer.save(str(output), cfg.name, extra)
     validate(t.max_steps)
     skipped = gather_object([dict(stream.skipped)]) if world > 1 else [dict(stream.skipped)]
@@ -404,6 +425,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
         "skipped_rows": total_skipped, "skipped_total": sum(total_skipped.values()),
         "nonfinite_steps_skipped": guard.skipped, "checkpoint_failures": failures, "files": final_files,
         "encoded_rows": rows.summary() if rows else None, "sharded": {"fsdp": sharded, "base": bool(sharded and t.fsdp_shard_base)},
+        "init_from": lineage.get("init_from"), "replay_rows": getattr(train_ds, "replay_rows", 0),
         "sizes": sizes, "device": str(device), "mixed_precision": t.mixed_precision, "losses": losses,
         "step_times": step_times, "step_cpu_times": step_cpu,
     }
