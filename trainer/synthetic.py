@@ -20,6 +20,11 @@ Pure numpy + PIL (no torch), deterministic, fast (thousands of examples/s at 32x
   (image stream 1, never a training image, train sentences), ``"heldout_phrasing"`` (val's images
   and tasks, held-out sentences only: val vs heldout_phrasing differs in the wording alone).
   Tasks cycle through the task list, so every split is balanced.
+* **Composed edits** (:data:`COMPOSED_TASKS`, e.g. ``"brighten+shift_left"``: "make it brighter and
+  shift the image left"): two tasks of different kinds in one instruction; the exact target applies
+  both, in the name's order. :data:`COMPOSED_TRAIN` / :data:`COMPOSED_HELDOUT` split them so that a
+  held-out combination's tasks are each trained in other combinations, never together. They are
+  not in :data:`TASKS`: the demo's default data is unchanged.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from PIL import Image
 __all__ = [
     "TASKS", "BASE_TASKS", "ADAPTER_TASKS", "CONFLICT_PAIRS", "NON_CONFLICTING", "CONFLICT_PARTNER",
     "PHRASINGS", "SPLITS", "EditExample", "make_examples", "make_source", "apply_task", "instruction_for",
+    "COMPOSED_TASKS", "COMPOSED_TRAIN", "COMPOSED_HELDOUT", "COMPOSED_PHRASINGS", "compose", "parts",
 ]
 
 CONFLICT_PAIRS: tuple[tuple[str, str], ...] = (
@@ -213,9 +219,9 @@ assert set(_OPS) == set(TASKS)
 
 def apply_task(task: str, image: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
     """The exact target of ``task`` for ``image`` (same type out as in: PIL image or uint8 array)."""
-    if task not in _OPS:
-        raise KeyError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-    out = _OPS[task](_to_array(image))
+    if task not in _OPS and task not in COMPOSED_TASKS:
+        raise KeyError(f"unknown task {task!r}; known: {', '.join(TASKS)} and the composed {', '.join(COMPOSED_TASKS)}")
+    out = _op(task)(_to_array(image))
     return Image.fromarray(out, "RGB") if isinstance(image, Image.Image) else out
 
 
@@ -275,7 +281,7 @@ _PHRASE_KIND = {"train": "train", "val": "train", "heldout_phrasing": "heldout"}
 
 def instruction_for(task: str, kind: str, rng: np.random.Generator) -> str:
     """A random sentence for ``task`` from the ``"train"`` or ``"heldout"`` sentences."""
-    options = PHRASINGS[task][kind]
+    options = (PHRASINGS[task] if task in PHRASINGS else COMPOSED_PHRASINGS[task])[kind]
     return options[int(rng.integers(len(options)))]
 
 
@@ -298,7 +304,7 @@ def make_examples(split: str, n: int, seed: int = 0, resolution: int = 32,
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     task_list = tuple(TASKS if tasks is None else tasks)
-    unknown = [t for t in task_list if t not in _OPS]
+    unknown = [t for t in task_list if t not in _OPS and t not in COMPOSED_TASKS]
     if unknown or not task_list:
         raise ValueError(f"unknown or empty task list: {unknown or task_list}")
     kind = _PHRASE_KIND[split]
@@ -309,8 +315,59 @@ def make_examples(split: str, n: int, seed: int = 0, resolution: int = 32,
         src = make_source(image_rng, resolution)
         out.append(EditExample(
             source=Image.fromarray(src, "RGB"),
-            target=Image.fromarray(_OPS[task](src), "RGB"),
+            target=Image.fromarray(_op(task)(src), "RGB"),
             instruction=instruction_for(task, kind, phrase_rng),
             task=task,
         ))
     return out
+
+
+# ------------------------------------------------------------------------------ composed edits
+
+# Two edits in one instruction ("make it brighter and shift the image left"): the exact target
+# applies the first edit, then the second. Combinations join two of the four conflicting pairs'
+# kinds (brightness, temperature, position, hue), never a task with its own partner (they cancel).
+# Per pair of kinds one of the four combinations is held out; every held-out combination's two
+# tasks are each trained in other combinations, never together (tests/test_synthetic.py checks).
+# None of this is in TASKS or PHRASINGS: the demo's base, data and text encoder are unchanged.
+
+def compose(a: str, b: str) -> str:
+    return f"{a}+{b}"
+
+
+def parts(task: str) -> tuple[str, ...]:
+    """The single tasks of a task name: ("brighten", "shift_left") for "brighten+shift_left"."""
+    return tuple(task.split("+"))
+
+
+def _combinations() -> tuple[list[str], list[str]]:
+    train, heldout = [], []
+    for i, j in itertools.combinations(range(len(CONFLICT_PAIRS)), 2):
+        for k, l in itertools.product(range(2), repeat=2):
+            name = compose(CONFLICT_PAIRS[i][k], CONFLICT_PAIRS[j][l])
+            (heldout if k == l == (i + j) % 2 else train).append(name)
+    return train, heldout
+
+
+_TRAIN_COMBOS, _HELDOUT_COMBOS = _combinations()
+COMPOSED_TRAIN: tuple[str, ...] = tuple(_TRAIN_COMBOS)
+COMPOSED_HELDOUT: tuple[str, ...] = tuple(_HELDOUT_COMBOS)
+COMPOSED_TASKS: tuple[str, ...] = COMPOSED_TRAIN + COMPOSED_HELDOUT
+_JOINERS = {"train": ["{} and {}", "{}, then {}"], "heldout": ["{} and also {}"]}
+
+
+def _composed_sentences(task: str, kind: str) -> list[str]:
+    a, b = parts(task)
+    cores = [j.format(x, y) for j in _JOINERS[kind] for x in _CORES[a][kind] for y in _CORES[b][kind]]
+    return [f.format(c) for c, f in itertools.product(cores, _FRAMES[kind])]
+
+
+COMPOSED_PHRASINGS: dict[str, dict[str, list[str]]] = {
+    t: {k: _composed_sentences(t, k) for k in ("train", "heldout")} for t in COMPOSED_TASKS}
+
+
+def _op(task: str) -> Callable[[np.ndarray], np.ndarray]:
+    if task in _OPS:
+        return _OPS[task]
+    first, second = (_OPS[p] for p in parts(task))
+    return lambda a: second(first(a))
