@@ -33,7 +33,7 @@ test-core: venv
 	$(PY) -m pytest tests/test_core_*.py
 
 demo: venv comfyui
-	$(PY) scripts/demo.py
+	$(PY) scripts/hywu_demo.py
 
 bench: venv
 	$(PY) bench/generator.py

@@ -28,8 +28,8 @@ sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import demo  # noqa: E402
-import demo_core as D  # noqa: E402
+import hywu_demo as demo  # noqa: E402
+import hywu_demo_core as D  # noqa: E402
 
 
 def stats(values: list[float]) -> dict:

@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# What `make demo` writes (scripts/demo.py): the trained micro checkpoint and generator.
+# What `make demo` writes (scripts/hywu_demo.py): the trained micro checkpoint and generator.
 DEMO_CKPT = "hywu_demo_sd15_ip2p.safetensors"
 DEMO_GENERATOR = "hywu_demo.safetensors"
 DEMO_IMAGE = "hywu_demo_input.png"  # example_workflows/input/, copied into ComfyUI's input folder
-DEMO_INSTRUCTION = "make it brighter"  # a task of the demo's synthetic edit world (scripts/demo.py COMFY_PAIR)
+DEMO_INSTRUCTION = "make it brighter"  # a task of the demo's synthetic edit world (scripts/hywu_demo.py COMFY_PAIR)
 EXAMPLE_IMAGE = "hywu_example.png"
 INSTRUCTION = "make it a snowy winter scene"
 
@@ -152,7 +152,7 @@ WORKFLOWS = {
     # Qwen-Image-Edit: the sampler's conditioning from ComfyUI's TextEncodeQwenImageEdit (it sees the image).
     "hywu_edit_qwen_image_edit": qwen_image_edit(),
     # The same SD1.5 graph on the checkpoint and generator `make demo` trains (runs on a CPU in seconds).
-    # Its sampler settings are the demo's (scripts/demo.py: 8 euler steps, simple schedule, cfg 1).
+    # Its sampler settings are the demo's (scripts/hywu_demo.py: 8 euler steps, simple schedule, cfg 1).
     "hywu_demo": sd15_ip2p(DEMO_CKPT, DEMO_GENERATOR, DEMO_IMAGE, instruction=DEMO_INSTRUCTION, steps=8, cfg=1.0,
                            scheduler="simple", prefix="hywu_demo"),
 }

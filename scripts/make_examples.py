@@ -3,7 +3,7 @@
 
 * ``example_workflows/input/hywu_demo_input.png``: a validation image of the demo's synthetic
   edit world (trainer/synthetic.py) at the demo resolution, with the demo's tasks and seed
-  (scripts/demo_core.py DemoSettings); the demo workflow edits it.
+  (scripts/hywu_demo_core.py DemoSettings); the demo workflow edits it.
 * ``example_workflows/input/hywu_example.png``: a synthetic scene at 512 px for the workflows
   of full-size bases (SD1.5 InstructPix2Pix, FLUX.1 Kontext).
 * ``example_workflows/<title>.jpg``: one thumbnail per workflow (source image, instruction,
@@ -40,7 +40,7 @@ BASES = {  # what the thumbnail says each workflow needs
 
 def demo_input() -> Image.Image:
     """Validation example 0 of the demo world, at the demo's resolution, tasks and seed."""
-    from demo_core import DEMO_TASKS, WorldSettings
+    from hywu_demo_core import DEMO_TASKS, WorldSettings
 
     from trainer import synthetic
 

@@ -1,4 +1,4 @@
-"""A reduced `make demo` run (scripts/demo.py --quick): every stage runs with tiny step counts,
+"""A reduced `make demo` run (scripts/hywu_demo.py --quick): every stage runs with tiny step counts,
 the three methods are trained by `python -m trainer.train`, and the headless ComfyUI part runs
 the demo workflow and a core LoraLoaderModelOnly graph. Checks outputs, metrics.json, the
 installed files and the cache. (The full demo's figures are in docs/demo.md.)"""
@@ -23,7 +23,7 @@ def _finite(x):
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory, micro_base):
-    import demo
+    import hywu_demo as demo
 
     root = tmp_path_factory.mktemp("demo")
     args = ["--quick", "--no-progress", "--models", str(root / "models"), "--out", str(root / "out"),
@@ -34,7 +34,7 @@ def quick_demo(tmp_path_factory, micro_base):
 
 
 def test_outputs_and_metrics(quick_demo):
-    import demo_core as D
+    import hywu_demo_core as D
     from trainer import synthetic
 
     root, result, _ = quick_demo
@@ -91,7 +91,7 @@ def test_installed_files_load_where_users_load_them(quick_demo):
 
 
 def test_comfyui_ran_the_demo_workflow_and_the_core_lora_graph(quick_demo):
-    import demo
+    import hywu_demo as demo
 
     root, result, _ = quick_demo
     c = result["comfyui"]
@@ -115,3 +115,36 @@ def test_second_run_reuses_the_cache(quick_demo):
     # same files, same seeds: same numbers
     a, b = first["metrics"]["val"]["hywu"]["overall"], second["metrics"]["val"]["hywu"]["overall"]
     assert a["psnr"] == pytest.approx(b["psnr"], abs=1e-6)
+
+
+def test_script_modules_resolve_with_a_demo_folder_next_to_the_checkout(tmp_path):
+    """The repo root is a package (ComfyUI imports it), so pytest puts the checkout's parent first
+    on sys.path, and in a ComfyUI install the siblings are other node packs. A parent holding
+    `demo` and `demo_core` packages (the script names before issue 16) must not shadow the script
+    modules this file imports. Reproduced in a temp parent with a one-test pytest run."""
+    import re
+    import subprocess
+
+    scripts = REPO / "scripts"
+    names = sorted({m for m in re.findall(r"^\s*import (\w+)", Path(__file__).read_text(), re.M)
+                    if (scripts / f"{m}.py").is_file()})
+    assert names and all(n.startswith("hywu_") for n in names), names  # the project's own prefix
+    for sibling in ("demo", "demo_core"):
+        (tmp_path / sibling).mkdir()
+        (tmp_path / sibling / "__init__.py").write_text("")
+    pack = tmp_path / "pack"
+    (pack / "tests").mkdir(parents=True)
+    (pack / "__init__.py").write_text("")
+    (pack / "tests" / "test_probe.py").write_text(f'''
+import importlib.util, sys
+from pathlib import Path
+sys.path[:0] = [{str(REPO)!r}, {str(scripts)!r}]  # what tests/test_demo.py does
+
+def test_probe():
+    assert importlib.util.find_spec("demo").origin == {str(tmp_path / "demo" / "__init__.py")!r}, sys.path[:4]
+    for name in {names!r}:
+        assert Path(importlib.util.find_spec(name).origin) == Path({str(scripts)!r}) / (name + ".py"), name
+''')
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pack / "tests")],
+                         cwd=pack, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]

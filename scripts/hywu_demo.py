@@ -2,7 +2,7 @@
 """`make demo`: the whole HY-WU product in a miniature world, on a CPU, with no downloads.
 
 1. builds (or reuses) the seeded micro SD1.5-InstructPix2Pix base (scripts/build_micro_base.py)
-   and makes it a small editor of the synthetic world (scripts/demo_core.build_world) ->
+   and makes it a small editor of the synthetic world (scripts/hywu_demo_core.build_world) ->
    models/demo/base/ (diffusers) + models/checkpoints/hywu_demo_sd15_ip2p.safetensors (ComfyUI);
 2. trains, with `python -m trainer.train` (trainer/configs/demo.yaml) and one budget, a shared LoRA,
    per-task LoRAs (an oracle told the task) and the HY-WU generator on the conflicting edits the
@@ -17,7 +17,7 @@
 
 Every stage is cached under models/ (git-ignored): a second run reuses what is still valid.
 
-    python scripts/demo.py [--quick] [--no-comfy] [--force] [--seed N] [--out output/demo] [--models models]
+    python scripts/hywu_demo.py [--quick] [--no-comfy] [--force] [--seed N] [--out output/demo] [--models models]
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spin-waiting OpenMP threa
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import demo_core as D  # noqa: E402
+import hywu_demo_core as D  # noqa: E402
 from trainer import synthetic  # noqa: E402
 
 CONFIG = REPO / "trainer" / "configs" / "demo.yaml"

@@ -477,7 +477,7 @@ def build_world(micro_dir: Path, out_dir: Path, s: WorldSettings, show: bool = T
     losses = pretrain_unet(world, data, s, show)
     world.unet.save_pretrained(tmp / "unet", safe_serialization=True)
     seconds["unet"] = round(time.time() - t0 - sum(seconds.values()), 1)
-    info = {"builder": "scripts/demo_core.py build_world", "from": str(micro_dir), "settings_key": s.key(),
+    info = {"builder": "scripts/hywu_demo_core.py build_world", "from": str(micro_dir), "settings_key": s.key(),
             "settings": asdict(s), "vae_ceiling_psnr_val": vae_psnr, "unet_final_loss": float(np.mean(losses[-50:])),
             "short_text_encoder_max_abs_diff": World(tmp).check_short_text_encoder(
                 [synthetic.PHRASINGS[t]["heldout"][0] for t in synthetic.TASKS] + [""]),
