@@ -155,6 +155,19 @@ def test_static_lora_becomes_the_shared_rank(tmp_path):
             got = lora.scale * b[i] @ a[i]
             assert torch.allclose(got, want, atol=1e-6 * max(1.0, float(want.abs().max()))), t.name
     assert float(want.abs().max()) > 0  # the LoRA was trained: the check compares something
+    # --method shared_lora: the LoRA itself continues (lr 0: the written LoRA makes the same update)
+    cont, _ = parse_args(["--init-from", str(tmp_path / "user_lora.safetensors"), "--output", str(tmp_path / "c"),
+                          f"--base.path={cfg.base.path}", "--max-steps", "1", "--train.lr=0", "--data.n_train=8",
+                          "--data.n_val=2", "--method", "shared_lora"])
+    assert cont.generator.rank == 4
+    again = load_file(run(cont, progress=False)["files"][0])
+    assert {k for k in again if k.endswith(".lora_down.weight")} == {f"{m}.lora_down.weight" for m in lora_layers}
+    for m in lora_layers:
+        got = float(again[f"{m}.alpha"]) / 4 * again[f"{m}.lora_up.weight"] @ again[f"{m}.lora_down.weight"]
+        want = float(state[f"{m}.alpha"]) / 4 * state[f"{m}.lora_up.weight"] @ state[f"{m}.lora_down.weight"]
+        assert torch.allclose(got, want, atol=1e-6 * max(1.0, float(want.abs().max()))), m
+    with pytest.raises(ConfigError, match="not per_task_lora"):
+        parse_args(["--init-from", str(tmp_path / "user_lora.safetensors"), "--method", "per_task_lora"])
     # the LoRA does not fit another selection of layers
     bad, _ = parse_args(["--init-from", str(tmp_path / "user_lora.safetensors"), "--output", str(tmp_path / "h"),
                          f"--base.path={cfg.base.path}", "--max-steps", "1", "--base.targets=[attn1.to_q]"])

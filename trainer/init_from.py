@@ -12,7 +12,8 @@ A **static LoRA** (kohya layout: ``<key>.lora_down.weight`` / ``.lora_up.weight`
 as core.lora_format writes and ComfyUI's LoRA loaders read) becomes the generator's shared rank
 (``generator.shared_rank`` = the LoRA's rank): the generator's B head starts at zero, so at step 0
 the generator's LoRA *is* the user's LoRA for every request, and training adds the request-dependent
-residual. Without ``base.targets`` the generator targets exactly the LoRA's layers.
+residual. With ``--method shared_lora`` the LoRA itself trains on (a shared LoRA continued on new
+data; ``generator.rank`` = the LoRA's). Without ``base.targets`` the layers are exactly the LoRA's.
 """
 from __future__ import annotations
 
@@ -149,10 +150,14 @@ def explicit_keys(config_path: str | None, overrides) -> set[str]:
     return keys
 
 
-def _file_values(src: InitSource) -> dict:
+def _file_values(src: InitSource, cfg: TrainConfig) -> dict:
     """Config key -> value the file fixes."""
     if src.kind == "lora":
-        out = {"train.method": "hywu", "generator.shared_rank": src.rank}
+        if cfg.train.method == "per_task_lora":
+            raise ConfigError(f"--init-from {src.label}: a LoRA starts a generator (train.method hywu, the LoRA as its "
+                              "shared rank) or continues as a shared LoRA (train.method shared_lora), not per_task_lora")
+        # shared_lora: the LoRA itself trains on; hywu: it becomes the generator's shared rank
+        out = {"generator.rank": src.rank} if cfg.train.method == "shared_lora" else {"generator.shared_rank": src.rank}
         if src.family:
             out["base.family"] = src.family
         return out
@@ -184,7 +189,7 @@ def resolve_config(cfg: TrainConfig, src: InitSource, explicit: set[str] | None 
     None, any value other than the default) that disagrees is refused with both values."""
     default = TrainConfig()
     conflicts = []
-    for key, value in _file_values(src).items():
+    for key, value in _file_values(src, cfg).items():
         current = _get(cfg, key)
         if key == "generator.preset" and isinstance(value, dict):  # the file's size matches no preset
             given = key in explicit if explicit is not None else current != _get(default, key)
@@ -269,7 +274,10 @@ def build_method(cfg: TrainConfig, src: InitSource, spec, condition_spec, tasks)
 
     if src.kind == "lora":
         method = build_fresh(cfg, spec, condition_spec, tasks)
-        load_lora_into_shared_rank(method.module, src, cfg.base.family)
+        if method.name == "shared_lora":
+            load_lora_into_static(method.module, src, cfg.base.family)
+        else:
+            load_lora_into_shared_rank(method.module, src, cfg.base.family)
         return method
     if condition_spec.to_json() != src.info.condition_spec.to_json():
         raise ConfigError(f"--init-from {src.label}: this base's condition ({_describe(condition_spec)}) differs from "
@@ -290,13 +298,24 @@ def _describe(spec) -> str:
 
 
 @torch.no_grad()
+def load_lora_into_static(lora, src: InitSource, family: str) -> None:
+    """Continue the LoRA as a shared static LoRA (trainer.methods.StaticLoRA, rank = the LoRA's)."""
+    _write_lora(lora.target_spec.targets, [a[0] for a in lora.a], [b[0] for b in lora.b], lora.scale, src, family)
+
+
+@torch.no_grad()
 def load_lora_into_shared_rank(generator: HYWUGenerator, src: InitSource, family: str) -> None:
     """Write the LoRA into the generator's shared rank so that scale * shared_b @ shared_a equals
     the LoRA's update (its alpha / rank folded into B). Layers of lower rank are zero-padded;
     targets the LoRA lacks keep the fresh init (B = 0)."""
-    r = generator.config.shared_rank
-    gen_scale = generator.scale
-    for t, sa, sb in zip(generator.target_spec.targets, generator.shared_a, generator.shared_b):
+    _write_lora(generator.target_spec.targets, list(generator.shared_a), list(generator.shared_b), generator.scale, src,
+                family)
+
+
+@torch.no_grad()
+def _write_lora(targets, a_params, b_params, gen_scale: float, src: InitSource, family: str) -> None:
+    for t, sa, sb in zip(targets, a_params, b_params):
+        r = sa.shape[0]
         entry = src.lora.get(lora_module_key(family, t.name))
         if entry is None:
             continue
