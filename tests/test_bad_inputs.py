@@ -123,7 +123,7 @@ def test_empty_generator_name_says_none_was_picked(hywu_env, name):
     assert "not a .safetensors file" not in msg and "pickle" not in msg.lower(), msg
 
 
-def test_empty_generator_name_with_an_empty_folder(hywu_env, tmp_path):
+def test_empty_generator_name_with_an_empty_folder(tmp_path):
     """In-process (the session server's models/hywu is not empty): ComfyUI's own folder_paths
     with the hywu folder pointed at an empty directory."""
     import comfy_harness

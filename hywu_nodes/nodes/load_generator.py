@@ -28,9 +28,9 @@ def generator_name_problem(name) -> str | None:
     if not name.strip():  # nothing picked (an API prompt, or a graph saved while the folder was empty)
         if not files:
             return (f"{TITLE}: no generator was picked, and models/hywu/ has no generator files yet. Put a HY-WU "
-                    "generator (.safetensors, written by python -m trainer.train; make demo writes "
-                    "models/hywu/hywu_demo.safetensors) into ComfyUI/models/hywu/, press R in ComfyUI to refresh "
-                    "the list and pick it.")
+                    "generator (.safetensors: python -m trainer.train writes one; make demo in the pack's folder "
+                    "writes models/hywu/hywu_demo.safetensors there) into ComfyUI/models/hywu/, press R in ComfyUI "
+                    "to refresh the list and pick it.")
         return f"{TITLE}: no generator was picked (generator_name is empty). {_pick_one(files)}."
     if os.path.splitext(name)[1].lower() != ".safetensors":
         return (f"{TITLE}: '{name}' is not a .safetensors file. HY-WU loads generators from .safetensors only "
