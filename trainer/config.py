@@ -30,6 +30,7 @@ class BaseConfig:
     targets: list[str] | None = None  # regexes of adapted linear layers; None = family default
     text_layer: int = -1  # which text-encoder hidden layer the generator reads (-1 = last, -2 = the one before, ...)
     text_mask: bool = False  # the generator ignores the padding after the prompt's end token
+    guidance: float | None = None  # flux_kontext: embedded guidance the base gets (the graph's FluxGuidance); None = 2.5
 
 
 @dataclass
@@ -197,6 +198,9 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"base.text_layer must be negative (-1 = the last layer, -2 = the one before), got {b.text_layer}")
     if (b.text_layer != -1 or b.text_mask) and b.family != "sd15_ip2p":
         problems.append(f"base.text_layer / base.text_mask are implemented for sd15_ip2p only (not {b.family})")
+    if b.guidance is not None and (b.family != "flux_kontext" or not 0 <= b.guidance <= 100):
+        problems.append(f"base.guidance is the embedded guidance of flux_kontext (0 to 100, the graph's FluxGuidance), got "
+                        f"{b.guidance} for {b.family}" + ("" if b.family == "flux_kontext" else "; leave it unset"))
     if t.method not in METHODS:
         problems.append(f"train.method '{t.method}' is not one of {', '.join(METHODS)}")
     if t.mixed_precision not in PRECISIONS:

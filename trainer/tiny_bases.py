@@ -123,6 +123,33 @@ def build_flux(folder: Path) -> None:
     _save_scheduler(folder, flow=True)
 
 
+def build_flux_comfy(folder: Path, comfyui: Path) -> None:
+    """FLUX.1-shaped tiny parts that ComfyUI's own classes load (tests/comfy_test_nodes/tiny_flux_te.py):
+    the tokenizers ComfyUI ships (CLIP-L BPE, T5 sentencepiece) with text encoders of their vocabularies,
+    a T5 v1.1 block (gated GELU, like T5-XXL), 16 latent channels and VAE widths ComfyUI's GroupNorm(32) takes."""
+    import shutil
+
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+    ).save_pretrained(folder / "transformer")
+    CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu", bos_token_id=49406,
+                                 eos_token_id=49407, pad_token_id=49407)).eval().save_pretrained(folder / "text_encoder")
+    # ComfyUI's CLIP tokenizer files say model_max_length 8192; CLIP-L has 77 positions (as FLUX's own tokenizer says)
+    AutoTokenizer.from_pretrained(str(comfyui / "comfy" / "sd1_tokenizer"), model_max_length=77).save_pretrained(str(folder / "tokenizer"))
+    T5EncoderModel(T5Config(vocab_size=32128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, feed_forward_proj="gated-gelu",
+                            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval().save_pretrained(folder / "text_encoder_2")
+    shutil.copytree(comfyui / "comfy" / "text_encoders" / "t5_tokenizer", folder / "tokenizer_2", dirs_exist_ok=True)
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32,) * 4, layers_per_block=1,
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+                  scaling_factor=0.3611, shift_factor=0.1159).eval().save_pretrained(folder / "vae")
+    _save_scheduler(folder, flow=True)
+
+
 def build_qwen(folder: Path) -> None:
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
     from transformers import Qwen2Config, Qwen2Model
@@ -143,19 +170,27 @@ def build_qwen(folder: Path) -> None:
 _BUILDERS = {"sd15_ip2p": build_sd15, "flux_kontext": build_flux, "qwen_image_edit": build_qwen, "sd15_bench": build_sd15_bench}
 
 
-def build_tiny_base(family: str, folder: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a seeded tiny base of ``family`` into ``folder`` (reused when already complete)."""
-    if family not in _BUILDERS:
-        raise ValueError(f"no tiny base '{family}'; known: {', '.join(_BUILDERS)}")
+# Variants whose tokenizers and component configs are the ones ComfyUI's own loaders use (a ComfyUI checkout gives the files).
+_COMFY_BUILDERS = {"flux_kontext": build_flux_comfy}
+COMFY_TEXT_TOKENS = {"flux_kontext": 256}  # ComfyUI's FluxTokenizer pads T5 to 256 tokens (min_length), without a mask
+
+
+def build_tiny_base(family: str, folder: str | os.PathLike, seed: int = 0, comfyui: str | os.PathLike | None = None) -> Path:
+    """Write a seeded tiny base of ``family`` into ``folder`` (reused when already complete).
+    ``comfyui``: a ComfyUI checkout; build the variant ComfyUI's own classes load, with its tokenizers."""
+    builders = _COMFY_BUILDERS if comfyui else _BUILDERS
+    if family not in builders:
+        raise ValueError(f"no tiny base '{family}'{' for ComfyUI' if comfyui else ''}; known: {', '.join(builders)}")
     folder = Path(folder)
     marker = folder / "tiny_base.json"
-    if marker.is_file() and json.loads(marker.read_text()) == {"family": family, "seed": seed}:
+    want = {"family": family, "seed": seed, **({"comfyui_tokenizers": True} if comfyui else {})}
+    if marker.is_file() and json.loads(marker.read_text()) == want:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        _BUILDERS[family](folder)
-    marker.write_text(json.dumps({"family": family, "seed": seed}))
+        builders[family](folder, Path(comfyui)) if comfyui else builders[family](folder)
+    marker.write_text(json.dumps(want))
     return folder
 
 
@@ -169,17 +204,21 @@ FAST_TARGETS = {
 }
 
 
-def tiny_config(family: str, output: str | os.PathLike, fast: bool = True, **sections):
+def tiny_config(family: str, output: str | os.PathLike, fast: bool = True, comfyui: str | os.PathLike | None = None, **sections):
     """A TrainConfig on the cached tiny base of ``family`` with synthetic data (tests, bench).
-    ``sections`` are dicts per section, e.g. ``train={"max_steps": 5}``."""
+    ``sections`` are dicts per section, e.g. ``train={"max_steps": 5}``; ``comfyui``: the variant
+    with ComfyUI's tokenizers (see :func:`build_tiny_base`)."""
     from .config import TrainConfig, apply, validate
 
     cfg = TrainConfig()
     cfg.name, cfg.output = f"tiny_{family}", str(output)
-    cfg.base.family, cfg.base.path = family, str(build_tiny_base(family, CACHE / family))
+    folder = CACHE / (f"{family}_comfy" if comfyui else family)
+    cfg.base.family, cfg.base.path = family, str(build_tiny_base(family, folder, comfyui=comfyui))
     cfg.base.resolution = 32
     if family == "qwen_image_edit":
         cfg.base.text_tokens = 128
+    if comfyui and family in COMFY_TEXT_TOKENS:
+        cfg.base.text_tokens = COMFY_TEXT_TOKENS[family]
     if fast:
         cfg.base.targets = FAST_TARGETS[family]
     cfg.data.n_train, cfg.data.n_val = 16, 2

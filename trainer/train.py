@@ -46,7 +46,9 @@ config keys (YAML sections; override any with --section.key=value):
   base.synthetic_full  true: build the full-size architecture (trainer/architectures) with
                      seeded RANDOM weights instead of reading base.path (benchmarks only)
   base.resolution    square training bucket and condition resolution (multiple of 16)
-  base.text_tokens   text condition length (default: 77 / 512 / 1024 by family)
+  base.text_tokens   text condition length (default: 77 / 256 / 1024 by family)
+  base.guidance      flux_kontext: embedded guidance in training (default 2.5, the template's
+                     FluxGuidance); recorded in the generator file: set FluxGuidance to it
   base.targets       list of regexes of adapted linear layers (default: attention + FFN)
   data.source        synthetic | manifest (.jsonl/.csv) | parquet (folder)
   data.path          manifest file or parquet folder; data.n_train / data.n_val / data.tasks
@@ -291,7 +293,8 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
     def save(step: int, must: bool) -> bool:
         """Checkpoint ``step``; a failed write is reported and (unless ``must``) training goes on."""
         states = gather_object([stream.state_dict()]) if world > 1 else [stream.state_dict()]
-        extra = {"steps": step, "method": method.name, "base_path": str(cfg.base.path), "name": cfg.name, **lineage}
+        extra = {"steps": step, "method": method.name, "base_path": str(cfg.base.path), "name": cfg.name, **adapter.file_extra(),
+                 **lineage}
         writer = plain_method()
         err = None
         try:
@@ -407,7 +410,8 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
     final_files = []
     writer = plain_method()
     if accelerator.is_main_process:
-        extra = {"steps": t.max_steps, "method": method.name, "base_path": str(cfg.base.path), "name": cfg.name, **lineage}
+        extra = {"steps": t.max_steps, "method": method.name, "base_path": str(cfg.base.path), "name": cfg.name,
+                 **adapter.file_extra(), **lineage}
         final_files = writer.save(str(output), cfg.name, extra)
     validate(t.max_steps)
     skipped = gather_object([dict(stream.skipped)]) if world > 1 else [dict(stream.skipped)]

@@ -125,6 +125,10 @@ CONDITION_OPTION_RULES: dict[str, Rule] = {
     "latent": choice("scaled"),
     "crop": FLAG,
 }
+# Fields of 'hywu.extra' that nodes read (the rest of it, e.g. steps and run name, is only shown).
+EXTRA_RULES: dict[str, Rule] = {
+    "flux_guidance": number(0, 100),  # embedded guidance the FLUX base was trained at (the graph's FluxGuidance)
+}
 REQUIRED_KEYS = ("hywu.format", "hywu.format_version", "hywu.base_family", "hywu.config", "hywu.target_spec",
                  "hywu.target_fingerprint", "hywu.condition_spec", "hywu.rank", "hywu.alpha")
 OPTIONAL_KEYS = ("hywu.extra",)
@@ -207,6 +211,10 @@ def parse_generator_metadata(meta: dict[str, str], label: str) -> GeneratorMetad
     if rank != config.rank or alpha != config.alpha:
         fail(f"says rank {rank} / alpha {alpha:g}, but its generator config has rank {config.rank} / alpha {config.alpha:g}")
     extra = _json_object(meta, "hywu.extra", fail) if "hywu.extra" in meta else {}
+    for key, rule in EXTRA_RULES.items():
+        problem = rule.problem(extra[key]) if key in extra else None
+        if problem:
+            fail(f"'hywu.extra' field '{key}' {problem}")
     return GeneratorMetadata(version, config, target_spec, condition_spec, extra)
 
 

@@ -28,7 +28,11 @@ class HYWUTestImage:
 
 
 from .tiny_dit import HYWUTestTinyDiTLoader  # noqa: E402
+from .tiny_flux_te import HYWUTestTinyFluxTE, HYWUTestTinyVAE  # noqa: E402
 
-NODE_CLASS_MAPPINGS = {"HYWUTestImage": HYWUTestImage, "HYWUTestTinyDiTLoader": HYWUTestTinyDiTLoader}
+NODE_CLASS_MAPPINGS = {"HYWUTestImage": HYWUTestImage, "HYWUTestTinyDiTLoader": HYWUTestTinyDiTLoader,
+                       "HYWUTestTinyFluxTE": HYWUTestTinyFluxTE, "HYWUTestTinyVAE": HYWUTestTinyVAE}
 NODE_DISPLAY_NAME_MAPPINGS = {"HYWUTestImage": "HY-WU test image (tests only)",
-                              "HYWUTestTinyDiTLoader": "HY-WU test tiny DiT loader (tests only)"}
+                              "HYWUTestTinyDiTLoader": "HY-WU test tiny DiT loader (tests only)",
+                              "HYWUTestTinyFluxTE": "HY-WU test tiny FLUX text encoders (tests only)",
+                              "HYWUTestTinyVAE": "HY-WU test tiny VAE (tests only)"}

@@ -177,6 +177,11 @@ class FamilyAdapter:
     def frozen_modules(self) -> dict[str, nn.Module]:
         raise NotImplementedError
 
+    def file_extra(self) -> dict:
+        """What the generator file records about how the base was run in training (``hywu.extra``),
+        so the ComfyUI graph can be set the same way (e.g. FLUX's embedded guidance)."""
+        return {}
+
     def enable_gradient_checkpointing(self) -> None:
         self.denoiser.enable_gradient_checkpointing()
 
@@ -259,6 +264,11 @@ class FlowMatchingFamily(FamilyAdapter):
         pred = self._forward(prep["noisy"], prep["ref"], prep["t"], prep["text"], *prep["hw"])
         return F.mse_loss(pred.float(), prep["target"].float(), reduction="none").flatten(1).mean(1)
 
+    def sample_sigmas(self, steps: int) -> torch.Tensor:
+        """The sampler's noise levels, 1 -> 0 (``steps + 1`` values); a family gives the schedule its
+        ComfyUI template samples with, so a validation edit is the one a user gets."""
+        return torch.linspace(1, 0, steps + 1)
+
     @torch.no_grad()
     def sample(self, source, instructions, steps, seed=0):
         text = self.encode_text(instructions)
@@ -267,7 +277,7 @@ class FlowMatchingFamily(FamilyAdapter):
         h, w = src.shape[-2:]
         g = torch.Generator().manual_seed(seed)
         x = patchify_latent(torch.randn(src.shape, generator=g), 2).to(self.device, torch.float32)
-        sigmas = torch.linspace(1, 0, steps + 1)
+        sigmas = self.sample_sigmas(steps)
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):  # Euler on the flow ODE
             v = self._forward(x, ref, torch.full((x.shape[0],), float(s), device=self.device), text, h, w)
             x = x + (s_next - s) * v.float()

@@ -1,12 +1,17 @@
 """FLUX.1 Kontext: FluxTransformer2DModel; the reference image's packed latent tokens are appended
 to the noisy tokens (position ids with first axis 1), flow-matching loss (target noise - x0).
 
-Conventions (diffusers' FluxKontextPipeline): T5 last_hidden_state padded to ``text_tokens`` is
-the sequence condition, CLIP's pooled output the pooled one; latents are
-``(mode - shift_factor) * scaling_factor``; timestep = sigma in [0, 1]; guidance-distilled
-bases get the embedded guidance value ``flux_guidance`` (1.0) and no CFG dropout by default.
+Conventions (diffusers' FluxKontextPipeline, and ComfyUI's graph where they differ): T5
+last_hidden_state padded to ``text_tokens`` is the sequence condition (default 256, the length
+ComfyUI's FluxTokenizer pads to; T5 sees no mask, so the padding length changes the features),
+CLIP's pooled output the pooled one; latents are ``(mode - shift_factor) * scaling_factor``
+(ComfyUI's Flux ``latent_format.process_in``); timestep = sigma in [0, 1]; guidance-distilled
+bases get the embedded guidance ``base.guidance`` (default 2.5, the shipped template's
+FluxGuidance; the generator file records it) and no CFG dropout by default.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -22,7 +27,9 @@ REQUIRED = {
     "tokenizer_2": "T5 tokenizer files",
     "vae": "AutoencoderKL (16 latent channels for real FLUX)",
 }
-FLUX_GUIDANCE = 1.0
+FLUX_GUIDANCE = 2.5  # FluxGuidance of ComfyUI's Kontext template (and of example_workflows/)
+COMFY_T5_TOKENS = 256  # ComfyUI's FluxTokenizer: T5 min_length
+COMFY_FLUX_SHIFT = 1.15  # ComfyUI's ModelSamplingFlux default (no ModelSamplingFlux node in the template)
 
 
 class FluxKontext(FlowMatchingFamily):
@@ -44,7 +51,8 @@ class FluxKontext(FlowMatchingFamily):
         freeze(self.transformer, self.clip, self.t5, self.vae)
         self.denoiser = self.transformer
         self.latent_channels = self.vae.config.latent_channels
-        self.text_tokens = cfg.base.text_tokens or min(512, self.t5_tok.model_max_length)
+        self.text_tokens = cfg.base.text_tokens or min(COMFY_T5_TOKENS, self.t5_tok.model_max_length)
+        self.guidance = FLUX_GUIDANCE if cfg.base.guidance is None else float(cfg.base.guidance)
         self.condition_spec = standard_condition_spec(
             text_width=self.t5.config.d_model, text_tokens=self.text_tokens,
             latent_channels=self.latent_channels, image_resolution=self.resolution, patch=2)
@@ -52,6 +60,9 @@ class FluxKontext(FlowMatchingFamily):
 
     def frozen_modules(self):
         return {"transformer": self.transformer, "text_encoder": self.clip, "text_encoder_2": self.t5, "vae": self.vae}
+
+    def file_extra(self):
+        return {"flux_guidance": self.guidance} if self.transformer.config.guidance_embeds else {}
 
     @torch.no_grad()
     def encode_text(self, texts):
@@ -85,11 +96,19 @@ class FluxKontext(FlowMatchingFamily):
         txt_ids = torch.zeros(seq.shape[1], 3, device=self.device, dtype=self.dtype)
         guidance = None
         if self.transformer.config.guidance_embeds:
-            guidance = torch.full((noisy_tokens.shape[0],), FLUX_GUIDANCE, device=self.device, dtype=torch.float32)
+            guidance = torch.full((noisy_tokens.shape[0],), self.guidance, device=self.device, dtype=torch.float32)
         out = self.transformer(hidden_states=torch.cat([noisy_tokens, ref_tokens], 1).to(self.dtype), encoder_hidden_states=seq,
                                pooled_projections=pooled, timestep=t.to(self.dtype), img_ids=img_ids, txt_ids=txt_ids,
                                guidance=guidance).sample
         return out[:, :n]
+
+    def sample_sigmas(self, steps):
+        """ComfyUI's KSampler "simple" schedule on FLUX: t = 1 - k/steps through ModelSamplingFlux's time
+        shift exp(mu) / (exp(mu) + 1/t - 1), mu = 1.15 (diffusers' FluxKontextPipeline reaches the same mu at
+        4096 image tokens, i.e. 1024 px; below that it shifts less)."""
+        t = torch.linspace(1, 0, steps + 1)[:-1].double()
+        mu = math.exp(COMFY_FLUX_SHIFT)
+        return torch.cat([mu / (mu + (1 / t - 1)), torch.zeros(1, dtype=torch.float64)]).float()
 
     def _empty_text(self):
         if self._empty is None:
