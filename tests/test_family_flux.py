@@ -223,6 +223,7 @@ def test_flux_lora_visibly_changes_the_image(e2e):
     assert p_base >= 40
     assert p_effect < 35 and math.isfinite(p_effect)
     assert p_guidance < 40
+    assert "was trained at FLUX guidance 2.5: set the graph's FluxGuidance to 2.5" in srv.log_tail(10**7)  # Load Generator says so
 
 
 def test_guidance_option_is_checked(tmp_path):

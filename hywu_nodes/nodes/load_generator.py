@@ -72,6 +72,9 @@ def load_generator_handle(path: str, name: str | None = None) -> GeneratorHandle
     log.info("HY-WU: loaded generator %s: base family %s, %d target layers, rank %d, %.1fM parameters, %s on %s, "
              "in %.3f s", name, info.base_family, len(info.target_spec.targets), info.config.rank, n_params / 1e6,
              str(dtype).replace("torch.", ""), load_device, time.perf_counter() - t0)
+    if "flux_guidance" in info.extra:  # the base gets this guidance only if the graph says so
+        log.info("HY-WU: %s was trained at FLUX guidance %g: set the graph's FluxGuidance to %g, or it edits "
+                 "differently than in training.", name, info.extra["flux_guidance"], info.extra["flux_guidance"])
     return GeneratorHandle(name=name, info=info, patcher=patcher, dtype=dtype)
 
 
