@@ -9,7 +9,9 @@ template example_workflows/api/hywu_edit_flux_kontext.json.
 Parity (in-process, fp32 CPU): token ids of ComfyUI's FluxTokenizer = the trainer's (T5 padded to 256, CLIP-L
 to 77); T5 sequence and CLIP-L pooled of ComfyUI's encoder classes vs transformers (measured max abs diff
 about 8e-6 and 6e-7, relative 3e-6 / 5e-7); the image condition (VAE latent through Flux
-latent_format.process_in) vs the trainer's latent (about 1e-7).
+latent_format.process_in) vs the trainer's latent (about 1e-7), also for the full-size FLUX AE through
+comfy.sd.VAE's own detection (VAELoader's path; latent 1.6e-7, decode 2e-6); the trainer's sampler
+schedule vs KSampler euler / simple on ComfyUI's FLUX model sampling.
 
 End to end (real server, POST /prompt): a generator trained by `python -m trainer.train` (20 steps, cached
 under models/e2e/) in the template graph gives the trainer's own edit (FlowMatchingFamily.sample, 4 Euler
@@ -112,6 +114,39 @@ def test_flux_condition_encode_parity(flux, tmp_path):
         assert not ours.masks and not theirs.masks
         # the sampler's conditioning is DualCLIPLoader + CLIPTextEncode's: T5 sequence + CLIP-L pooled
         assert _max_rel(conditioning[0][1]["pooled_output"], adapter.encode_text([text])[1]) <= TEXT_RTOL
+
+
+@torch.no_grad()
+def test_flux_ae_full_size_through_vae_detection(flux):
+    """The FLUX AE at full size (trainer/architectures, seeded weights) through what VAELoader does with
+    ae.safetensors: comfy.sd.VAE's own diffusers key conversion and detection -> AutoencodingEngine. Its
+    latent through Flux latent_format.process_in, and the decode, equal the trainer's (FluxKontext.latent /
+    decode_latent). (The tiny base's VAE needs an explicit config: detection fixes these widths.)"""
+    from types import SimpleNamespace
+
+    import comfy.latent_formats
+    import comfy.ldm.models.autoencoder
+    import comfy.sd
+
+    from trainer.data import pil_to_tensor
+    from trainer.families.flux_kontext import FluxKontext
+    from trainer.full_bases import build_component
+
+    ae = build_component("flux_kontext", "vae", device="cpu")
+    vae = comfy.sd.VAE(sd={k: v.clone() for k, v in ae.state_dict().items()})
+    assert type(vae.first_stage_model) is comfy.ldm.models.autoencoder.AutoencodingEngine and vae.latent_channels == 16
+    trainer = SimpleNamespace(vae=ae, device=torch.device("cpu"), dtype=torch.float32)
+    src = pil_to_tensor(make_test_image(5, size=32))[None]
+    ours = FluxKontext.latent(trainer, src)
+    raw = vae.encode(src.movedim(1, -1))
+    theirs = comfy.latent_formats.Flux().process_in(raw)
+    err = _max_rel(theirs, ours)
+    decoded = vae.decode(raw)
+    ours_decoded = ((FluxKontext.decode_latent(trainer, ours) + 1) / 2).clamp(0, 1).movedim(1, -1)
+    print(f"FLUX AE (83.8M) via comfy.sd.VAE detection: latent max abs {float((theirs - ours).abs().max()):.1e} "
+          f"(rel {err:.1e}), decode max abs {float((decoded - ours_decoded).abs().max()):.1e}")
+    assert ours.shape == theirs.shape == (1, 16, 4, 4) and err <= IMAGE_RTOL
+    assert float((decoded - ours_decoded).abs().max()) <= 1e-4
 
 
 def test_flux_schedule_is_comfyui_simple(flux):
