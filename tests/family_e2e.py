@@ -56,7 +56,7 @@ def train_generator(cfg, timeout: float = 600) -> Path:
     config.write_text(yaml.safe_dump({**data, "output": str(out)}, sort_keys=False))
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     r = subprocess.run([sys.executable, "-m", "trainer.train", "--config", str(config)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=timeout)
+                       capture_output=True, text=True, timeout=timeout, check=False)
     if r.returncode != 0 or not path.is_file():
         raise RuntimeError(f"python -m trainer.train failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return path
@@ -72,9 +72,10 @@ def to_uint8(images01: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def trainer_edit(adapter, generator_path, sources: torch.Tensor, instructions: list[str], steps: int, seed: int = 0,
-                 strength: float = 1.0) -> np.ndarray:
+                 strength: float = 1.0, **sample_options) -> np.ndarray:
     """The trainer's own edit: condition -> the file's generator -> per-sample LoRA (scaled by ``strength``)
-    in the base forward -> the family's sampler. ``sources`` (B, 3, H, W) in [0, 1]."""
+    in the base forward -> the family's sampler (``sample_options``: e.g. Qwen's cfg / shift / cfg_norm).
+    ``sources`` (B, 3, H, W) in [0, 1]."""
     from hywu_nodes.core import GeneratedLoRA, load_generator, lora_patched
 
     generator, _ = load_generator(generator_path)
@@ -82,7 +83,7 @@ def trainer_edit(adapter, generator_path, sources: torch.Tensor, instructions: l
     lora = generator(adapter.encode_condition(sources, instructions))
     lora = GeneratedLoRA(lora.weights, lora.scale * strength)
     with lora_patched(adapter.denoiser, lora.to(adapter.device, adapter.dtype)):
-        return to_uint8(adapter.sample(sources, instructions, steps, seed=seed))
+        return to_uint8(adapter.sample(sources, instructions, steps, seed=seed, **sample_options))
 
 
 def template(name: str) -> dict:

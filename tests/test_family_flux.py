@@ -28,7 +28,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import comfy_harness
 import family_e2e as E
