@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 GIB = 2**30
-FAMILIES = ("sd15_ip2p", "flux_kontext", "qwen_image_edit")
+FAMILIES = ("sd15_ip2p", "flux_kontext", "qwen_image_edit", "qwen_image_edit_plus")
 PRESETS = ("small", "medium", "large")
 
 
@@ -148,6 +148,14 @@ def _meta_text(adapter, b: int):
     if name == "flux_kontext":
         return (torch.empty(b, n, width, device=meta, dtype=bf),
                 torch.empty(b, adapter.clip.config.hidden_size, device=meta, dtype=bf))
+    if name.startswith("qwen_image_edit"):  # stack_text's form: the VL sees the image, the reference at its own size
+        from trainer.families.qwen_image_edit import VL_MERGE, VL_PATCH
+
+        vl = round(adapter.vl_pixels ** 0.5 / (VL_PATCH * VL_MERGE)) ** 2  # image tokens Qwen2.5-VL adds to the text
+        side = round(adapter.reference_pixels ** 0.5) // 8
+        hidden, mask = torch.empty(b, vl + n, width, device=meta, dtype=bf), torch.ones(b, vl + n, dtype=torch.bool, device=meta)
+        return (hidden, mask, torch.zeros(b, dtype=torch.long, device=meta), hidden, mask,
+                torch.empty(b, adapter.latent_channels, side, side, device=meta, dtype=bf))
     return torch.empty(b, n, width, device=meta, dtype=bf), torch.ones(b, n, dtype=torch.bool, device=meta)
 
 

@@ -143,6 +143,24 @@ def qwen_image_edit(instruction="replace the sky with a sunset", steps=20, seed=
     }
 
 
+def qwen_image_edit_plus(instruction="replace the sky with a sunset", steps=20, seed=0):
+    """Qwen-Image-Edit-2509 / 2511 as in ComfyUI's own 2509 template: TextEncodeQwenImageEditPlus (image1 is the
+    source; "Picture 1:" prompt, 384 px-area image for Qwen2.5-VL, 1 MP reference), AuraFlow shift 3, CFGNorm,
+    cfg 2.5; the instruction is typed once, in a String node read by both encoders."""
+    wf = qwen_image_edit(instruction, steps, seed)
+    wf["1"]["inputs"]["unet_name"] = "qwen_image_edit_2509_fp8_e4m3fn.safetensors"
+    wf["7"]["inputs"]["generator_name"] = "hywu_qwen_image_edit_plus.safetensors"
+    for k, sign in (("12", "positive"), ("13", "negative")):
+        inputs = wf[k]["inputs"]
+        wf[k] = {"class_type": "TextEncodeQwenImageEditPlus",
+                 "inputs": {"clip": inputs["clip"], "prompt": inputs["prompt"], "vae": inputs["vae"], "image1": inputs["image"]},
+                 "_meta": {"title": f"TextEncodeQwenImageEditPlus ({sign})"}}
+    wf["18"] = {"class_type": "CFGNorm", "inputs": {"model": ["11", 0], "strength": 1.0}, "_meta": {"title": "CFGNorm"}}
+    wf["15"]["inputs"]["model"] = ["18", 0]
+    wf["17"]["inputs"]["filename_prefix"] = "hywu_qwen_edit_plus"
+    return wf
+
+
 WORKFLOWS = {
     # Real use: an SD1.5 InstructPix2Pix checkpoint (timbrooks/instruct-pix2pix) + a user-trained generator.
     "hywu_edit_sd15_ip2p": sd15_ip2p("instruct-pix2pix-00-22000.safetensors", "hywu_sd15_ip2p.safetensors",
@@ -151,6 +169,8 @@ WORKFLOWS = {
     "hywu_edit_flux_kontext": flux_kontext(),
     # Qwen-Image-Edit: the sampler's conditioning from ComfyUI's TextEncodeQwenImageEdit (it sees the image).
     "hywu_edit_qwen_image_edit": qwen_image_edit(),
+    # Qwen-Image-Edit-2509 / 2511: TextEncodeQwenImageEditPlus (the image named "Picture 1" in the prompt) + CFGNorm.
+    "hywu_edit_qwen_image_edit_plus": qwen_image_edit_plus(),
     # The same SD1.5 graph on the checkpoint and generator `make demo` trains (runs on a CPU in seconds).
     # Its sampler settings are the demo's (scripts/hywu_demo.py: 8 euler steps, simple schedule, cfg 1).
     "hywu_demo": sd15_ip2p(DEMO_CKPT, DEMO_GENERATOR, DEMO_IMAGE, instruction=DEMO_INSTRUCTION, steps=8, cfg=1.0,
@@ -162,6 +182,7 @@ TITLES = {
     "hywu_edit_sd15_ip2p": "HY-WU edit - SD1.5 InstructPix2Pix",
     "hywu_edit_flux_kontext": "HY-WU edit - FLUX.1 Kontext dev",
     "hywu_edit_qwen_image_edit": "HY-WU edit - Qwen-Image-Edit",
+    "hywu_edit_qwen_image_edit_plus": "HY-WU edit - Qwen-Image-Edit-2509 and 2511",
     "hywu_demo": "HY-WU demo - micro SD1.5 (run make demo first)",
 }
 # Workflows whose models exist in the test environment (the tests queue them through /prompt,

@@ -31,6 +31,8 @@ class BaseConfig:
     text_layer: int = -1  # which text-encoder hidden layer the generator reads (-1 = last, -2 = the one before, ...)
     text_mask: bool = False  # the generator ignores the padding after the prompt's end token
     guidance: float | None = None  # flux_kontext: embedded guidance the base gets (the graph's FluxGuidance); None = 2.5
+    vl_pixels: int | None = None  # qwen families: area of the image shown to Qwen2.5-VL; None = ComfyUI's (1024^2 / 384^2 Plus)
+    reference_pixels: int | None = None  # qwen families: area of the reference latent's image; None = ComfyUI's 1024^2
 
 
 @dataclass
@@ -204,6 +206,10 @@ def validate(cfg: TrainConfig) -> None:
     if t.method not in METHODS:
         problems.append(f"train.method '{t.method}' is not one of {', '.join(METHODS)}")
     if t.mixed_precision not in PRECISIONS:
+    for k in ("vl_pixels", "reference_pixels"):
+        v = getattr(b, k)
+        if v is not None and (not b.family.startswith("qwen_image_edit") or not 64 <= v <= 1 << 26):
+            problems.append(f"base.{k} is the image area (pixels, 64 to 2^26) of the qwen families, got {v} for {b.family}")
         problems.append(f"train.mixed_precision '{t.mixed_precision}' is not one of {', '.join(PRECISIONS)}")
     if t.lr_schedule not in ("constant", "cosine"):
         problems.append(f"train.lr_schedule '{t.lr_schedule}' is not constant or cosine")

@@ -116,11 +116,21 @@ class EncodedRows:
     def _encode(self, items: list[dict], instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Latents of the chunk's sources and targets, text items of its new instructions."""
         a = self.adapter
-        src = a.latent(torch.stack([it["source"] for it in items]))
+        sources = torch.stack([it["source"] for it in items])
+        src = a.latent(sources)
         tgt = a.latent(torch.stack([it["target"] for it in items]))
+        if getattr(a, "text_sees_image", False):  # one text item per row, encoded with the row's source image
+            return src, tgt, a.text_items(a.training_text([it["instruction"].split("\x00")[0] for it in items], sources))
         return src, tgt, a.text_items(a.training_text(instructions)) if instructions else []
 
+    def _text_key(self, i: int, instruction: str) -> str:
+        # a text encoder that sees the source image (Qwen-Image-Edit) gives every row its own text
+        return f"{instruction}\x00{i}" if getattr(self.adapter, "text_sees_image", False) else instruction
+
     def _store(self, idx: list[int], items: list[dict]) -> None:
+        if getattr(self.adapter, "text_sees_image", False):
+            for i, it in zip(idx, items):
+                it["instruction"] = self._text_key(i, it["instruction"])
         new = list(dict.fromkeys(it["instruction"] for it in items if it["instruction"] not in self.texts))
         src, tgt, texts = self._encode(items, new)
         for t, item in zip(new, texts):
@@ -135,7 +145,7 @@ class EncodedRows:
         if i in self.bad:
             raise BadRow(self.bad[i])
         src, tgt, text, task = self.rows[i]
-        return {"source": src, "target": tgt, "text": self.texts[text], "instruction": text, "task": task}
+        return {"source": src, "target": tgt, "text": self.texts[text], "instruction": text.split("\x00")[0], "task": task}
 
     def collate(self, items: list[dict], task_index: dict[str, int]) -> dict:
         """A batch as ``adapter.prepare_encoded`` takes it (``enc``), plus labels."""
@@ -176,6 +186,8 @@ def cache_key(cfg, dtype: torch.dtype) -> str:
            "text_layer": b.text_layer, "text_mask": b.text_mask,
            "source": d.source, "data": d.path, "data_files": data_files, "n_train": d.n_train, "tasks": d.tasks,
            "seed": cfg.train.seed if d.source == "synthetic" else None, "dtype": str(dtype), "version": 2}
+    if b.vl_pixels is not None or b.reference_pixels is not None:  # qwen image sizes (keys without them unchanged)
+        key["qwen_pixels"] = [b.vl_pixels, b.reference_pixels]
     from .replay import key as replay_key
 
     if replay_key(cfg) is not None:  # replay rows are part of the training set (keys without replay unchanged)

@@ -3,7 +3,8 @@
 Each folder has the layout of the real base (so the family adapters load it the same way):
   sd15_ip2p:       unet/ text_encoder/ tokenizer/ vae/ (AutoencoderTiny) scheduler/
   flux_kontext:    transformer/ text_encoder/ (CLIP) tokenizer/ text_encoder_2/ (T5) tokenizer_2/ vae/ scheduler/
-  qwen_image_edit: transformer/ text_encoder/ (Qwen2) tokenizer/ vae/ (AutoencoderKLQwenImage) scheduler/
+  qwen_image_edit(_plus): transformer/ text_encoder/ (Qwen2.5-VL) tokenizer/ (ComfyUI's qwen25 files) vae/
+                   (AutoencoderKLQwenImage) scheduler/
 Nothing is downloaded: tokenizers get a byte-level vocabulary written here (no merges).
 
     python -m trainer.tiny_bases sd15_ip2p models/tiny_sd15_ip2p
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("sd15_ip2p", "flux_kontext", "qwen_image_edit")
+FAMILIES = ("sd15_ip2p", "flux_kontext", "qwen_image_edit", "qwen_image_edit_plus")
 VOCAB = 514  # 256 byte chars + 256 end-of-word chars + 2 specials
 
 
@@ -150,28 +151,53 @@ def build_flux_comfy(folder: Path, comfyui: Path) -> None:
     _save_scheduler(folder, flow=True)
 
 
-def build_qwen(folder: Path) -> None:
+QWEN_VL_TEXT = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=16, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                    rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, tie_word_embeddings=True)
+# Qwen2.5-VL's vision tower at a tiny width; patch 14, merge 2, window 112 and the full-attention block
+# indexes are the real model's (and the ones ComfyUI's Qwen2VLVisionTransformer fixes).
+QWEN_VL_VISION = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+
+
+def comfyui_checkout(comfyui: str | os.PathLike | None = None) -> Path:
+    """A ComfyUI checkout (its tokenizer files): ``comfyui``, else $COMFYUI_PATH, else <repo>/.cache/comfyui."""
+    p = Path(comfyui or os.environ.get("COMFYUI_PATH") or REPO / ".cache" / "comfyui")
+    if not (p / "comfy" / "text_encoders").is_dir():
+        raise FileNotFoundError(f"no ComfyUI checkout at {p} (the tiny Qwen base takes ComfyUI's qwen25 tokenizer files): "
+                                "run scripts/setup_comfyui.sh or set COMFYUI_PATH")
+    return p
+
+
+def build_qwen(folder: Path, comfyui: Path | None = None) -> None:
+    """Qwen-Image-Edit-shaped tiny parts that ComfyUI's own classes load too (tests/comfy_test_nodes/tiny_qwen_te.py):
+    Qwen2.5-VL (text + vision tower) with ComfyUI's shipped qwen25 tokenizer, the Wan 2.1 VAE layout ComfyUI
+    detects (16 latent channels, dim_mult 1 2 4 4, 2 res blocks; only the width is tiny) with Qwen-Image's
+    latents_mean/std (ComfyUI's Wan21 latent format), and a DiT on its 64-channel packed latents."""
+    import shutil
+
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-    from transformers import Qwen2Config, Qwen2Model
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
     ).save_pretrained(folder / "transformer")
-    Qwen2Model(Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           num_key_value_heads=1, max_position_embeddings=512, bos_token_id=512, eos_token_id=513,
-                           pad_token_id=513)).eval().save_pretrained(folder / "text_encoder")
-    write_byte_tokenizer(folder / "tokenizer", max_length=512)
-    AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.1, -0.2, 0.0, 0.3],
-                           latents_std=[1.5, 0.8, 1.2, 1.0]).eval().save_pretrained(folder / "vae")
+    config = Qwen2_5_VLConfig(text_config=QWEN_VL_TEXT, vision_config=QWEN_VL_VISION, image_token_id=151655,
+                              video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+    Qwen2_5_VLForConditionalGeneration(config).eval().save_pretrained(folder / "text_encoder")
+    shutil.rmtree(folder / "tokenizer", ignore_errors=True)  # an older build's files would shadow these
+    shutil.copytree(comfyui_checkout(comfyui) / "comfy" / "text_encoders" / "qwen25_tokenizer", folder / "tokenizer")
+    AutoencoderKLQwenImage(base_dim=4, z_dim=16).eval().save_pretrained(folder / "vae")  # diffusers' defaults = Qwen-Image's statistics
     _save_scheduler(folder, flow=True)
 
 
-_BUILDERS = {"sd15_ip2p": build_sd15, "flux_kontext": build_flux, "qwen_image_edit": build_qwen, "sd15_bench": build_sd15_bench}
+_BUILDERS = {"sd15_ip2p": build_sd15, "flux_kontext": build_flux, "qwen_image_edit": build_qwen, "qwen_image_edit_plus": build_qwen, "sd15_bench": build_sd15_bench}
 
 
+_VERSIONS = {"qwen_image_edit": 2, "qwen_image_edit_plus": 2}  # 2: Qwen2.5-VL with ComfyUI's tokenizer
 # Variants whose tokenizers and component configs are the ones ComfyUI's own loaders use (a ComfyUI checkout gives the files).
-_COMFY_BUILDERS = {"flux_kontext": build_flux_comfy}
+_COMFY_BUILDERS = {"flux_kontext": build_flux_comfy, "qwen_image_edit": build_qwen, "qwen_image_edit_plus": build_qwen}
 COMFY_TEXT_TOKENS = {"flux_kontext": 256}  # ComfyUI's FluxTokenizer pads T5 to 256 tokens (min_length), without a mask
 
 
@@ -183,7 +209,8 @@ def build_tiny_base(family: str, folder: str | os.PathLike, seed: int = 0, comfy
         raise ValueError(f"no tiny base '{family}'{' for ComfyUI' if comfyui else ''}; known: {', '.join(builders)}")
     folder = Path(folder)
     marker = folder / "tiny_base.json"
-    want = {"family": family, "seed": seed, **({"comfyui_tokenizers": True} if comfyui else {})}
+    want = {"family": family, "seed": seed, **({"comfyui_tokenizers": True} if comfyui else {}),
+            **({"version": _VERSIONS[family]} if family in _VERSIONS else {})}
     if marker.is_file() and json.loads(marker.read_text()) == want:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -201,6 +228,7 @@ FAST_TARGETS = {
     "sd15_ip2p": [r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_v)$"],
     "flux_kontext": [r"transformer_blocks\.\d+\.attn\.(to_q|to_v)$"],
     "qwen_image_edit": [r"transformer_blocks\.\d+\.attn\.(to_q|to_v)$"],
+    "qwen_image_edit_plus": [r"transformer_blocks\.\d+\.attn\.(to_q|to_v)$"],
 }
 
 
@@ -215,8 +243,11 @@ def tiny_config(family: str, output: str | os.PathLike, fast: bool = True, comfy
     folder = CACHE / (f"{family}_comfy" if comfyui else family)
     cfg.base.family, cfg.base.path = family, str(build_tiny_base(family, folder, comfyui=comfyui))
     cfg.base.resolution = 32
-    if family == "qwen_image_edit":
+    if family.startswith("qwen_image_edit"):
         cfg.base.text_tokens = 128
+        # small images for Qwen2.5-VL and the reference latent keep CPU tests fast; the acceptance tests set
+        # None (ComfyUI's TextEncodeQwenImageEdit(Plus) sizes)
+        cfg.base.vl_pixels, cfg.base.reference_pixels = 56 * 56, 32 * 32
     if comfyui and family in COMFY_TEXT_TOKENS:
         cfg.base.text_tokens = COMFY_TEXT_TOKENS[family]
     if fast:

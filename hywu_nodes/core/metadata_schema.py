@@ -124,6 +124,11 @@ CONDITION_OPTION_RULES: dict[str, Rule] = {
     "vae_scale": whole(1, 64),
     "latent": choice("scaled"),
     "crop": FLAG,
+    # Qwen-Image-Edit(-Plus): the instruction is encoded with the source image shown to Qwen2.5-VL as the core
+    # TextEncodeQwenImageEdit(Plus) node shows it (at vl_pixels), and the generator reads the tokens after the image
+    "vl_prompt": choice("qwen_image_edit", "qwen_image_edit_plus"),
+    "vl_pixels": whole(64, 1 << 26),
+    "vl_tokens": choice("after_image"),
 }
 # Fields of 'hywu.extra' that nodes read (the rest of it, e.g. steps and run name, is only shown).
 EXTRA_RULES: dict[str, Rule] = {

@@ -30,6 +30,11 @@ DEFAULT_PATTERNS: dict[str, tuple[str, ...]] = {
         r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$",
         r"transformer_blocks\.\d+\.(img_mlp|txt_mlp)\.net\.(0\.proj|2)$",
     ),
+    # Qwen-Image-Edit-2509 / 2511: the same 20B MMDiT as Qwen-Image-Edit
+    "qwen_image_edit_plus": (
+        r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$",
+        r"transformer_blocks\.\d+\.(img_mlp|txt_mlp)\.net\.(0\.proj|2)$",
+    ),
 }
 BASE_FAMILIES = tuple(DEFAULT_PATTERNS)
 

@@ -129,7 +129,7 @@ def latent_format_for_family(family: str | None, latent_channels: int | None = N
         return lf.SD15()
     if family == "flux_kontext":
         return lf.Flux()
-    if family == "qwen_image_edit":
+    if family in ("qwen_image_edit", "qwen_image_edit_plus"):  # the Qwen-Image VAE is Wan 2.1's
         return lf.Wan21()
     if latent_channels == 16:
         return lf.Flux()

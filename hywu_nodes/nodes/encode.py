@@ -8,6 +8,10 @@ The features follow the generator's condition spec exactly as the trainer extrac
   names (``clip.clip_layer``, as CLIP Set Last Layer counts; the sampler's conditioning keeps the
   CLIP as connected), truncated to the source's ``max_tokens`` (with a warning); with
   ``mask: padding`` the tokens after the prompt's end token are masked (``core.prompt_mask``).
+  Qwen-Image-Edit(-Plus) generators (``vl_prompt`` option) read the instruction as the core
+  TextEncodeQwenImageEdit(Plus) node encodes it, with the source image shown to Qwen2.5-VL
+  (resized to ``vl_pixels``, area): ``clip.tokenize(prompt, images=[image], ...)``, and keep the
+  hidden states after the image (``vl_tokens: after_image``), one padded row per edit with a mask.
 * ``vae_latent_patches``: ``square_resize(image, resolution).clamp(0, 1)`` -> ``vae.encode`` -> the
   denoiser's latent space ``latent_format.process_in(latent)`` -> ``patchify_latent(patch)``.
 * ``clip_vision_tokens``: ``clip_vision.encode_image(image)`` last (or penultimate) hidden state.
@@ -97,11 +101,60 @@ def _end_token(clip, key: str):
     return None
 
 
-def generator_text(clip, instruction: str, source, sampler_text: torch.Tensor | None = None):
+# TextEncodeQwenImageEditPlus's own template (comfy_extras/nodes_qwen.py) and its per-image prefix
+QWEN_PLUS_TEMPLATE = ("<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+                      "background), then explain how the user's text instruction should alter or modify the image. Generate a "
+                      "new image that meets the user's requirements while maintaining consistency with the original input where "
+                      "appropriate.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n")
+QWEN_PICTURE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
+QWEN_VISION_END = 151653  # <|vision_end|> of Qwen2.5-VL's tokenizer
+
+
+def qwen_vl_text(clip, instruction: str, image, source) -> torch.Tensor:
+    """Hidden states (T, W) after the image of ``instruction`` with ``image`` (1, H, W, 3) shown to
+    Qwen2.5-VL as TextEncodeQwenImageEdit(Plus) shows it (the source's ``vl_prompt``/``vl_pixels``)."""
+    import comfy.utils
+
+    if image is None:
+        raise HYWUError("HY-WU Condition Encode: this Qwen-Image-Edit generator reads the instruction together with the "
+                        "source image; connect the image.")
+    opts = source.options
+    samples = image[:1, :, :, :3].movedim(-1, 1)
+    scale = math.sqrt(int(opts["vl_pixels"]) / (samples.shape[3] * samples.shape[2]))
+    vl = comfy.utils.common_upscale(samples, round(samples.shape[3] * scale), round(samples.shape[2] * scale), "area",
+                                    "disabled").movedim(1, -1)
+    if opts["vl_prompt"] == "qwen_image_edit_plus":
+        tokens = clip.tokenize(QWEN_PICTURE.format(1) + instruction, images=[vl], llama_template=QWEN_PLUS_TEMPLATE)
+    else:
+        tokens = clip.tokenize(instruction, images=[vl])
+    key = next(iter(tokens))
+    row = tokens[key][0]
+    images = [i for i, t in enumerate(row) if isinstance(t[0], dict)]
+    if len(tokens) != 1 or len(tokens[key]) != 1 or len(images) != 1 or row[images[0] + 1][0] != QWEN_VISION_END:
+        raise HYWUError("HY-WU Condition Encode: the generator was trained on Qwen-Image-Edit's Qwen2.5-VL, which sees the "
+                        "image inside the prompt, but the connected CLIP does not tokenize an image. Connect the "
+                        "qwen_image CLIP (Load CLIP, type qwen_image).")
+    hidden = clip.encode_from_tokens(tokens)[0]
+    after = len(row) - images[0] - 2  # tokens after <|vision_end|>; the output ends with them, as the row does
+    return hidden[hidden.shape[0] - after:]
+
+
+def _pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(r.shape[0] for r in rows)
+    out = rows[0].new_zeros(len(rows), n, rows[0].shape[-1])
+    mask = torch.zeros(len(rows), n, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]], mask[i, : r.shape[0]] = r, True
+    return out, mask
+
+
+def generator_text(clip, instruction: str, source, sampler_text: torch.Tensor | None = None, image=None):
     """(hidden states (1, T, W), padding mask (1, T) or None) of ``instruction`` as the text
     source ``source`` of a generator reads it: its own hidden layer, whatever CLIP Set Last Layer
     did to the connected CLIP (the sampler's conditioning keeps that). ``sampler_text`` is reused
-    when it already is that layer."""
+    when it already is that layer. ``image``: the edit's source (1, H, W, 3), for Qwen-Image-Edit."""
+    if "vl_prompt" in source.options:
+        return generator_texts(clip, [instruction], source, None, image)
     layer = source.text_layer
     if sampler_text is not None and layer == -1 and getattr(clip, "layer_idx", None) is None:
         text, tokens = sampler_text, (clip.tokenize(instruction) if source.padding_mask else None)
@@ -122,9 +175,15 @@ def generator_text(clip, instruction: str, source, sampler_text: torch.Tensor | 
     return text, prompt_mask(ids, end)[:, : text.shape[1]]
 
 
-def generator_texts(clip, instructions: list[str], source, sampler_text: torch.Tensor | None = None):
+def generator_texts(clip, instructions: list[str], source, sampler_text: torch.Tensor | None = None, images=None):
     """:func:`generator_text` for each edit, one row per instruction: (hidden states (N, T, W),
-    padding masks (N, T) or None). ``sampler_text`` rows are the edits' sampler features."""
+    padding masks (N, T) or None). ``sampler_text`` rows are the edits' sampler features;
+    ``images`` (N or 1, H, W, 3) the edits' sources (for Qwen-Image-Edit's image-aware text)."""
+    if "vl_prompt" in source.options:  # padded to the longest edit with a mask, as the trainer batches them
+        n = max(len(instructions), 1 if images is None else images.shape[0])  # one instruction edits every image
+        return _pad_rows([qwen_vl_text(clip, instructions[min(i, len(instructions) - 1)],
+                                       None if images is None else images[min(i, images.shape[0] - 1)][None], source)
+                          for i in range(n)])
     parts = [generator_text(clip, t, source, None if sampler_text is None else sampler_text[i:i + 1])
              for i, t in enumerate(instructions)]
     n = min(p[0].shape[1] for p in parts)  # a long prompt's extra chunks are cut to the shortest anyway
@@ -202,7 +261,11 @@ def _image_tokens_vae(source, images, vae, latent_format, family, generator_name
     opts = source.options
     resolution, patch = int(opts.get("resolution", 512)), int(opts.get("patch", 2))
     resized = square_resize(images.movedim(-1, 1), resolution).clamp(0, 1)  # as the trainer data pipeline
-    latent = vae.encode(resized.movedim(1, -1))
+    pixels = resized.movedim(1, -1)
+    if getattr(vae, "latent_dim", 2) == 3:  # a video VAE (Wan / Qwen-Image) takes a batch as frames: one image at a time
+        latent = torch.cat([vae.encode(pixels[i:i + 1]) for i in range(pixels.shape[0])])
+    else:
+        latent = vae.encode(pixels)
     latent = latent_format.process_in(latent.float().cpu())
     if latent.ndim == 5:  # video VAEs (Wan / Qwen-Image) give (B, C, T, h, w); an image is one frame
         latent = latent[:, :, 0]
@@ -301,7 +364,7 @@ def encode_condition(spec: ConditionSpec, images, instruction: str, clip, vae=No
     text, conditioning = encode_text(clip, instruction)
     if isinstance(model_latent_format, type):
         model_latent_format = model_latent_format()
-    cond = build_condition(spec, images, lambda source: generator_text(clip, instruction, source, text), vae=vae,
+    cond = build_condition(spec, images, lambda source: generator_text(clip, instruction, source, text, images), vae=vae,
                            clip_vision=clip_vision, latent_format=model_latent_format)
     return cond, conditioning
 
@@ -313,7 +376,7 @@ def condition_for_generator(encoded: EncodedCondition, generator: GeneratorHandl
             and encoded.spec.to_json() == generator.condition_spec.to_json()):
         return encoded.condition
     instructions = encoded.instructions or [encoded.instruction]
-    text = (lambda source: generator_texts(encoded.clip, instructions, source, encoded.text)) \
+    text = (lambda source: generator_texts(encoded.clip, instructions, source, encoded.text, encoded.images)) \
         if encoded.clip is not None else encoded.text
     return build_condition(generator.condition_spec, encoded.images, text, vae=encoded.vae,
                            clip_vision=encoded.clip_vision, family=generator.family, generator_name=generator.name)
@@ -377,7 +440,7 @@ class HYWUConditionEncode(io.ComfyNode):
         text, conditioning = encode_instructions(clip, instructions)
         if generator is not None:
             spec, family, name = generator.condition_spec, generator.family, generator.name
-            cond = build_condition(spec, images, lambda source: generator_texts(clip, instructions, source, text),
+            cond = build_condition(spec, images, lambda source: generator_texts(clip, instructions, source, text, images),
                                    vae=vae, clip_vision=clip_vision, family=family, generator_name=name)
         else:  # encoded by Generate LoRA for its generator's spec (it knows the spec and the base family)
             spec, family, name, cond = None, None, None, None

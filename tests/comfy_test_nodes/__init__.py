@@ -29,10 +29,14 @@ class HYWUTestImage:
 
 from .tiny_dit import HYWUTestTinyDiTLoader  # noqa: E402
 from .tiny_flux_te import HYWUTestTinyFluxTE, HYWUTestTinyVAE  # noqa: E402
+from .tiny_qwen_te import HYWUTestQwenEditEncode, HYWUTestTinyQwenTE  # noqa: E402
 
 NODE_CLASS_MAPPINGS = {"HYWUTestImage": HYWUTestImage, "HYWUTestTinyDiTLoader": HYWUTestTinyDiTLoader,
-                       "HYWUTestTinyFluxTE": HYWUTestTinyFluxTE, "HYWUTestTinyVAE": HYWUTestTinyVAE}
+                       "HYWUTestTinyFluxTE": HYWUTestTinyFluxTE, "HYWUTestTinyVAE": HYWUTestTinyVAE,
+                       "HYWUTestTinyQwenTE": HYWUTestTinyQwenTE, "HYWUTestQwenEditEncode": HYWUTestQwenEditEncode}
 NODE_DISPLAY_NAME_MAPPINGS = {"HYWUTestImage": "HY-WU test image (tests only)",
                               "HYWUTestTinyDiTLoader": "HY-WU test tiny DiT loader (tests only)",
                               "HYWUTestTinyFluxTE": "HY-WU test tiny FLUX text encoders (tests only)",
-                              "HYWUTestTinyVAE": "HY-WU test tiny VAE (tests only)"}
+                              "HYWUTestTinyVAE": "HY-WU test tiny VAE (tests only)",
+                              "HYWUTestTinyQwenTE": "HY-WU test tiny Qwen2.5-VL text encoder (tests only)",
+                              "HYWUTestQwenEditEncode": "HY-WU test Qwen edit encode at small sizes (tests only)"}

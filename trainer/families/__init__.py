@@ -9,6 +9,7 @@ FAMILIES = {
     "sd15_ip2p": "trainer.families.sd15_ip2p:SD15IP2P",
     "flux_kontext": "trainer.families.flux_kontext:FluxKontext",
     "qwen_image_edit": "trainer.families.qwen_image_edit:QwenImageEdit",
+    "qwen_image_edit_plus": "trainer.families.qwen_image_edit_plus:QwenImageEditPlus",
 }
 
 
