@@ -54,6 +54,8 @@ config keys (YAML sections; override any with --section.key=value):
   data.path          manifest file or parquet folder; data.n_train / data.n_val / data.tasks
   data.cache_mb      memory for rows encoded once before the first step (latents + text
                      features; default 2048, 0 = encode every batch)
+  base.vl_pixels, base.reference_pixels   qwen families: image area shown to Qwen2.5-VL / of
+                     the reference latent (default: TextEncodeQwenImageEdit(Plus)'s 1024^2 / 384^2, 1024^2)
   data.cache_dir     also keep those encodings on disk there (next run on the same base/data
                      loads them instead of encoding again)
   data.replay.fraction, data.replay.sources   old data mixed into every epoch in this share

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from hywu_nodes.core import Condition, ConditionSource, ConditionSpec, patchify_latent, standard_condition_spec
 
-from .base import BaseParts, FlowMatchingFamily, freeze, repeat_draws, sample_generators, unpatchify_latent
+from .base import BaseFolderError, BaseParts, FlowMatchingFamily, freeze, repeat_draws, sample_generators, unpatchify_latent
 
 REQUIRED = {
     "transformer": "QwenImageTransformer2DModel",
@@ -124,7 +124,18 @@ class QwenImageEdit(FlowMatchingFamily):
         self.transformer = parts.model("transformer", QwenImageTransformer2DModel, device, dtype)
         vl = parts.model("text_encoder", Qwen2_5_VLForConditionalGeneration, device, dtype)
         self.text_encoder = getattr(vl, "model", vl)  # Qwen2_5_VLModel: vision tower + language model, no LM head
-        self.tokenizer = parts.tokenizer("tokenizer", max_length=1 << 17)
+        if not hasattr(self.text_encoder, "visual"):
+            raise BaseFolderError(f"{cfg.base.path}/text_encoder is not Qwen2.5-VL with its vision tower (got "
+                                  f"{type(vl).__name__}); {self.name} shows the source image to it. A tiny base built by an "
+                                  "older HY-WU (Qwen2 text only): delete the folder and it is built again.")
+        if parts.synthetic:  # the byte tokenizer of synthetic bases has no image tokens: ComfyUI's qwen25 files
+            from transformers import AutoTokenizer
+
+            from trainer.tiny_bases import comfyui_checkout
+
+            self.tokenizer = AutoTokenizer.from_pretrained(comfyui_checkout() / "comfy" / "text_encoders" / "qwen25_tokenizer")
+        else:
+            self.tokenizer = parts.tokenizer("tokenizer", max_length=1 << 17)
         self.vae = parts.model("vae", AutoencoderKLQwenImage, device, dtype)
         freeze(self.transformer, self.text_encoder, self.vae)
         _text_rope_after_output(self.transformer.pos_embed)
