@@ -49,13 +49,13 @@ config keys (YAML sections; override any with --section.key=value):
   base.text_tokens   text condition length (default: 77 / 256 / 1024 by family)
   base.guidance      flux_kontext: embedded guidance in training (default 2.5, the template's
                      FluxGuidance); recorded in the generator file: set FluxGuidance to it
+  base.vl_pixels, base.reference_pixels   qwen families: image area shown to Qwen2.5-VL / of
+                     the reference latent (default: TextEncodeQwenImageEdit(Plus)'s 1024^2 / 384^2, 1024^2)
   base.targets       list of regexes of adapted linear layers (default: attention + FFN)
   data.source        synthetic | manifest (.jsonl/.csv) | parquet (folder)
   data.path          manifest file or parquet folder; data.n_train / data.n_val / data.tasks
   data.cache_mb      memory for rows encoded once before the first step (latents + text
                      features; default 2048, 0 = encode every batch)
-  base.vl_pixels, base.reference_pixels   qwen families: image area shown to Qwen2.5-VL / of
-                     the reference latent (default: TextEncodeQwenImageEdit(Plus)'s 1024^2 / 384^2, 1024^2)
   data.cache_dir     also keep those encodings on disk there (next run on the same base/data
                      loads them instead of encoding again)
   data.replay.fraction, data.replay.sources   old data mixed into every epoch in this share
