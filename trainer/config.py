@@ -203,13 +203,13 @@ def validate(cfg: TrainConfig) -> None:
     if b.guidance is not None and (b.family != "flux_kontext" or not 0 <= b.guidance <= 100):
         problems.append(f"base.guidance is the embedded guidance of flux_kontext (0 to 100, the graph's FluxGuidance), got "
                         f"{b.guidance} for {b.family}" + ("" if b.family == "flux_kontext" else "; leave it unset"))
-    if t.method not in METHODS:
-        problems.append(f"train.method '{t.method}' is not one of {', '.join(METHODS)}")
-    if t.mixed_precision not in PRECISIONS:
     for k in ("vl_pixels", "reference_pixels"):
         v = getattr(b, k)
         if v is not None and (not b.family.startswith("qwen_image_edit") or not 64 <= v <= 1 << 26):
             problems.append(f"base.{k} is the image area (pixels, 64 to 2^26) of the qwen families, got {v} for {b.family}")
+    if t.method not in METHODS:
+        problems.append(f"train.method '{t.method}' is not one of {', '.join(METHODS)}")
+    if t.mixed_precision not in PRECISIONS:
         problems.append(f"train.mixed_precision '{t.mixed_precision}' is not one of {', '.join(PRECISIONS)}")
     if t.lr_schedule not in ("constant", "cosine"):
         problems.append(f"train.lr_schedule '{t.lr_schedule}' is not constant or cosine")
