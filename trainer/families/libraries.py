@@ -1,8 +1,10 @@
 """The diffusers / transformers releases the trainer needs, checked when it starts (not an hour
 in, as an AttributeError deep in a family adapter).
 
-Floors (also in requirements-train.txt and pyproject's ``train`` extra), measured by running
-tests/test_train_families.py with older releases installed over the venv:
+Floors (also in requirements-train.txt and pyproject's ``train`` extra), measured with older
+releases installed over the venv (pip --target + PYTHONPATH, tiny bases rebuilt by them): at these
+floors tests/test_train_families.py trains every family, tests/test_family_qwen_parity.py passes
+(both Qwen families) and qwen_image_edit_plus trains; the release before each fails:
 - diffusers 0.37.0: the Qwen-Image transformer takes ``encoder_hidden_states_mask`` alone
   (0.36.0 still needs ``txt_seq_lens`` and fails in qwen_image_edit), and Qwen-Image-Edit-2511's
   transformer config sets ``zero_cond_t``, which 0.36.0 ignores with only a warning. The classes
