@@ -194,3 +194,19 @@ def test_text_rope_reference_larger_than_output(parts):
           f"diffusers' own text RoPE start vs ComfyUI {float((diffusers_start - theirs).abs().max()):.1e}")
     assert (ours - theirs).abs().max() <= TOL * theirs.abs().max()
     assert (diffusers_start - theirs).abs().max() > 1e-4  # the convention matters at this size
+
+
+@pytest.mark.parametrize("parts", ["qwen_image_edit"], indirect=True)
+def test_condition_encode_refuses_a_clip_without_images(parts):
+    """A Qwen-Image-Edit generator with a CLIP that does not tokenize images (e.g. SD1.5's): a clear error, not features
+    the generator was never trained on."""
+    from hywu_nodes.nodes.encode import generator_texts
+    from hywu_nodes.nodes.types import HYWUError
+
+    class TextOnlyClip:  # what CLIP.tokenize gives for encoders without image support: ids only, images ignored
+        def tokenize(self, text, **kwargs):
+            return {"l": [[(49406, 1.0), (320, 1.0), (49407, 1.0)]]}
+
+    adapter = parts[0]
+    with pytest.raises(HYWUError, match="qwen_image CLIP"):
+        generator_texts(TextOnlyClip(), ["make it red"], adapter.condition_spec["text"], None, _image())
