@@ -218,7 +218,7 @@ class QwenImageEdit(FlowMatchingFamily):
         for text, image, r in zip(texts, vl, ref):
             hidden, start = self.vl_hidden(text, image)
             empty, _ = self.vl_hidden("", image)
-            items.append((hidden.float(), torch.tensor([start], device=self.device), empty.float(), r))
+            items.append((hidden, torch.tensor([start], device=self.device), empty, r))  # model dtype: bf16 rows cache at half size
         return items
 
     def text_items(self, text):
@@ -251,7 +251,7 @@ class QwenImageEdit(FlowMatchingFamily):
     def encode_condition(self, source, instructions):
         hidden, mask, start, *_ = self.stack_text(self.training_text(instructions, source))
         text, tmask = self.generator_text(hidden, mask, start)
-        return Condition({"text": text, "image": patchify_latent(self.latent(source).float(), 2)}, {"text": tmask})
+        return Condition({"text": text.float(), "image": patchify_latent(self.latent(source).float(), 2)}, {"text": tmask})
 
     # --- denoiser -----------------------------------------------------------------------------------
     def _forward(self, noisy_tokens, ref_tokens, t, text, h, w, rh=None, rw=None):
