@@ -94,13 +94,12 @@ def _text_rope_after_output(pos_embed) -> None:
     latent), as ComfyUI's Qwen-Image model does, instead of after the largest image."""
     inner = pos_embed.forward
 
-    def forward(self, video_fhw, device=None, max_txt_seq_len=None):
-        vid, _ = inner(video_fhw, device=device, max_txt_seq_len=max_txt_seq_len)
+    def forward(self, video_fhw, *args, **kwargs):  # any diffusers signature: the text length is what it returns
+        vid, txt = inner(video_fhw, *args, **kwargs)
         shapes = video_fhw[0] if isinstance(video_fhw, list) else video_fhw
         _, h, w = shapes[0] if isinstance(shapes, list) else shapes
         start = max(h // 2, w // 2) if self.scale_rope else max(h, w)
-        pos = self.pos_freqs.to(device)
-        return vid, pos[start : start + int(max_txt_seq_len)]
+        return vid, self.pos_freqs.to(txt.device)[start : start + txt.shape[0]]
 
     pos_embed.forward = types.MethodType(forward, pos_embed)
 
