@@ -1,0 +1,102 @@
+"""bench/extend.py and bench/compose.py (issue 17) at their --quick size: every run is made by the
+trainer's own command line (in-process), the JSON has every figure and acceptance check, and the
+runs are what the benches say (an extended generator records its parent, replay rows were mixed,
+the merged oracle pair is the sum of the two per-task LoRAs). The figures of a quick run mean
+nothing (a world trained for a few steps); the full-size figures are in the README."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "bench"), str(REPO / "scripts"), str(REPO)]
+
+
+@pytest.fixture(scope="module")
+def models():
+    """The quick world is cached under models/ (git-ignored; built on first use, about a minute);
+    the runs are trained anew every time."""
+    import shutil
+
+    root = REPO / "models" / "bench_quick"
+    shutil.rmtree(root / "demo" / "runs", ignore_errors=True)
+    shutil.rmtree(root / "demo" / "encoded", ignore_errors=True)
+    return root
+
+
+def _quick(module, models, micro_base, tmp_path, *extra):
+    torch.set_num_threads(1)  # OpenMP threads spin on shared cores (torch is imported before OMP_WAIT_POLICY is set)
+    out = tmp_path / f"{module.__name__}.json"
+    result = module.main(["--quick", "--seeds", "1", "--models", str(models), "--micro", str(micro_base.diffusers_dir),
+                          "--out", str(out), *extra])
+    assert json.loads(out.read_text()) == result  # strict JSON (NaN written as null)
+    return result
+
+
+def test_extend_quick(models, micro_base, tmp_path):
+    import extend
+
+    from hywu_nodes.core import read_generator_info
+
+    r = _quick(extend, models, micro_base, tmp_path)
+    assert r["benchmark"] == "extend" and r["old_tasks"] == list(extend.OLD) and r["new_tasks"] == list(extend.NEW)
+    fig = r["per_seed"][0]
+    for v in ("hywu_old", "hywu_ext", "hywu_ext_replay", "hywu_joint", "shared_old", "shared_cont", "per_task_added",
+              "identity", "vae_ceiling"):
+        for grp in ("old", "new"):
+            assert math.isfinite(fig[f"{v}/{grp}"]), (v, grp)
+    for k in ("forgetting/hywu_ext", "forgetting/hywu_ext_replay", "forgetting/shared_cont"):
+        assert math.isfinite(fig[k])
+    assert set(r["acceptance"]) == {"HY-WU + 10% replay loses <= 0.3 dB on the old tasks",
+                                    "HY-WU + 10% replay reaches >= 90% of the joint model's new-task gain over no edit"}
+    runs = {k: Path(v) for k, v in r["runs"][0]["runs"].items()}
+    parent = read_generator_info(runs["first/hywu"] / "hywu_demo.safetensors")
+    for k in ("ext", "ext_replay"):
+        info = read_generator_info(runs[k] / "hywu_demo.safetensors")
+        assert info.extra["init_from"]["kind"] == "generator" and info.config == parent.config
+        assert info.target_spec.fingerprint == parent.target_spec.fingerprint
+    summaries = {k: json.loads((runs[k] / "summary.json").read_text()) for k in ("ext", "ext_replay")}
+    assert summaries["ext"]["replay_rows"] == 0 and summaries["ext_replay"]["replay_rows"] > 0
+    shared = json.loads((runs["shared_cont"] / "summary.json").read_text())
+    assert shared["method"] == "shared_lora" and shared["init_from"]["kind"] == "lora"
+
+
+def test_compose_quick(models, micro_base, tmp_path):
+    import compose
+
+    r = _quick(compose, models, micro_base, tmp_path, "--grid", str(tmp_path / "grid.png"))
+    fig = r["per_seed"][0]
+    for g in ("heldout_combos", "trained_combos", "singles"):
+        for m in (*compose.METHODS, "base", "identity", "vae_ceiling"):
+            assert math.isfinite(fig[f"{g}/{m}"]), (g, m)
+    assert r["heldout_combinations"] == list(compose.S.COMPOSED_HELDOUT)
+    assert not set(r["heldout_combinations"]) & set(r["trained_combinations"])
+    assert len(r["acceptance"]) == 2 and (tmp_path / "grid.png").stat().st_size > 0
+    runs = r["runs"][0]["runs"]
+    single = json.loads((Path(runs["single/hywu"]) / "summary.json").read_text())
+    combo = json.loads((Path(runs["combo/hywu"]) / "summary.json").read_text())
+    assert single["steps"] == combo["steps"]  # one budget
+    check_merged(compose, r)
+
+
+def check_merged(compose, r):
+    """merged_pair's LoRA for a combination makes the sum of its two tasks' updates."""
+    import hywu_demo_core as D
+    from safetensors.torch import load_file
+
+    from hywu_nodes.core import build_target_spec, from_lora_state_dict
+
+    runs = r["runs"][0]["runs"]
+    world = D.World(Path(runs["single/hywu"]).parents[1] / "base", "cpu")
+    files = {t: Path(runs["single/per_task_lora"]) / f"hywu_demo-{t}.safetensors" for t in compose.SINGLES}
+    combo = compose.S.COMPOSED_HELDOUT[0]
+    merged = compose.merged_pairs(world, files, [combo]).lora
+    spec = build_target_spec(world.unet, "sd15_ip2p")
+    a, b = (from_lora_state_dict(load_file(str(files[p])), "sd15_ip2p", spec) for p in compose.S.parts(combo))
+    for k, (ma, mb) in merged.weights.items():
+        want = a.scale * (a.weights[k][1][0] @ a.weights[k][0][0]) + b.scale * (b.weights[k][1][0] @ b.weights[k][0][0])
+        assert torch.allclose(merged.scale * mb[0] @ ma[0], want, rtol=1e-5, atol=1e-9)
+    assert float(want.abs().max()) > 0  # trained (one step): the check compares something
