@@ -102,6 +102,23 @@ def test_conflicting_options_are_refused_with_both_values(parent, tmp_path, caps
         run(cfg, progress=False)
 
 
+def test_how_the_base_was_run_comes_from_the_file(parent):
+    """Settings a family records in the file's extra (FLUX's embedded guidance) are fixed too."""
+    import dataclasses
+
+    from trainer.init_from import open_source, resolve_config
+
+    src = open_source(str(parent))
+    src.info = dataclasses.replace(src.info, base_family="flux_kontext", extra={**src.info.extra, "flux_guidance": 3.5})
+    cfg = tiny_config("sd15_ip2p", "unused")
+    cfg.base.family = "flux_kontext"
+    resolve_config(cfg, src, explicit=set())
+    assert cfg.base.guidance == 3.5
+    cfg.base.guidance = 2.5
+    with pytest.raises(ConfigError, match=r"base\.guidance: the config sets 2\.5, .* has 3\.5"):
+        resolve_config(cfg, src, explicit={"base.guidance"})
+
+
 def test_files_that_are_not_generators_or_kohya_loras_are_refused(tmp_path):
     (tmp_path / "x.pt").write_bytes(b"not read")
     with pytest.raises(ConfigError, match="not a .safetensors file"):

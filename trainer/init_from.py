@@ -168,6 +168,11 @@ def _file_values(src: InitSource, cfg: TrainConfig) -> dict:
            "base.text_layer": text.text_layer, "base.text_mask": text.padding_mask,
            "base.resolution": int(image.options.get("resolution", 0)) or None}
     out.update({f"generator.{k}": getattr(g, k) for k in _GEN_KEYS})
+    # how the base was run in training, recorded by its family (trainer/families: file_extra)
+    for extra_key, key in (("flux_guidance", "base.guidance"), ("reference_pixels", "base.reference_pixels")):
+        value = (info.extra or {}).get(extra_key)
+        if value is not None and hasattr(cfg.base, key.split(".")[1]):
+            out[key] = value
     dims = {k: getattr(g, k) for k in ("d_model", "n_blocks", "n_heads")}
     preset = next((p for p, v in PRESETS.items() if all(v[k] == dims[k] for k in dims)), None)
     out["generator.preset"] = preset if preset is not None else dims  # dims: no preset has them
