@@ -64,7 +64,8 @@ def test_train_family(family, tmp_path):
     from PIL import Image
 
     grids = list((tmp_path / "run" / "samples").glob("*.png"))
-    assert len(grids) == 1 and Image.open(grids[0]).size == (4 * 32, cfg.data.n_val * 32)  # src | tgt | base | LoRA
+    # src | tgt | base | LoRA, 32 px cells shown at 128 px, a label row on top and a caption under each row
+    assert len(grids) == 1 and Image.open(grids[0]).size == (4 * 128, 16 + cfg.data.n_val * (128 + 16))
 
 
 @pytest.mark.parametrize("method", ["shared_lora", "per_task_lora"])

@@ -39,8 +39,10 @@ class BaseConfig:
 class DataConfig:
     source: str = "synthetic"  # synthetic | manifest (JSONL/CSV) | parquet (folder)
     path: str = ""  # manifest file or parquet folder
-    n_train: int = 64  # synthetic: number of training examples
-    n_val: int = 4  # validation examples in the PNG grid (from the val split / first rows)
+    n_train: int | None = None  # training rows: the first n usable ones (null: all rows; synthetic: 64 examples)
+    n_val: int = 4  # held-out rows shown in the PNG grid (the validation loss uses up to 64 held-out rows)
+    val_fraction: float = 0.05  # manifest/parquet: share of the usable rows held out for validation (0 = none)
+    val_path: str = ""  # manifest/parquet: a separate validation manifest or parquet folder (then nothing is held out)
     tasks: list[str] | None = None  # synthetic: restrict to these tasks
     cache_mb: float = 2048.0  # memory for pre-encoded rows (latents + text features); 0 = encode every batch
     cache_dir: str = ""  # also keep the encodings on disk here, for the next run on the same base and data
@@ -86,6 +88,7 @@ class TrainSection:
     log_every: int = 1
     draws_per_example: int = 1  # noise/timestep draws per example: one generated LoRA serves them all
     max_nonfinite: int = 5  # consecutive non-finite (NaN/inf) steps that stop the run
+    deterministic: bool = True  # deterministic kernels: the same config + seed + thread count gives the same weights
     fsdp: bool = False  # shard the trained module with torch FSDP2 (trainer/sharding.py)
     fsdp_shard_base: bool = False  # also shard the frozen base's blocks (implies fsdp)
     init_from: str = ""  # a generator file to continue, or a kohya LoRA as the shared rank (trainer/init_from.py)
@@ -233,6 +236,12 @@ def validate(cfg: TrainConfig) -> None:
         if v is not None and v < 1:
             problems.append(f"generator.{k} must be a positive integer (or null for the default)")
     problems += replay_problems(d.replay)
+    if d.n_train is not None and d.n_train < 1:
+        problems.append("data.n_train must be at least 1 (or null: all rows; 64 synthetic examples)")
+    if not 0 <= d.val_fraction < 1:
+        problems.append(f"data.val_fraction must be in [0, 1) (a share of the usable rows), got {d.val_fraction}")
+    if d.val_path and d.source == "synthetic":
+        problems.append("data.val_path applies to manifest/parquet data; the synthetic world has its own held-out split (data.n_val)")
     if d.cache_mb < 0:
         problems.append("data.cache_mb must be >= 0 (0 turns the cache of encodings off)")
     if problems:

@@ -8,8 +8,14 @@ Sources:
     ``original_image``/``edited_image``/``edit_prompt`` or MagicBrush's ``source_img``/``target_img``/``instruction``;
   * ``synthetic``: :mod:`trainer.synthetic`'s edit world (exact targets, conflicting tasks).
 
-A row with a missing field or an image that does not decode is skipped and counted by reason
-(:class:`BatchStream` reports the counts); a run never stops on bad data.
+A row with a missing field or an image that does not decode is skipped and counted by reason;
+the pre-flight (:mod:`trainer.preflight`) finds them all before any model loads, with row numbers,
+and the trainer trains on the usable rows only. A run never stops on bad data.
+
+Splits and sizes mean the same for every source: ``data.n_train`` rows train (the first usable
+rows; null = all of a manifest/parquet, 64 synthetic examples), held out from them are
+``data.val_fraction`` of the usable rows (or the rows of ``data.val_path``); the synthetic world
+has its own held-out split.
 """
 from __future__ import annotations
 
@@ -75,17 +81,25 @@ def _open_image(value, root: Path | None) -> Image.Image:
         raise BadRow("corrupt image") from None
 
 
-class EditDataset:
-    """Random access to raw rows; :meth:`load` decodes one row or raises :class:`BadRow`."""
+SYNTHETIC_N_TRAIN = 64  # data.n_train: null for the synthetic world
+VAL_SPLIT_SEED = 20_240_601  # the held-out rows do not change with train.seed (runs of several seeds compare alike)
 
-    def __init__(self, rows: list[dict], root: Path | None = None):
+
+class EditDataset:
+    """Random access to raw rows; :meth:`load` decodes one row or raises :class:`BadRow`.
+    ``locations[i]`` says where row ``i`` came from (file and line / row number) for messages."""
+
+    def __init__(self, rows: list[dict], root: Path | None = None, locations: list[str] | None = None):
         self.rows, self.root = rows, root
+        self.locations = locations if locations is not None else [f"row {i + 1}" for i in range(len(rows))]
         self.tasks = sorted({str(t) for t in (_pick(r, TASK_KEYS) for r in rows) if t is not None})
 
-    def __len__(self) -> int:
-        return len(self.rows)
+    def subset(self, indices) -> "EditDataset":
+        indices = list(indices)
+        return EditDataset([self.rows[i] for i in indices], self.root, [self.locations[i] for i in indices])
 
-    def load(self, i: int, resolution: int) -> dict:
+    def images(self, i: int) -> tuple[Image.Image, Image.Image, str, str]:
+        """Row ``i`` decoded at its own size: (source, target, instruction, task); raises BadRow."""
         row = self.rows[i]
         if "_error" in row:
             raise BadRow(row["_error"])
@@ -94,14 +108,19 @@ class EditDataset:
         if missing:
             raise BadRow("missing " + "/".join(missing))
         task = _pick(row, TASK_KEYS)
-        source = _as_image(src, self.root)
-        target = _as_image(tgt, self.root)
+        return _as_image(src, self.root), _as_image(tgt, self.root), str(text), "" if task is None else str(task)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def load(self, i: int, resolution: int) -> dict:
+        source, target, text, task = self.images(i)
         return {
             # Both images share one square bucket (shorter side to R, centre crop), like the condition.
             "source": square_resize(pil_to_tensor(source)[None], resolution)[0].clamp(0, 1),
             "target": square_resize(pil_to_tensor(target)[None], resolution)[0].clamp(0, 1),
-            "instruction": str(text),
-            "task": "" if task is None else str(task),
+            "instruction": text,
+            "task": task,
         }
 
 
@@ -114,12 +133,16 @@ def read_manifest(path: str | os.PathLike) -> EditDataset:
     if not path.is_file():
         raise FileNotFoundError(f"data manifest not found: {path} (a .jsonl or .csv with source, target, instruction[, task] columns)")
     rows: list[dict] = []
+    where: list[str] = []
     if path.suffix.lower() == ".csv":
         with open(path, newline="") as f:
-            rows = [dict(r) for r in csv.DictReader(f)]
+            reader = csv.DictReader(f)
+            for r in reader:
+                rows.append(dict(r))
+                where.append(f"{path.name} line {reader.line_num}")
     else:
         with open(path) as f:
-            for line in f:
+            for n, line in enumerate(f, 1):
                 line = line.strip()
                 if not line:
                     continue
@@ -128,7 +151,8 @@ def read_manifest(path: str | os.PathLike) -> EditDataset:
                 except json.JSONDecodeError:
                     r = {"_error": "malformed JSONL line"}
                 rows.append(r if isinstance(r, dict) else {"_error": "malformed JSONL line"})
-    return EditDataset(rows, root=path.parent)
+                where.append(f"{path.name} line {n}")
+    return EditDataset(rows, root=path.parent, locations=where)
 
 
 def read_parquet_folder(folder: str | os.PathLike) -> EditDataset:
@@ -139,9 +163,12 @@ def read_parquet_folder(folder: str | os.PathLike) -> EditDataset:
     if not files:
         raise FileNotFoundError(f"no .parquet files under {folder} (expected the Hugging Face edit-dataset layout: image columns + an instruction column)")
     rows: list[dict] = []
+    where: list[str] = []
     for f in files:
-        rows.extend(pq.read_table(f, memory_map=True).to_pylist())
-    return EditDataset(rows, root=folder)
+        part = pq.read_table(f, memory_map=True).to_pylist()
+        rows.extend(part)
+        where.extend(f"{f.relative_to(folder)} row {k}" for k in range(len(part)))
+    return EditDataset(rows, root=folder, locations=where)
 
 
 def synthetic_dataset(split: str, n: int, seed: int, resolution: int, tasks=None) -> EditDataset:
@@ -153,15 +180,40 @@ def synthetic_dataset(split: str, n: int, seed: int, resolution: int, tasks=None
     return EditDataset(rows)
 
 
-def build_datasets(cfg) -> tuple[EditDataset, EditDataset]:
-    """(train, val) datasets of a :class:`trainer.config.TrainConfig`."""
+def read_source(source: str, path: str) -> EditDataset:
+    return read_manifest(path) if source == "manifest" else read_parquet_folder(path)
+
+
+def val_split(n: int, fraction: float) -> list[int]:
+    """Indices (of ``n`` usable rows) held out for validation: a fixed random choice, at least one
+    row when there are two or more and ``fraction`` > 0."""
+    if fraction <= 0 or n < 2:
+        return []
+    k = min(n - 1, max(1, int(round(n * fraction))))
+    g = torch.Generator().manual_seed(VAL_SPLIT_SEED)
+    return sorted(torch.randperm(n, generator=g)[:k].tolist())
+
+
+def build_datasets(cfg, usable: list[int] | None = None, val_usable: list[int] | None = None) -> tuple[EditDataset, EditDataset]:
+    """(train, val) datasets of a :class:`trainer.config.TrainConfig`. ``usable`` / ``val_usable``:
+    the rows the pre-flight found usable (trainer.preflight); the others are left out here."""
     d, r = cfg.data, cfg.base.resolution
     if d.source == "synthetic":
-        train = synthetic_dataset("train", d.n_train, cfg.train.seed, r, d.tasks)
+        train = synthetic_dataset("train", d.n_train or SYNTHETIC_N_TRAIN, cfg.train.seed, r, d.tasks)
         val = synthetic_dataset("val", d.n_val, cfg.train.seed, r, d.tasks)
         return train, val
-    train = read_manifest(d.path) if d.source == "manifest" else read_parquet_folder(d.path)
-    val = EditDataset(train.rows[: d.n_val], train.root)  # the first rows, as a fixed visual check
+    everything = read_source(d.source, d.path)
+    good = everything.subset(usable if usable is not None else range(len(everything)))
+    if d.val_path:
+        val = read_source("parquet" if Path(d.val_path).is_dir() else "manifest", d.val_path)
+        val = val.subset(val_usable) if val_usable is not None else val
+        train = good
+    else:
+        held = set(val_split(len(good), d.val_fraction))
+        val = good.subset(sorted(held))
+        train = good.subset(i for i in range(len(good)) if i not in held)
+    if d.n_train is not None:
+        train = train.subset(range(min(d.n_train, len(train))))
     return train, val
 
 

@@ -68,7 +68,7 @@ def _source_dataset(s: dict, cfg):
 
     kind = s.get("source", "synthetic")
     if kind == "synthetic":
-        return synthetic_dataset("train", int(s.get("n_train", cfg.data.n_train)), cfg.train.seed, cfg.base.resolution,
+        return synthetic_dataset("train", int(s.get("n_train") or cfg.data.n_train or 64), cfg.train.seed, cfg.base.resolution,
                                  s.get("tasks"))
     return read_manifest(s["path"]) if kind == "manifest" else read_parquet_folder(s["path"])
 

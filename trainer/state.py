@@ -62,6 +62,9 @@ class Group:
         self.dist.all_reduce(t, op=self.dist.ReduceOp.MIN)
         return bool(t.item())
 
+    def any_true(self, flag: bool) -> bool:
+        return not self.all_true(not flag)
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -132,12 +135,14 @@ def _write_state(folder: Path, tensors: dict, sharded: bool) -> None:
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, module: torch.nn.Module, optimizer, scheduler, data_states: list[dict],
-                    write_user_files, info: dict, keep: int = 2, group: Group | None = None, sharded: bool = False) -> Path:
+                    write_user_files, info: dict, keep: int = 2, group: Group | None = None, sharded: bool = False,
+                    history: dict | None = None) -> Path:
     """Write a complete step folder, then point ``latest`` at it. ``write_user_files(folder)``
     writes the generator / LoRA file(s) into the temporary folder (main process only).
     Unsharded: call on the main process only. Sharded: call on every process.
     A failed write (disk full, permissions) raises :class:`CheckpointWriteError` after removing
-    the partial folder; the previous checkpoint is untouched."""
+    the partial folder; the previous checkpoint is untouched. ``history`` (losses so far, JSON)
+    is kept so a resumed run reports and plots the whole run."""
     group = group or Group()
     root = Path(root)
     name = f"step-{step:08d}"
@@ -163,7 +168,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, module: torch.nn.Module,
                 save_file(rng_tensors, str(tmp / "rng.safetensors"))
                 meta = {"version": STATE_VERSION, "step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
                         "data": data_states, "rng": rng_meta, "info": info, "processes": group.world, "sharded": sharded,
-                        "complete": True}
+                        "history": history or {}, "complete": True}
                 (tmp / "state.json").write_text(json.dumps(meta, indent=1))
                 _fsync_dir(tmp)
     except OSError as e:
@@ -182,6 +187,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, module: torch.nn.Module,
             + ". Free disk space (or point --output elsewhere) to keep saving.")
     final = root / name
     if group.is_main:
+        publish(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -192,6 +198,21 @@ def save_checkpoint(root: str | os.PathLike, step: int, module: torch.nn.Module,
         for old in sorted(complete_checkpoints(root))[:-keep]:
             shutil.rmtree(old[1], ignore_errors=True)
     return final
+
+
+def publish(path: str | os.PathLike) -> None:
+    """Make written files readable by the group and others (0644, folders 0755): some writers use
+    private temp files (mode 0600), and a generator is meant to be copied into ComfyUI."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            p.chmod(0o755)
+            for f in p.rglob("*"):
+                f.chmod(0o755 if f.is_dir() else 0o644)
+        elif p.exists():
+            p.chmod(0o644)
+    except OSError:
+        pass  # a file system without modes
 
 
 def _is_complete(d: Path) -> bool:

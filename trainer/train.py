@@ -3,6 +3,7 @@
     python -m trainer.train                                   # built-in demo config
     python -m trainer.train --config trainer/configs/tiny_sd15.yaml --train.lr=3e-4
     python -m trainer.train --config my.yaml --resume         # continue from the latest complete checkpoint
+    python -m trainer.train --config my.yaml --check-data     # only the data report (every row), no training
     accelerate launch --config_file trainer/configs/accelerate/multi_gpu.yaml -m trainer.train --config my.yaml
 
 Only the generator trains: the base and its encoders are frozen (no grads, eval mode) and the
@@ -16,7 +17,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -30,13 +31,18 @@ from .families import BaseFolderError, check_base, load_family, module_digest
 from .families.libraries import LibraryVersionError, check_libraries
 from .guard import NonFiniteGuard, TrainingDiverged
 from .methods import build_method
+from .preflight import DataError, check_data, is_main_process, print_check
 from .replay import mix as replay_mix
+from .report import ESTIMATE_AFTER, estimate_line, loss_curve, random_base_kind, random_base_note, summary_lines, tensorboard_note
 from .sharding import ensure_process_group, full_state_dict, shard
-from .state import CheckpointWriteError, Group, latest_checkpoint, load_checkpoint, save_checkpoint
+from .signals import EXIT_INTERRUPTED, StopRequest, resume_command
+from .state import CheckpointWriteError, Group, latest_checkpoint, load_checkpoint, publish, save_checkpoint
+from .validate import VAL_DRAWS, ValidationLoss
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 FALLBACK_CONFIG = CONFIG_DIR / "tiny_sd15.yaml"
+VAL_LOSS_ROWS = 64  # held-out rows the validation loss uses (at most)
 
 HELP_EPILOG = f"""
 config keys (YAML sections; override any with --section.key=value):
@@ -53,7 +59,10 @@ config keys (YAML sections; override any with --section.key=value):
                      the reference latent (default: TextEncodeQwenImageEdit(Plus)'s 1024^2 / 384^2, 1024^2)
   base.targets       list of regexes of adapted linear layers (default: attention + FFN)
   data.source        synthetic | manifest (.jsonl/.csv) | parquet (folder)
-  data.path          manifest file or parquet folder; data.n_train / data.n_val / data.tasks
+  data.path          manifest file or parquet folder; data.tasks (synthetic: which tasks)
+  data.n_train       training rows: the first n usable rows (null: all; synthetic: 64 examples)
+  data.val_fraction  share of the usable rows held out for validation (default 0.05), or
+  data.val_path      a separate validation manifest / parquet folder; data.n_val: rows in the grid
   data.cache_mb      memory for rows encoded once before the first step (latents + text
                      features; default 2048, 0 = encode every batch)
   data.cache_dir     also keep those encodings on disk there (next run on the same base/data
@@ -75,16 +84,23 @@ config keys (YAML sections; override any with --section.key=value):
   train.draws_per_example (noise/timestep draws per example; one generated LoRA serves them),
   train.max_nonfinite (NaN/inf steps in a row that stop the run; each one is skipped),
   train.fsdp / train.fsdp_shard_base (FSDP2: shard the generator / also the frozen base)
+  train.deterministic (default true: deterministic kernels, so the same config, seed and thread
+                     count give the same weights; false: a little faster, not repeatable)
 
 outputs (in --output):
   <name>.safetensors       the generator (what "HY-WU Load Generator" reads), or the LoRA(s)
   checkpoints/step-*/      resumable training state (sharded runs: one shard per process; resumes
                            in any process count); checkpoints/latest points at the newest
-  samples/step-*.png       source | target | base edit | edit with the generated LoRA
-  summary.json             final loss, steps, samples/s, peak memory, skipped rows, skipped
-                           non-finite steps, failed checkpoint writes
-exit codes: 0 done, 2 configuration / base folder error, 3 diverged (non-finite steps) or a
-checkpoint that had to be written could not be
+  samples/step-*.png       held-out rows: source | target | base edit | edit with the generated
+                           LoRA, labelled, with the instruction
+  loss.png                 train loss per step, validation loss, the base's validation loss
+  summary.json             final train/validation loss (and the base's), steps, samples/s, peak
+                           memory, the data check, skipped non-finite steps, failed checkpoint writes
+Before any model loads the data is checked (every row; --check-data: only that report).
+Ctrl-C / SIGTERM: the current step finishes, a checkpoint is written and the --resume command
+printed (exit code 75); a second signal exits at once (the last complete checkpoint is kept).
+exit codes: 0 done, 2 configuration / base folder / data error, 3 diverged (non-finite steps) or a
+checkpoint that had to be written could not be, 75 stopped by a signal (resumable)
 With no arguments the demo config runs ({DEMO_CONFIG.relative_to(CONFIG_DIR.parent.parent) if DEMO_CONFIG.exists() else FALLBACK_CONFIG.name}).
 """
 
@@ -103,6 +119,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     p.add_argument("--stop-after", type=int, help="checkpoint and exit after this many steps (continue later with --resume)")
     p.add_argument("--check-frozen", action="store_true", help="hash the frozen base/encoders before and after (debug; slow for big bases)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--check-data", action="store_true", help="scan every data row, print the report and exit (2: no usable rows)")
     args, rest = p.parse_known_args(argv)
     bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
     if bad:
@@ -186,13 +203,60 @@ def _finite_float(x) -> float:
     return float(x)
 
 
+@contextmanager
+def _deterministic(on: bool):
+    """Deterministic kernels while training (CPU: two runs with 2 threads otherwise differ by ~1e-4
+    after 12 steps on the micro base). warn_only: an op without a deterministic CUDA kernel warns
+    instead of stopping the run. Restored afterwards (run() is called in-process by tests)."""
+    import torch.utils.deterministic as det
+
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = det.fill_uninitialized_memory
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS' condition for deterministic GEMMs
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        det.fill_uninitialized_memory = False  # filling every torch.empty with NaN only costs time here
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        det.fill_uninitialized_memory = fill
+
+
+class _Counting:
+    """A dataset whose ``load`` ticks a progress bar (the one-off encoding of every row)."""
+
+    def __init__(self, ds, bar):
+        self._ds, self._bar = ds, bar
+
+    def __len__(self):
+        return len(self._ds)
+
+    def load(self, i, resolution):
+        try:
+            return self._ds.load(i, resolution)
+        finally:
+            self._bar.update(1)
+
+    def __getattr__(self, k):
+        return getattr(self._ds, k)
+
+
 def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_frozen: bool = False,
-        stop_after: int | None = None) -> dict:
+        stop_after: int | None = None, handle_signals: bool = False, argv: list[str] | None = None) -> dict:
     """Train per ``cfg``; returns (and writes) the summary. Safe to call in-process (tests).
     ``check_frozen`` hashes every frozen module before and after (summary["frozen_unchanged"]).
     ``stop_after``: checkpoint and return after this many steps of this invocation (time-limited jobs).
-    Raises :class:`TrainingDiverged` after ``train.max_nonfinite`` non-finite steps in a row and
-    :class:`CheckpointWriteError` when the final (or paused) checkpoint cannot be written."""
+    ``handle_signals``: SIGINT/SIGTERM finish the step, checkpoint and return with "interrupted"
+    (the CLI; ``argv`` is its command line, for the --resume hint).
+    Raises :class:`TrainingDiverged` after ``train.max_nonfinite`` non-finite steps in a row,
+    :class:`DataError` when the data has no usable row, and :class:`CheckpointWriteError` when the
+    final (or paused) checkpoint cannot be written."""
+    with _deterministic(cfg.train.deterministic), StopRequest(handle_signals, is_main_process()) as stop:
+        return _run(cfg, resume, progress, check_frozen, stop_after, stop, argv)
+
+
+def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, gather_object
 
@@ -205,6 +269,13 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
     if not (cfg.base.tiny and not Path(cfg.base.path).exists()):
         check_base(cfg)  # before the engine starts: a wrong path fails in a second, not after model imports
     check_libraries(cfg.base.family)  # a too-old diffusers/transformers: say which version, before any work
+    main_proc = is_main_process()
+    data_check = check_data(cfg, progress=progress and main_proc)  # every row, before any model loads
+    if main_proc:
+        print_check(data_check, cfg.base.resolution)
+        kind = random_base_kind(cfg.base.path)
+        if kind:
+            print(random_base_note(cfg.base.path, kind), flush=True)
     cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
     if t.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible; use --device cpu or auto")
@@ -229,12 +300,17 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
         adapter.enable_gradient_checkpointing()
 
     digests = {k: module_digest(m) for k, m in adapter.frozen_modules().items()} if check_frozen else None
-    train_ds, val_ds = build_datasets(cfg)
+    train_ds, val_ds = build_datasets(cfg, data_check.train.usable, data_check.val.usable if data_check.val else None)
     train_ds = replay_mix(train_ds, cfg)  # data.replay: old rows in a set share
     rows = None
     if cfg.data.cache_mb > 0:
         cache_file = Path(cfg.data.cache_dir) / f"encoded-{cache_key(cfg, weight_dtype)}.safetensors" if cfg.data.cache_dir else None
-        rows = EncodedRows(adapter, train_ds, cfg.base.resolution, cfg.data.cache_mb).fill(cache_file, accelerator.is_main_process)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(train_ds), desc="encoding rows (once: VAE latents + text)", unit="row",
+                  disable=not (progress and accelerator.is_main_process), file=sys.stderr) as ebar:
+            rows = EncodedRows(adapter, _Counting(train_ds, ebar), cfg.base.resolution,
+                               cfg.data.cache_mb).fill(cache_file, accelerator.is_main_process)
     torch.manual_seed(t.seed)  # same generator init on every process
     if init is not None:  # the file's layers and generator (or the LoRA as the shared rank)
         target_spec = init_from.target_spec(init, adapter.denoiser, cfg)
@@ -260,12 +336,15 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
     stream = BatchStream(train_ds, t.batch_size, cfg.base.resolution, t.seed, rank, world,
                          load=rows.load if rows else None, collate_fn=rows.collate if rows else None)
 
-    start = 0
+    start, history = 0, {}
     if resume:
         found = latest_checkpoint(ckpt_root)
         if found is not None:
             meta = load_checkpoint(found, module, optimizer, scheduler)
-            start = int(meta["step"])
+            start, history = int(meta["step"]), meta.get("history") or {}
+            if history.get("threads") not in (None, torch.get_num_threads()):
+                accelerator.print(f"note: this run uses {torch.get_num_threads()} CPU threads, the checkpoint's run "
+                                  f"{history['threads']}; the weights will differ slightly from an uninterrupted run")
             stream.load_state_dict(meta["data"][rank] if rank < len(meta["data"]) else meta["data"][0])
             accelerator.print(f"resumed from {found} (step {start}, written by {meta.get('processes', 1)} process(es))")
         else:
@@ -277,13 +356,36 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
         "targets": len(target_spec.targets), "lora_parameters": lora_parameters}
     info = {"name": cfg.name, "base_family": cfg.base.family, "base_path": str(cfg.base.path), "method": method.name,
             "resolution": cfg.base.resolution, "config": cfg.to_dict()}
+    task_index = {tk: i for i, tk in enumerate(train_ds.tasks)}
     val_items = []
-    for i in range(min(len(val_ds), cfg.data.n_val)):
+    for i in range(min(len(val_ds), max(cfg.data.n_val, VAL_LOSS_ROWS))):
         try:
             val_items.append(val_ds.load(i, cfg.base.resolution))
         except BadRow:
-            pass  # the same row is counted when the training stream reaches it
-    val_batch = collate(val_items, {tk: i for i, tk in enumerate(train_ds.tasks)}) if val_items else None
+            pass  # the pre-flight reported it
+    if not val_items and len(train_ds):  # no held-out rows: the grid shows training rows (said in the data check)
+        val_items = [train_ds.load(i, cfg.base.resolution) for i in range(min(len(train_ds), cfg.data.n_val))]
+        val_loss = None
+    else:
+        val_loss = ValidationLoss(adapter, [collate(val_items[k:k + t.batch_size], task_index)
+                                            for k in range(0, len(val_items), t.batch_size)], task_index, accelerator.autocast)
+        accelerator.print(f"validation: the loss on {val_loss.rows} held-out rows ({VAL_DRAWS} fixed noise draws each) with "
+                          f"the LoRA and for the base without it, " + (f"every {t.validate_every} steps and " if t.validate_every
+                                                                        else "") + "at the end", flush=True)
+    val_batch = collate(val_items[:cfg.data.n_val], task_index) if val_items[:cfg.data.n_val] else None
+    val_history: list = [tuple(x) for x in history.get("val", [])]
+    loss_history: list = list(history.get("losses", []))
+    saved_at = [None]
+    if val_loss is not None and history.get("base_val") is not None:
+        val_loss.base = history["base_val"]  # resumed: the frozen base's loss is known
+
+    def history_now() -> dict:
+        return {"losses": loss_history + losses, "val": val_history, "base_val": val_loss.base if val_loss else None,
+                "threads": torch.get_num_threads()}
+
+    def curve():
+        if accelerator.is_main_process:
+            loss_curve(output / "loss.png", loss_history + losses, val_history, val_loss.base if val_loss else None, cfg.name)
 
     def plain_method():
         """The method with unsharded weights on the main process (collective when sharded)."""
@@ -303,10 +405,13 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
             if sharded or accelerator.is_main_process:
                 save_checkpoint(ckpt_root, step, module, optimizer, scheduler, states,
                                 lambda folder: writer.save(folder, cfg.name, extra), info, keep=t.keep_checkpoints,
-                                group=group, sharded=sharded)
+                                group=group, sharded=sharded, history=history_now())
         except CheckpointWriteError as e:
             err = e
         ok = group.all_true(err is None)  # every process learns that the main one failed
+        if ok:
+            saved_at[0] = step
+            curve()
         if not ok:
             failures.append(step)
             if err is not None and not must:
@@ -317,6 +422,16 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
         return ok
 
     def validate(step: int):
+        if val_loss is not None:  # every process: a sharded generator's forward is collective
+            v = val_loss(method, module)
+            val_history.append((step, v))
+            change = (v - val_loss.base) / val_loss.base * 100 if val_loss.base else 0.0
+            msg = f"step {step}: validation loss {v:.4f} (base without LoRA {val_loss.base:.4f}, {change:+.1f}%)"
+            bar.write(msg) if accelerator.is_main_process else None
+            if tb is not None:
+                tb.add_scalar("val/loss", v, step)
+                tb.add_scalar("val/base_loss", val_loss.base, step)
+            curve()
         if val_batch is None:
             return
         if sharded or accelerator.is_main_process:  # a sharded generator needs every process for its forward
@@ -327,6 +442,8 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
         accelerator.wait_for_everyone()
 
     tb = _tensorboard(str(output), accelerator.is_main_process)
+    if accelerator.is_main_process:
+        print(tensorboard_note(tb is not None, str(output / "tensorboard")), flush=True)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=t.max_steps, initial=start, disable=not (progress and accelerator.is_main_process), desc=cfg.name)
@@ -340,6 +457,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     end = t.max_steps if stop_after is None else min(t.max_steps, start + stop_after)
+    n_validations = (t.max_steps // t.validate_every if t.validate_every else 0) + 1
     for step in range(start, end):
         ts, cs = time.perf_counter(), time.process_time()
         step_loss = torch.zeros((), device=device)
@@ -401,23 +519,34 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
                 save(done, must=False)
         if t.validate_every and done % t.validate_every == 0 and done < t.max_steps:
             validate(done)
+        if len(step_times) == ESTIMATE_AFTER + 1 and done < end and accelerator.is_main_process:
+            bar.write(estimate_line(step_times, done - start, end - start, validations=n_validations if val_loss else 0))
+        if stop.requested(group if world > 1 else None):
+            bar.close()
+            if tb is not None:
+                tb.close()
+            return _interrupted(stop, done, start, saved_at[0] == done or save(done, must=True), ckpt_root, losses,
+                                argv, accelerator)
     bar.close()
     elapsed = time.perf_counter() - t0
     if end < t.max_steps:  # paused: checkpoint only; the final files come when the run completes
-        save(end, must=True)
+        if saved_at[0] != end:
+            save(end, must=True)
         accelerator.end_training()
         return {"name": cfg.name, "steps": end, "paused": True, "resumed_from": start, "losses": losses}
 
+    validate(t.max_steps)  # first, so the final checkpoint's history has the last validation loss
     save(t.max_steps, must=True)
     final_files = []
     writer = plain_method()
     if accelerator.is_main_process:
         extra = {"steps": t.max_steps, "method": method.name, "base_path": str(cfg.base.path), "name": cfg.name,
                  **adapter.file_extra(), **lineage}
-        final_files = writer.save(str(output), cfg.name, extra)
-    validate(t.max_steps)
+        final_files = [str(Path(f).resolve()) for f in writer.save(str(output), cfg.name, extra)]
+        for f in final_files:
+            publish(f)
     skipped = gather_object([dict(stream.skipped)]) if world > 1 else [dict(stream.skipped)]
-    total_skipped: dict[str, int] = {}
+    total_skipped: dict[str, int] = dict(data_check.train.counts())  # found by the pre-flight, never trained on
     for s in skipped:
         for k, v in s.items():
             total_skipped[k] = total_skipped.get(k, 0) + v
@@ -433,7 +562,12 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
         "encoded_rows": rows.summary() if rows else None, "sharded": {"fsdp": sharded, "base": bool(sharded and t.fsdp_shard_base)},
         "init_from": lineage.get("init_from"), "replay_rows": getattr(train_ds, "replay_rows", 0),
         "sizes": sizes, "device": str(device), "mixed_precision": t.mixed_precision, "losses": losses,
-        "step_times": step_times, "step_cpu_times": step_cpu,
+        "step_times": step_times, "step_cpu_times": step_cpu, "seconds": time.perf_counter() - t0,
+        "validation": {"rows": val_loss.rows if val_loss else 0, "loss": val_history[-1][1] if val_history else None,
+                       "base_loss": val_loss.base if val_loss else None, "history": val_history},
+        "data_check": data_check.summary(), "deterministic": t.deterministic, "threads": torch.get_num_threads(),
+        "loss_curve": str((output / "loss.png").resolve()),
+        "samples": str((output / "samples" / f"step-{t.max_steps:08d}.png").resolve()) if val_batch is not None else None,
     }
     if digests is not None:
         after = {k: module_digest(m) for k, m in adapter.frozen_modules().items()}
@@ -442,6 +576,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True, check_fro
         summary["frozen_training_mode"] = any(m.training for fm in adapter.frozen_modules().values() for m in fm.modules())
     if accelerator.is_main_process:
         (output / "summary.json").write_text(json.dumps(summary, indent=1))
+        publish(output / "summary.json")
         if total_skipped:
             print(f"skipped {summary['skipped_total']} bad data row(s): {total_skipped}", file=sys.stderr)
     if tb is not None:
@@ -458,16 +593,36 @@ def main(argv=None) -> int:
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
-        summary = run(cfg, resume=args.resume, check_frozen=args.check_frozen, stop_after=args.stop_after)
-    except (ConfigError, BaseFolderError, FileNotFoundError, LibraryVersionError) as e:
+        if args.check_data:
+            print_check(check_data(cfg, progress=True, synthetic=True), cfg.base.resolution)
+            return 0
+        summary = run(cfg, resume=args.resume, check_frozen=args.check_frozen, stop_after=args.stop_after,
+                      handle_signals=True, argv=sys.argv[1:] if argv is None else list(argv))
+    except (ConfigError, BaseFolderError, FileNotFoundError, LibraryVersionError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (TrainingDiverged, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    if summary is not None and int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in summary.items() if k not in ("losses", "sizes", "step_times", "step_cpu_times")}))
+    if summary is not None and summary.get("interrupted"):
+        return EXIT_INTERRUPTED
+    if summary is not None and summary.get("paused") and int(os.environ.get("RANK", "0")) == 0:
+        print(f"paused after step {summary['steps']} (--stop-after). Continue with: "
+              f"{resume_command([a for a in (sys.argv[1:] if argv is None else argv)])}", flush=True)
+    if summary is not None and int(os.environ.get("RANK", "0")) == 0 and not summary.get("paused"):
+        print("\n".join(summary_lines(summary)), flush=True)
     return 0
+
+
+def _interrupted(stop, done, start, saved, ckpt_root, losses, argv, accelerator) -> dict:
+    """After a signal: the checkpoint of step ``done`` is written; say how to continue."""
+    where = latest_checkpoint(ckpt_root)
+    accelerator.end_training()
+    if is_main_process():
+        print(f"stopped by {stop.name} after step {done}: checkpoint {where}. Continue with: {resume_command(argv)}",
+              flush=True)
+    return {"interrupted": True, "signal": stop.name, "steps": done, "resumed_from": start, "checkpoint": str(where),
+            "losses": losses}
 
 
 if __name__ == "__main__":

@@ -1,18 +1,20 @@
-"""Validation grid: one row per fixed validation example, columns
-source | target | base edit | edit with the trained LoRA."""
+"""Validation on held-out rows: the loss with and without the trained LoRA, and a labelled grid
+(one row per example: source | target | base edit | edit with the generated LoRA, the
+instruction under it)."""
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from hywu_nodes.core import GeneratedLoRA, lora_patched
 
 
 def to_pil_row(images: list[torch.Tensor]) -> Image.Image:
-    row = torch.cat([im.clamp(0, 1) for im in images], dim=-1)  # (3, H, k*W)
+    row = torch.cat([im.detach().float().cpu().clamp(0, 1) for im in images], dim=-1)  # (3, H, k*W)
     return Image.fromarray((row.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
@@ -36,12 +38,101 @@ def validation_grid(adapter, method, val_batch: dict, steps: int, path: str, see
         module.train(was_training)
     if not write:
         return path
-    rows = [to_pil_row([s, t, b, e]) for s, t, b, e in zip(src, tgt, base, edited)]
-    grid = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)))
-    y = 0
-    for r in rows:
-        grid.paste(r, (0, y))
-        y += r.height
+    grid = labelled_grid([[s, t, b, e] for s, t, b, e in zip(src, tgt, base, edited)], text, COLUMNS)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     grid.save(path)
+    from .state import publish
+
+    publish(path)
     return path
+
+
+COLUMNS = ("source", "target", "base (no LoRA)", "generated LoRA")
+MIN_CELL = 128  # small training images are enlarged (nearest) so the labels fit
+
+
+def _fit(draw, text: str, font, width: int) -> str:
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def labelled_grid(rows: list[list[torch.Tensor]], captions: list[str], columns=COLUMNS) -> Image.Image:
+    """Images (3, H, W) in [0, 1] per row, a header with the column names and each row's caption."""
+    h, w = rows[0][0].shape[-2:]
+    k = max(1, -(-MIN_CELL // max(h, w)))  # integer zoom
+    cw, ch = w * k, h * k
+    font = ImageFont.load_default()
+    line = 16
+    grid = Image.new("RGB", (cw * len(columns), line + len(rows) * (ch + line)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, name in enumerate(columns):
+        draw.text((c * cw + 3, 2), _fit(draw, name, font, cw - 6), fill="black", font=font)
+    y = line
+    for imgs, caption in zip(rows, captions):
+        strip = to_pil_row(list(imgs)).resize((cw * len(imgs), ch), Image.NEAREST)
+        grid.paste(strip, (0, y))
+        draw.text((3, y + ch + 2), _fit(draw, caption, font, grid.width - 6), fill="black", font=font)
+        y += ch + line
+    return grid
+
+
+VAL_DRAWS = 4  # noise/timestep draws per held-out row: the loss of a few rows is noisy
+VAL_STEP = 1_000_000_007  # a fixed "step" for the noise of validation (the same at every validation)
+
+
+class ValidationLoss:
+    """The denoising loss on held-out rows at fixed noise and timesteps (no CFG dropout), with the
+    trained LoRA and for the frozen base alone (computed once, at the first validation: the base
+    does not change, and the training steps before it stay exactly as without validation)."""
+
+    def __init__(self, adapter, batches: list[dict], task_index: dict, autocast=nullcontext):
+        self.adapter, self.autocast = adapter, autocast
+        self.preps, self.rows = [], 0
+        old = adapter.drop_text, adapter.drop_image
+        adapter.drop_text = adapter.drop_image = 0.0
+        try:
+            for batch in batches:
+                b = len(batch["instruction"])
+                keys = [(self.rows + j) * VAL_DRAWS + d for d in range(VAL_DRAWS) for j in range(b)]
+                enc = adapter.encode(batch)
+                task_id = torch.tensor([task_index.get(t, 0) for t in batch["task"]], dtype=torch.long)
+                self.preps.append((adapter.prepare_encoded(enc, VAL_STEP, keys), task_id))
+                self.rows += b
+        finally:
+            adapter.drop_text, adapter.drop_image = old
+        self.base: float | None = None
+
+    def base_loss(self) -> float:
+        if self.base is None:
+            self.base = self._loss(None, None)
+        return self.base
+
+    @torch.no_grad()
+    def _loss(self, method, module) -> float:
+        from hywu_nodes.core import lora_patched
+
+        total, n = 0.0, 0
+        for prep, task_id in self.preps:
+            with self.autocast():
+                if method is None:
+                    loss = self.adapter.loss(prep)
+                else:
+                    lora, s2l = method.lora(module, prep["condition"].to(self.adapter.device), task_id.to(self.adapter.device),
+                                            VAL_DRAWS)
+                    with lora_patched(self.adapter.denoiser, lora, sample_to_lora=s2l):
+                        loss = self.adapter.loss(prep)
+            total += loss.float().sum().item()
+            n += loss.numel()
+        return total / max(n, 1)
+
+    def __call__(self, method, module) -> float:
+        self.base_loss()
+        was = module.training
+        module.eval()
+        try:
+            return self._loss(method, module)
+        finally:
+            module.train(was)

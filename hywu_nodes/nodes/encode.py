@@ -295,6 +295,28 @@ def _image_tokens_clip_vision(source, images, clip_vision, family, generator_nam
     return tokens
 
 
+LARGE_IMAGE_FACTOR = 2  # per side: a source this many times the training resolution gets a warning
+
+
+def large_image_warning(spec: ConditionSpec, images, generator_name: str | None = None) -> str | None:
+    """Warn (and return the text) when the source is much larger than the generator's training
+    resolution: the sampler runs at the source's size (minutes on CPU where the training size took
+    seconds), and the generated LoRA was trained for the small size."""
+    trained = [int(s.options["resolution"]) for s in spec.sources if s.options.get("resolution")]
+    if not trained:
+        return None
+    h, w = int(images.shape[1]), int(images.shape[2])
+    r = max(trained)
+    if max(h, w) < LARGE_IMAGE_FACTOR * r:
+        return None
+    msg = (f"HY-WU Condition Encode: the source image is {w}x{h}, but the generator{f' {generator_name}' if generator_name else ''} "
+           f"was trained at {r}x{r}. The sampler runs at the source's size (about {h * w / (r * r):.0f}x the pixels, "
+           f"and as much slower), and the generated LoRA is not trained for it. Scale the image near {r} px first "
+           "(e.g. ImageScale) to check the edit quickly.")
+    log.warning(msg)
+    return msg
+
+
 @torch.no_grad()
 def build_condition(spec: ConditionSpec, images, text, vae=None, clip_vision=None, latent_format=None,
                     family: str | None = None, generator_name: str | None = None) -> Condition:
@@ -302,6 +324,7 @@ def build_condition(spec: ConditionSpec, images, text, vae=None, clip_vision=Non
     gives (hidden states (1 or B rows), padding mask or None) for a text source (see
     :func:`generator_text`); a plain tensor is taken as the hidden states, without a mask."""
     images = check_images(images)
+    large_image_warning(spec, images, generator_name)
     batch = images.shape[0]
     tokens, masks = {}, {}
     for source in spec.sources:

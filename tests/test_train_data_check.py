@@ -1,0 +1,124 @@
+"""Data pre-flight (trainer/preflight.py): every row is checked before any model loads; the report
+names rows, columns, sizes, instruction lengths, duplicates; no usable row is a clear error."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from trainer.config import ConfigError
+from trainer.data import build_datasets
+from trainer.preflight import DataError, check_data
+from trainer.tiny_bases import tiny_config
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _images(tmp_path, n, size=(48, 32)):
+    for i in range(n):
+        Image.new("RGB", size, (20 * i, 90, 200 - 20 * i)).save(tmp_path / f"s{i}.png")
+        Image.new("RGB", size, (200 - 20 * i, 150, 20 * i)).save(tmp_path / f"t{i}.png")
+
+
+def _manifest(tmp_path, rows, name="edits.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _cfg(tmp_path, path, **data):
+    return tiny_config("sd15_ip2p", tmp_path / "run", data={"source": "manifest", "path": str(path), **data})
+
+
+def test_report_rows_columns_sizes_lengths_duplicates(tmp_path):
+    _images(tmp_path, 6)
+    Image.new("RGB", (96, 32), "red").save(tmp_path / "wide.png")
+    Image.new("RGB", (16, 16), "blue").save(tmp_path / "small.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    good = [{"source_image": f"s{i}.png", "edited_image": f"t{i}.png", "edit_prompt": f"swap colours {i}", "note": "x"}
+            for i in range(6)]
+    rows = good + [
+        {"source_image": "missing.png", "edited_image": "t0.png", "edit_prompt": "a"},   # line 7
+        {"source_image": "broken.png", "edited_image": "t0.png", "edit_prompt": "b"},    # line 8
+        {"source_image": "s1.png", "edit_prompt": "no target"},                          # line 9
+        "{not json",                                                                     # line 10
+        good[1],                                                                         # line 11: duplicate of line 2
+        {"source_image": "s2.png", "edited_image": "s2.png", "edit_prompt": "same"},     # line 12: nothing to learn
+        {"source_image": "wide.png", "edited_image": "t3.png", "edit_prompt": "long " * 90},  # line 13: > 77 tokens
+        {"source_image": "small.png", "edited_image": "t3.png", "edit_prompt": "tiny"},  # line 14: below 32 px
+    ]
+    check = check_data(_cfg(tmp_path, _manifest(tmp_path, rows)))
+    text = "\n".join(check.lines(32))
+    rep = check.train
+    assert rep.rows == 14 and len(rep.usable) == 10
+    assert rep.counts() == {"corrupt image": 1, "image file missing": 1, "malformed JSONL line": 1, "missing target": 1}
+    assert "skipped 1 x image file missing: edits.jsonl line 7 (missing.png, t0.png)" in text
+    assert "skipped 1 x corrupt image: edits.jsonl line 8 (broken.png, t0.png)" in text
+    assert "skipped 1 x missing target: edits.jsonl line 9 (s1.png)" in text
+    assert "columns found: edit_prompt, edited_image, note, source_image" in text
+    assert "used: source <- 'source_image', target <- 'edited_image', instruction <- 'edit_prompt'" in text
+    assert "48x32 (8)" in text and "96x32 (1)" in text and "16x16 (1)" in text
+    assert "1.50 " in text and "3.00 " in text and "1.00 " in text  # aspect histogram rows
+    assert "1 row(s) have an image smaller than 32 px" in text and "edits.jsonl line 14" in text
+    assert "1 instruction(s) are longer than 77 tokens" in text and "edits.jsonl line 13" in text  # the CLIP tokenizer counted
+    assert "1 duplicate row(s)" in text and "edits.jsonl line 11 = edits.jsonl line 2" in text
+    assert "1 row(s) have a source identical to the target" in text and "edits.jsonl line 12" in text
+    assert "validation: 1 of the 10 usable rows held out" in text
+
+
+def test_no_usable_rows_is_a_clear_error_before_any_model_loads(tmp_path):
+    _images(tmp_path, 3)
+    path = _manifest(tmp_path, [{"before": f"s{i}.png", "after": f"t{i}.png", "caption": "x"} for i in range(3)])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(_cfg(tmp_path, path).to_dict()))
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "trainer.train", "--config", str(cfg)], cwd=REPO, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "Loading weights" not in r.stderr + r.stdout  # no model was loaded
+    assert "error: no usable rows in" in r.stderr and "3 x missing source/target/instruction" in r.stderr
+    assert "columns found: after, before, caption" in r.stderr
+    assert "accepted column names: source: source, source_image, input_image, original_image" in r.stderr
+    assert "edits.jsonl line 1" in r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    print(f"no-usable-rows error in {time.time() - t0:.1f} s")
+
+
+def test_check_data_flag_reports_and_exits(tmp_path):
+    _images(tmp_path, 4)
+    path = _manifest(tmp_path, [{"source": f"s{i}.png", "target": f"t{i}.png", "instruction": "swap"} for i in range(4)])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(_cfg(tmp_path, path).to_dict()))
+    r = subprocess.run([sys.executable, "-m", "trainer.train", "--config", str(cfg), "--check-data"], cwd=REPO, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "training data:" in r.stdout and "4 rows, 4 usable" in r.stdout and "training on 3 rows" in r.stdout
+    assert "Loading weights" not in r.stdout + r.stderr and not (tmp_path / "run").exists()
+
+
+def test_n_train_and_validation_split_mean_the_same_for_every_source(tmp_path):
+    _images(tmp_path, 10, size=(32, 32))
+    rows = [{"source": f"s{i}.png", "target": f"t{i}.png", "instruction": f"edit {i}"} for i in range(10)]
+    path = _manifest(tmp_path, rows)
+    train, val = build_datasets(_cfg(tmp_path, path, val_fraction=0.2))
+    assert len(train) == 8 and len(val) == 2
+    assert not {r["instruction"] for r in train.rows} & {r["instruction"] for r in val.rows}  # held out
+    train2, val2 = build_datasets(_cfg(tmp_path, path, val_fraction=0.2, n_train=5))
+    assert len(train2) == 5 and val2.rows == val.rows  # n_train takes the first training rows; the split stays
+    extra = _manifest(tmp_path, rows[:3], "val.jsonl")
+    train3, val3 = build_datasets(_cfg(tmp_path, path, val_path=str(extra)))
+    assert len(train3) == 10 and len(val3) == 3
+    syn, _ = build_datasets(tiny_config("sd15_ip2p", tmp_path / "s", data={"n_train": None}))
+    assert len(syn) == 64  # the synthetic default
+    syn8, _ = build_datasets(tiny_config("sd15_ip2p", tmp_path / "s", data={"n_train": 8}))
+    assert len(syn8) == 8
+    with pytest.raises(ConfigError, match="data.val_path applies to manifest/parquet"):
+        tiny_config("sd15_ip2p", tmp_path / "s", data={"val_path": str(extra)})
+    with pytest.raises(DataError, match="no usable rows"):
+        check_data(_cfg(tmp_path, _manifest(tmp_path, [{"source": "nope.png", "target": "t0.png", "instruction": "x"}], "bad.jsonl")))
