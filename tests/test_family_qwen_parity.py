@@ -55,7 +55,7 @@ def _vl_input(adapter, image):
 
 
 def _comfy_tokens(clip, adapter, instruction, vl):
-    from hywu_nodes.nodes.encode import QWEN_PICTURE, QWEN_PLUS_TEMPLATE
+    from hywu_nodes.core.qwen_prompts import QWEN_EDIT_PLUS_TEMPLATE as QWEN_PLUS_TEMPLATE, QWEN_PICTURE
 
     if adapter.name == "qwen_image_edit_plus":  # what TextEncodeQwenImageEditPlus passes
         return clip.tokenize(QWEN_PICTURE.format(1) + instruction, images=[vl], llama_template=QWEN_PLUS_TEMPLATE)

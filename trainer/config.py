@@ -158,6 +158,13 @@ def set_dotted(cfg: TrainConfig, dotted: str, value: str) -> None:
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
+    cfg = read_config(path, overrides)
+    validate(cfg)
+    return cfg
+
+
+def read_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults, then the YAML file ``path``, then ``--section.key=value`` overrides (not validated)."""
     cfg = TrainConfig()
     if path:
         if not os.path.isfile(path):
@@ -172,7 +179,6 @@ def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
         if not sep:
             raise ConfigError(f"override '{item}' must look like --section.key=value")
         set_dotted(cfg, key.replace("-", "_"), value)
-    validate(cfg)
     return cfg
 
 

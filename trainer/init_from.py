@@ -339,24 +339,9 @@ def _write_lora(targets, a_params, b_params, gen_scale: float, src: InitSource, 
 def config_for(init_path: str, config_path: str | None, overrides) -> TrainConfig:
     """The config of ``python -m trainer.train --init-from FILE [--config YAML] [overrides]``:
     defaults (not the demo config), the YAML and overrides, then what the file fixes."""
-    import yaml
+    from .config import read_config, validate
 
-    from .config import apply, set_dotted, validate
-
-    cfg = TrainConfig()
-    if config_path:
-        if not os.path.isfile(config_path):
-            raise ConfigError(f"config file not found: {config_path}")
-        with open(config_path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{config_path}: a config is a YAML mapping of sections (base, data, generator, train)")
-        apply(cfg, data)
-    for item in overrides:
-        key, sep, value = item.lstrip("-").partition("=")
-        if not sep:
-            raise ConfigError(f"override '{item}' must look like --section.key=value")
-        set_dotted(cfg, key.replace("-", "_"), value)
+    cfg = read_config(config_path, overrides)
     resolve_config(cfg, open_source(init_path), explicit_keys(config_path, overrides))
     validate(cfg)
     return cfg

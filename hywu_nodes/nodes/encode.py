@@ -25,6 +25,7 @@ import torch
 from comfy_api.latest import io
 
 from ..core import Condition, ConditionSpec, patchify_latent, prompt_mask, square_resize
+from ..core.qwen_prompts import QWEN_EDIT_PLUS_TEMPLATE, QWEN_PICTURE
 from .common import latent_format_for_family, log
 from .types import CATEGORY, EncodedCondition, GeneratorHandle, HYWUCond, HYWUError, HYWUGenerator
 
@@ -101,12 +102,6 @@ def _end_token(clip, key: str):
     return None
 
 
-# TextEncodeQwenImageEditPlus's own template (comfy_extras/nodes_qwen.py) and its per-image prefix
-QWEN_PLUS_TEMPLATE = ("<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
-                      "background), then explain how the user's text instruction should alter or modify the image. Generate a "
-                      "new image that meets the user's requirements while maintaining consistency with the original input where "
-                      "appropriate.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n")
-QWEN_PICTURE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
 QWEN_VISION_END = 151653  # <|vision_end|> of Qwen2.5-VL's tokenizer
 
 
@@ -124,7 +119,7 @@ def qwen_vl_text(clip, instruction: str, image, source) -> torch.Tensor:
     vl = comfy.utils.common_upscale(samples, round(samples.shape[3] * scale), round(samples.shape[2] * scale), "area",
                                     "disabled").movedim(1, -1)
     if opts["vl_prompt"] == "qwen_image_edit_plus":
-        tokens = clip.tokenize(QWEN_PICTURE.format(1) + instruction, images=[vl], llama_template=QWEN_PLUS_TEMPLATE)
+        tokens = clip.tokenize(QWEN_PICTURE.format(1) + instruction, images=[vl], llama_template=QWEN_EDIT_PLUS_TEMPLATE)
     else:
         tokens = clip.tokenize(instruction, images=[vl])
     key = next(iter(tokens))

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from hywu_nodes.core import Condition, ConditionSource, ConditionSpec, patchify_latent, standard_condition_spec
+from hywu_nodes.core.qwen_prompts import QWEN_EDIT_SYSTEM, QWEN_IMAGE_TOKENS
 
 from .base import BaseFolderError, BaseParts, FlowMatchingFamily, freeze, repeat_draws, sample_generators, unpatchify_latent
 
@@ -36,10 +37,6 @@ REQUIRED = {
     "tokenizer": "its tokenizer files",
     "vae": "AutoencoderKLQwenImage",
 }
-SYSTEM = ("<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, background), "
-          "then explain how the user's text instruction should alter or modify the image. Generate a new image that meets the "
-          "user's requirements while maintaining consistency with the original input where appropriate.<|im_end|>\n")
-IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 # Qwen2-VL image processing constants (the model's preprocessor; ComfyUI's process_qwen2vl_images defaults)
 VL_PATCH, VL_MERGE, VL_TEMPORAL = 14, 2, 2
 VL_MIN_PIXELS, VL_MAX_PIXELS = 3136, 12845056
@@ -109,7 +106,7 @@ class QwenImageEdit(FlowMatchingFamily):
     default_drop = (0.1, 0.0)
     text_sees_image = True  # Qwen2.5-VL sees the source: text features per row (trainer/encoded.py)
     # What TextEncodeQwenImageEdit does: its template with the image, 1 MP for Qwen2.5-VL and the reference.
-    TEMPLATE = SYSTEM + "<|im_start|>user\n" + IMAGE + "{}<|im_end|>\n<|im_start|>assistant\n"
+    TEMPLATE = QWEN_EDIT_SYSTEM + "<|im_start|>user\n" + QWEN_IMAGE_TOKENS + "{}<|im_end|>\n<|im_start|>assistant\n"
     VL_PIXELS = 1024 * 1024
     REFERENCE_PIXELS = 1024 * 1024
     REFERENCE_MULTIPLE = 1

@@ -6,15 +6,17 @@ from about 1 MP with sides a multiple of 8. Everything else (encoders, loss, sam
 adapter's. The trainer has one source image per edit, so the prompt names one picture."""
 from __future__ import annotations
 
-from .qwen_image_edit import IMAGE, REQUIRED, SYSTEM, QwenImageEdit
+from hywu_nodes.core.qwen_prompts import QWEN_EDIT_PLUS_TEMPLATE, QWEN_PICTURE
+
+from .qwen_image_edit import REQUIRED, QwenImageEdit
 
 __all__ = ["QwenImageEditPlus", "REQUIRED"]
 
 
 class QwenImageEditPlus(QwenImageEdit):
     name = "qwen_image_edit_plus"
-    TEMPLATE = SYSTEM + "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"  # the node's llama_template
-    PICTURE = "Picture {}: " + IMAGE
+    TEMPLATE = QWEN_EDIT_PLUS_TEMPLATE  # the node's llama_template
+    PICTURE = QWEN_PICTURE
     VL_PIXELS = 384 * 384
     REFERENCE_PIXELS = 1024 * 1024
     REFERENCE_MULTIPLE = 8
