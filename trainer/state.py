@@ -35,6 +35,9 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the message names the previous, intact checkpoint."""
 
 
+_FLAGS: dict = {}
+
+
 class Group:
     """The processes of the run as the checkpoint code needs them (a single process when
     torch.distributed is not initialised)."""
@@ -58,7 +61,11 @@ class Group:
     def all_true(self, flag: bool) -> bool:
         if not self.dist:
             return flag
-        t = torch.tensor([1 if flag else 0], device=self.device)
+        # One tensor per device for the life of the process: a fresh one per call can be released
+        # last by gloo's worker thread, which then needs the GIL, and the process hung when that
+        # happened while accelerate destroyed the process group at the end of a run.
+        t = _FLAGS.setdefault(str(self.device), torch.zeros(1, dtype=torch.long, device=self.device))
+        t.fill_(1 if flag else 0)
         self.dist.all_reduce(t, op=self.dist.ReduceOp.MIN)
         return bool(t.item())
 

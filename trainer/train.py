@@ -532,7 +532,7 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
     if end < t.max_steps:  # paused: checkpoint only; the final files come when the run completes
         if saved_at[0] != end:
             save(end, must=True)
-        accelerator.end_training()
+        _end_training(accelerator)
         return {"name": cfg.name, "steps": end, "paused": True, "resumed_from": start, "losses": losses}
 
     validate(t.max_steps)  # first, so the final checkpoint's history has the last validation loss
@@ -581,7 +581,7 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
             print(f"skipped {summary['skipped_total']} bad data row(s): {total_skipped}", file=sys.stderr)
     if tb is not None:
         tb.close()
-    accelerator.end_training()
+    _end_training(accelerator)
     return summary
 
 
@@ -598,6 +598,7 @@ def main(argv=None) -> int:
             return 0
         summary = run(cfg, resume=args.resume, check_frozen=args.check_frozen, stop_after=args.stop_after,
                       handle_signals=True, argv=sys.argv[1:] if argv is None else list(argv))
+        _close_process_group()
     except (ConfigError, BaseFolderError, FileNotFoundError, LibraryVersionError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -614,10 +615,33 @@ def main(argv=None) -> int:
     return 0
 
 
+def _end_training(accelerator) -> None:
+    """accelerate destroys the process group here. gloo's worker thread may still be releasing the
+    last collective (an all-gather holding Python tensors needs the GIL for that) while the
+    destructor, holding the GIL, joins it: a torchrun process hung there after a complete run.
+    A barrier, then a moment without the GIL, lets those releases finish first."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        time.sleep(0.2)
+    accelerator.end_training()
+
+
+def _close_process_group() -> None:
+    """Destroy the torch.distributed group before the interpreter exits: left to interpreter
+    shutdown, gloo's destructor joins its worker thread while that thread waits for the GIL the
+    destructor holds (a torchrun process hung there after a complete run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _interrupted(stop, done, start, saved, ckpt_root, losses, argv, accelerator) -> dict:
     """After a signal: the checkpoint of step ``done`` is written; say how to continue."""
     where = latest_checkpoint(ckpt_root)
-    accelerator.end_training()
+    _end_training(accelerator)
     if is_main_process():
         print(f"stopped by {stop.name} after step {done}: checkpoint {where}. Continue with: {resume_command(argv)}",
               flush=True)
