@@ -257,7 +257,11 @@ def test_flux_lora_visibly_changes_the_image(e2e):
     assert p_base >= 40
     assert p_effect < 35 and math.isfinite(p_effect)
     assert p_guidance < 40
-    assert "was trained at FLUX guidance 2.5: set the graph's FluxGuidance to 2.5" in srv.log_tail(10**7)  # Load Generator says so
+    log = srv.log_tail(10**7)
+    assert "was trained at FLUX guidance 2.5: set the graph's FluxGuidance to 2.5" in log  # Load Generator says so
+    # and HY-WU Apply's check sees the sampler's guidance: it warns for 1.0, never for the trained 2.5
+    assert "the sampler runs the FLUX model at guidance 1, but the generator" in log
+    assert "at guidance 2.5, but the generator" not in log
 
 
 def test_guidance_option_is_checked(tmp_path):

@@ -16,6 +16,7 @@ import comfy.lora_convert
 from comfy_api.latest import io
 
 from . import runtime_lora
+from .guidance_check import watch_guidance
 from .common import combo_input_problem, float_input_problem, log
 from .types import CATEGORY, HYWUError, LoraModel
 
@@ -240,4 +241,5 @@ class HYWUApplyGeneratedLoRA(io.ComfyNode):
             new_model, _ = apply_lora(model, lora, strength, max(batch_index, 0))
         else:
             new_model, _ = apply_runtime_lora(model, lora, loras, strength)
+        watch_guidance(new_model, lora)
         return io.NodeOutput(new_model)

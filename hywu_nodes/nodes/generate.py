@@ -69,7 +69,8 @@ def generate_loras(generator, encoded) -> HYWULoRA:
     log.debug("HY-WU: generated %d LoRA(s) with %s for '%s' in %.3f s (%d modules, |B| of LoRA 0 = %.4g)",
               n, generator.describe(), encoded.instruction[:60].replace("\n", " | "), seconds,
               sum(k.endswith(".lora_down.weight") for k in batch[0]), norm)
-    return HYWULoRA(batch[0], base_family=generator.family, generator_name=generator.name, batch=batch, index=0)
+    return HYWULoRA(batch[0], base_family=generator.family, generator_name=generator.name, batch=batch, index=0,
+                    flux_guidance=generator.info.extra.get("flux_guidance"))
 
 
 class HYWUGenerateLoRA(io.ComfyNode):

@@ -75,10 +75,12 @@ class HYWULoRA(dict):
     generator_name: str | None = None
     batch: list = None  # list[dict[str, Tensor]], one per condition; self holds batch[index]
     index: int = 0
+    flux_guidance: float | None = None  # the embedded guidance a FLUX generator was trained at
 
-    def __init__(self, *args, base_family=None, generator_name=None, batch=None, index=0, **kw):
+    def __init__(self, *args, base_family=None, generator_name=None, batch=None, index=0, flux_guidance=None, **kw):
         super().__init__(*args, **kw)
         self.base_family = base_family
         self.generator_name = generator_name
+        self.flux_guidance = flux_guidance
         self.batch = batch if batch is not None else [dict(self)]
         self.index = index
