@@ -57,22 +57,52 @@ QUICK_TRAIN = ["--max-steps", "2", "--train.batch_size=4", "--data.n_train=40", 
 
 
 class Timer:
+    """Stage timings: ``stages`` (name -> seconds, stages that ran) and ``rows`` (every stage, in
+    order, with whether it came from the cache) for the closing table and metrics.json."""
+
     def __init__(self):
         self.t0 = time.time()
         self.stages: dict[str, float] = {}
+        self.rows: list[dict] = []
 
-    def stage(self, name: str):
+    def cached(self, name: str, where) -> None:
+        D.log(f"\n== {name}: reused {where} [{time.time() - self.t0:.0f}s elapsed]")
+        self.rows.append({"stage": name, "seconds": 0.0, "cached": True})
+
+    def stage(self, name: str, cached: bool = False):
         timer = self
 
         class _Stage:
             def __enter__(self):
                 self.t = time.time()
-                D.log(f"\n== {name}")
+                D.log(f"\n== {name} [{self.t - timer.t0:.0f}s elapsed]")
 
             def __exit__(self, *exc):
-                timer.stages[name] = round(timer.stages.get(name, 0.0) + time.time() - self.t, 1)
-                D.log(f"   ({name}: {time.time() - self.t:.1f}s)")
+                took = time.time() - self.t
+                timer.stages[name] = round(timer.stages.get(name, 0.0) + took, 1)
+                timer.rows.append({"stage": name, "seconds": round(took, 1), "cached": cached})
+                D.log(f"   done: {name} in {took:.1f}s [{time.time() - timer.t0:.0f}s elapsed]")
         return _Stage()
+
+    def table(self) -> str:
+        w = max([len(r["stage"]) for r in self.rows] + [len("stage")])
+        lines = [f"{'stage':<{w}}  {'seconds':>8}  cached"]
+        lines += [f"{r['stage']:<{w}}  {r['seconds']:>8.1f}  {'yes' if r['cached'] else 'no'}" for r in self.rows]
+        return "\n".join(lines + [f"{'total':<{w}}  {time.time() - self.t0:>8.1f}"])
+
+
+def quiet_progress_bars() -> dict:
+    """Not a terminal: switch off the libraries' bars in this process and return the environment
+    for child processes (tqdm's TQDM_DISABLE default, huggingface_hub's flag; the trainer's own
+    bars use tqdm's disable=None, off on a non-terminal)."""
+    import diffusers.utils.logging
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    return {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def comfy_path():
@@ -87,8 +117,11 @@ def ensure_world(settings: D.WorldSettings, models: Path, force: bool, timer: Ti
 
     comfy = comfy_path()
     micro_dir = Path(micro) if micro is not None else models / "micro_sd15_ip2p"
+    if micro is not None:
+        timer.cached("micro base (given with --micro)", micro_dir)
     if micro is None:
-        with timer.stage("micro base (seeded, build or reuse)"):
+        had = (micro_dir / "model_index.json").is_file() and (models / "checkpoints" / "hywu_micro_sd15_ip2p.safetensors").is_file()
+        with timer.stage("micro base (seeded, build or reuse)", cached=had):
             bmb.ensure_micro_base(micro_dir, models / "checkpoints" / "hywu_micro_sd15_ip2p.safetensors", comfyui_path=comfy)
     base_dir = models / "demo" / "base"
     ckpt = models / "checkpoints" / DEMO_CKPT_NAME
@@ -100,7 +133,7 @@ def ensure_world(settings: D.WorldSettings, models: Path, force: bool, timer: Ti
         if ckpt.exists():
             ckpt.unlink()
     else:
-        D.log(f"\n== reusing the demo base {base_dir}")
+        timer.cached("build the demo base", base_dir)
     if not ckpt.is_file():
         with timer.stage("export the ComfyUI checkpoint"):
             bmb.export_comfy_checkpoint(base_dir, ckpt, comfy)
@@ -126,7 +159,7 @@ def train_methods(base_dir: Path, models: Path, seed: int, force: bool, timer: T
         key = _run_key(base_dir, m, seed, extra)
         marker = out[m] / "demo_run.json"
         if not force and marker.is_file() and json.loads(marker.read_text()).get("key") == key:
-            D.log(f"\n== reusing {m} (seed {seed}) from {out[m]}")
+            timer.cached(f"train {m} (seed {seed})", out[m])
             continue
         cmd = [sys.executable, "-m", "trainer.train", "--config", str(CONFIG), "--method", m, "--seed", str(seed),
                "--output", str(out[m]), f"--base.path={base_dir}", f"--data.cache_dir={models / 'demo' / 'encoded'}",
@@ -137,7 +170,8 @@ def train_methods(base_dir: Path, models: Path, seed: int, force: bool, timer: T
     if todo:
         cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
         lanes = [[t for t in todo if t[0] == "hywu"], [t for t in todo if t[0] != "hywu"]] if cpu and parallel else [todo]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"} if cpu and parallel else dict(os.environ)
+        env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if cpu and parallel else {}),
+               **({} if sys.stdout.isatty() else quiet_progress_bars())}
         with timer.stage(f"train {', '.join(t[0] for t in todo)} with python -m trainer.train (seed {seed})"):
             procs = []
             for lane in (lane for lane in lanes if lane):
@@ -283,7 +317,9 @@ def main(argv=None) -> dict:
                     help="extra override for the three trainer runs, e.g. --train=--max-steps=200")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
-    show = not a.no_progress
+    show = not a.no_progress  # bars on a terminal only, ETA lines otherwise (D.progress)
+    if not sys.stdout.isatty():
+        quiet_progress_bars()
     settings = D.WorldSettings(**QUICK_WORLD) if a.quick else D.WorldSettings()
     for kv in a.set:
         k, _, v = kv.partition("=")
@@ -334,7 +370,11 @@ def main(argv=None) -> dict:
     with timer.stage("write output"):
         result = write_output(out, splits, preds, metrics, tasks, settings, a, gc, separation, clustering, comfy,
                               timer, device, files, runs, editor)
+    # again with the "write output" stage itself in the timings
+    result.update(timings_s={**timer.stages, "total": round(time.time() - timer.t0, 1)}, stage_timings=timer.rows)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=list))
     report(result, tasks)
+    D.log("\nstage timings\n" + timer.table())
     return result
 
 
@@ -372,6 +412,7 @@ def write_output(out, splits, preds, metrics, tasks, settings, a, gc, separation
         "files": {"grid": "grid.png", "grid_heldout_phrasing": "grid_heldout_phrasing.png", "images": "images/",
                   "generator": str(files["hywu"]), "shared_lora": str(files["shared_lora"])},
         "timings_s": {**timer.stages, "total": round(time.time() - timer.t0, 1)},
+        "stage_timings": timer.rows,
     }
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=list))
     return result

@@ -66,11 +66,25 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def progress(iterable=None, total=None, desc=None, enabled=True):
-    from tqdm.auto import tqdm
+def progress(iterable=None, total=None, desc=None, enabled=True, every_s: float = 30.0):
+    """A tqdm bar on a terminal; elsewhere (a log file, a pipe) no bar frames, only a plain line
+    with steps done, elapsed time and ETA every ``every_s`` seconds (when ``enabled``)."""
+    if enabled and sys.stdout.isatty():
+        from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=2.0,
-                file=sys.stdout)
+        return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=2.0, file=sys.stdout)
+    return _eta_lines(iterable, total, desc, enabled, every_s)
+
+
+def _eta_lines(iterable, total, desc, enabled, every_s):
+    total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+    t0 = last = time.time()
+    for done, item in enumerate(iterable, 1):
+        yield item
+        now = time.time()
+        if enabled and now - last >= every_s and total and done < total:
+            last = now
+            log(f"   {desc}: {done}/{total}, {now - t0:.0f}s elapsed, ETA {(now - t0) / done * (total - done):.0f}s")
 
 
 @dataclass(frozen=True)

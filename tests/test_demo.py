@@ -3,6 +3,8 @@ the three methods are trained by `python -m trainer.train`, and the headless Com
 the demo workflow and a core LoraLoaderModelOnly graph. Checks outputs, metrics.json, the
 installed files and the cache. (The full demo's figures are in docs/demo.md.)"""
 
+import contextlib
+import io
 import json
 import math
 import sys
@@ -28,16 +30,25 @@ def quick_demo(tmp_path_factory, micro_base):
     root = tmp_path_factory.mktemp("demo")
     args = ["--quick", "--no-progress", "--models", str(root / "models"), "--out", str(root / "out"),
             "--micro", str(micro_base.diffusers_dir), "--comfy-images", "1"]
-    first = demo.main(args)
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    # Their log handlers bind sys.stderr when first made: make them now, not inside the redirect.
+    diffusers.utils.logging.get_verbosity(), transformers.utils.logging.get_verbosity()
+    buf = io.StringIO()  # not a terminal, as `make demo > log` or CI: no progress-bar frames expected
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        first = demo.main(args[:1] + args[2:])  # bars (and ETA lines) enabled: the demo chooses by isatty
+    log = buf.getvalue()
+    print(log)
     second = demo.main(args + ["--no-comfy"])  # everything cached now
-    return root, first, second
+    return root, first, second, log
 
 
 def test_outputs_and_metrics(quick_demo):
     import hywu_demo_core as D
     from trainer import synthetic
 
-    root, result, _ = quick_demo
+    root, result, *_ = quick_demo
     out = root / "out"
     m = json.loads((out / "metrics.json").read_text())
     assert m["metrics"].keys() == set(D.SPLITS)
@@ -77,7 +88,7 @@ def test_installed_files_load_where_users_load_them(quick_demo):
     from hywu_nodes.core import read_generator_info
     from trainer import synthetic
 
-    root, _, _ = quick_demo
+    root, *_ = quick_demo
     models = root / "models"
     info = read_generator_info(models / "hywu" / "hywu_demo.safetensors")
     assert info.base_family == "sd15_ip2p" and info.config.rank == 8
@@ -93,7 +104,7 @@ def test_installed_files_load_where_users_load_them(quick_demo):
 def test_comfyui_ran_the_demo_workflow_and_the_core_lora_graph(quick_demo):
     import hywu_demo as demo
 
-    root, result, _ = quick_demo
+    root, result, *_ = quick_demo
     c = result["comfyui"]
     assert c.get("ran"), c.get("error")
     hywu = [e for e in c["edits"] if e["method"] == "hywu"]
@@ -109,12 +120,34 @@ def test_comfyui_ran_the_demo_workflow_and_the_core_lora_graph(quick_demo):
 
 
 def test_second_run_reuses_the_cache(quick_demo):
-    _, first, second = quick_demo
+    _, first, second, _ = quick_demo
     assert [k for k in first["timings_s"] if k.startswith(("build the demo base", "train "))]
     assert not [k for k in second["timings_s"] if k.startswith(("build the demo base", "train ", "export"))]
     # same files, same seeds: same numbers
     a, b = first["metrics"]["val"]["hywu"]["overall"], second["metrics"]["val"]["hywu"]["overall"]
     assert a["psnr"] == pytest.approx(b["psnr"], abs=1e-6)
+
+
+def test_log_has_no_bar_frames_and_ends_with_the_stage_timings(quick_demo):
+    root, first, second, log = quick_demo
+    assert "\r" not in log and "|#" not in log and "it/s]" not in log and "s/it]" not in log, log[-3000:]
+    for f in (root / "models" / "demo" / "runs").glob("*.log"):  # the trainer subprocesses' logs
+        text = f.read_text()
+        assert "\r" not in text and "it/s]" not in text and "s/it]" not in text, (f, text[-2000:])
+    rows = first["stage_timings"]
+    tail = log.rstrip().splitlines()[-(len(rows) + 3):]
+    assert tail[0] == "stage timings" and tail[1].split() == ["stage", "seconds", "cached"], tail
+    for r, line in zip(rows, tail[2:]):
+        assert line.startswith(r["stage"]) and line.split()[-2:] == [f"{r['seconds']:.1f}", "yes" if r["cached"] else "no"]
+    assert tail[-1].split()[0] == "total" and float(tail[-1].split()[1]) >= sum(r["seconds"] for r in rows)
+    names = [r["stage"] for r in rows]
+    assert any(n.startswith("build the demo base") for n in names) and any(n.startswith("train ") for n in names)
+    assert not any(r["cached"] for r in rows if not r["stage"].startswith("micro base"))  # first run: built here
+    m = json.loads((root / "out" / "metrics.json").read_text())  # the second run's file: everything reused
+    again = {r["stage"]: r for r in m["stage_timings"]}
+    assert again["build the demo base"]["cached"] and again["train hywu (seed 0)"]["cached"]
+    assert all(_finite(r["seconds"]) and r["seconds"] >= 0 for r in m["stage_timings"])
+    assert [r["stage"] for r in second["stage_timings"]] == list(again)
 
 
 def test_script_modules_resolve_with_a_demo_folder_next_to_the_checkout(tmp_path):

@@ -156,7 +156,7 @@ def scan(ds: EditDataset, label: str, where: str, cfg, count_tokens=None, progre
     if progress and len(ds) > 500:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(ds), desc=f"checking {label}", file=sys.stderr)
+        bar = tqdm(total=len(ds), desc=f"checking {label}", file=sys.stderr, disable=None)  # off on a non-terminal
     for i in range(len(ds)):
         loc = ds.locations[i]
         try:

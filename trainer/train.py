@@ -307,8 +307,10 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
         cache_file = Path(cfg.data.cache_dir) / f"encoded-{cache_key(cfg, weight_dtype)}.safetensors" if cfg.data.cache_dir else None
         from tqdm.auto import tqdm
 
+        if progress and accelerator.is_main_process and not sys.stderr.isatty():  # no bar frames in a log: one line
+            print(f"encoding rows (once: VAE latents + text): {len(train_ds)} rows", file=sys.stderr, flush=True)
         with tqdm(total=len(train_ds), desc="encoding rows (once: VAE latents + text)", unit="row",
-                  disable=not (progress and accelerator.is_main_process), file=sys.stderr) as ebar:
+                  disable=None if progress and accelerator.is_main_process else True, file=sys.stderr) as ebar:
             rows = EncodedRows(adapter, _Counting(train_ds, ebar), cfg.base.resolution,
                                cfg.data.cache_mb).fill(cache_file, accelerator.is_main_process)
     torch.manual_seed(t.seed)  # same generator init on every process
@@ -446,7 +448,8 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
         print(tensorboard_note(tb is not None, str(output / "tensorboard")), flush=True)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=t.max_steps, initial=start, disable=not (progress and accelerator.is_main_process), desc=cfg.name)
+    bar = tqdm(total=t.max_steps, initial=start, disable=None if progress and accelerator.is_main_process else True,
+               desc=cfg.name)  # disable=None: no bar frames when stderr is not a terminal
     global_batch, draws = t.batch_size * world, t.draws_per_example
     losses: list[float | None] = []
     step_times: list[float] = []
