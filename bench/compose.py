@@ -59,20 +59,10 @@ def merged_pairs(world, per_task_files: dict, combos) -> "D.Method":
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--first-seed", type=int, default=0)
+    W.add_world_args(ap)
     ap.add_argument("--per-task-rows", type=int, default=100, help="training rows per task or combination")
     ap.add_argument("--steps", type=int, default=300, help="steps of every run (demo.yaml: 300)")
-    ap.add_argument("--eval-per-task", type=int, default=32)
-    ap.add_argument("--sample-steps", type=int, default=8)
-    ap.add_argument("--train", action="append", default=[], metavar="--SECTION.KEY=VALUE", help="extra trainer override")
-    ap.add_argument("--models", default=str(W.REPO / "models"))
-    ap.add_argument("--micro", default=None, help="an existing seeded micro base folder")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--force", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (tests): shows the bench runs, figures meaningless")
     ap.add_argument("--grid", default=None, help="write a PNG grid, one row per held-out combination (first seed)")
-    ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     clock, timer = W.Clock(), demo.Timer()
     if a.quick:

@@ -26,6 +26,21 @@ import hywu_demo_core as D  # noqa: E402
 QUICK_TRAIN = ["--train.batch_size=4", "--generator.norm_examples=16", "--train.save_every=0", "--data.n_val=1"]
 
 
+def add_world_args(ap) -> None:
+    """The options every miniature-world bench takes (seeds, sizes, trainer overrides, where models live)."""
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--eval-per-task", type=int, default=32)
+    ap.add_argument("--sample-steps", type=int, default=8)
+    ap.add_argument("--train", action="append", default=[], metavar="--SECTION.KEY=VALUE", help="extra trainer override")
+    ap.add_argument("--models", default=str(REPO / "models"))
+    ap.add_argument("--micro", default=None, help="an existing seeded micro base folder")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--force", action="store_true", help="retrain every run")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (tests): shows the bench runs, figures meaningless")
+    ap.add_argument("--out", default=None)
+
+
 def stats(values) -> dict:
     a = np.asarray(values, dtype=np.float64)
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
