@@ -422,7 +422,8 @@ def report(result: dict, tasks) -> None:
     D.log("\n" + D.format_table(result["metrics"], tasks))
     e = result["base_editor"]
     D.log(f"The frozen base on its own pretraining tasks ({', '.join(e['tasks'])}; val, {e['n']} images): "
-          f"{e['base']['overall']:.2f} dB, no edit {e['identity']['overall']:.2f} dB, VAE ceiling {e['vae_ceiling']['overall']:.2f} dB")
+          f"{e['base']['overall']:.2f} dB, no edit {e['identity']['overall']:.2f} dB, VAE ceiling {e['vae_ceiling']['overall']:.2f} dB; "
+          f"SSIM {e['base']['ssim']:.3f}, no edit {e['identity']['ssim']:.3f}, VAE ceiling {e['vae_ceiling']['ssim']:.3f}")
     c = result["text_clustering"]
     D.log(f"Text encoder: {c['heldout_accuracy']:.0%} of the {c['n_heldout']} held-out sentences are nearest their own "
           f"task (mean margin {c['heldout_margin']:.2f}); whole-condition cosine of opposite instructions: "

@@ -61,6 +61,9 @@ def test_outputs_and_metrics(quick_demo):
             for v in [*row["per_task"].values(), row["overall"], row["conflicting"], row["non_conflicting"]]:
                 assert _finite(v["psnr"]) and _finite(v["ssim"]) and -1 <= v["ssim"] <= 1
             assert row["overall"]["n"] == 2 * len(tasks)
+            acc = row["pair_accuracy"]  # the share of each pair's edits closer to their own target
+            assert set(acc) == {f"{a}|{b}" for a, b in synthetic.CONFLICT_PAIRS} and all(0 <= v <= 1 for v in acc.values())
+            assert row["pair_accuracy_min"] == min(acc.values())
     pairs = {f"{a}|{b}" for a, b in synthetic.CONFLICT_PAIRS}
     for when in ("init", "trained"):
         for kind in ("raw", "centred"):
@@ -72,7 +75,7 @@ def test_outputs_and_metrics(quick_demo):
     assert m["lora_task_separation_val"]["per_task_lora"]["eta2"] > 0.99  # one LoRA per task: all variance between tasks
     e = m["base_editor"]
     assert e["tasks"] == list(synthetic.BASE_TASKS) and e["n"] == 2 * len(e["tasks"])
-    assert all(_finite(e[k]["overall"]) for k in ("base", "identity", "vae_ceiling"))
+    assert all(_finite(e[k]["overall"]) and -1 <= e[k]["ssim"] <= 1 for k in ("base", "identity", "vae_ceiling"))
     c = m["text_clustering"]
     assert 0 <= c["heldout_accuracy"] <= 1 and c["n_heldout"] > 0 and set(c["pair_cosine"]) == pairs
     for method in ("shared_lora", "per_task_lora", "hywu"):

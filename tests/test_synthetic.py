@@ -120,6 +120,44 @@ def test_heldout_sentences_are_answerable_from_the_training_vocabulary():
             assert len(s.split()) <= 12
 
 
+def _cores_and_frames(kind):
+    return ({c for t in TASKS for c in S._CORES[t][kind]}, set(S._FRAMES[kind]))
+
+
+def test_dev_sentences_choose_settings_without_touching_the_heldout_wording():
+    """The dev split ("dev_phrasing") is held-out style wording for choosing settings: new cores in
+    new frames, each sentence answerable from its own task's words like a held-out one, and no
+    sentence, core or frame shared with the held-out or training sentences."""
+    seen = {t: set().union(*map(_words, PHRASINGS[t]["train"])) for t in TASKS}
+    own = {t: seen[t] - set().union(*(seen[u] for u in TASKS if u != t)) for t in TASKS}
+    task_words = {t: set().union(*map(_words, PHRASINGS[t]["train"] + PHRASINGS[t]["heldout"])) for t in TASKS}
+    world_words = set().union(*task_words.values())
+    dev_cores, dev_frames = _cores_and_frames("dev")
+    for kind in ("train", "heldout"):
+        cores, frames = _cores_and_frames(kind)
+        assert not dev_cores & cores and not dev_frames & frames, kind
+    others = {p for t in TASKS for k in ("train", "heldout") for p in PHRASINGS[t][k]}
+    for t in TASKS:
+        assert len(S._CORES[t]["dev"]) == 3 and len(S._FRAMES["dev"]) == 2
+        dev = PHRASINGS[t]["dev"]
+        assert len(dev) == len(set(dev)) == 6 and not set(dev) & others, t
+        for c in S._CORES[t]["dev"]:
+            assert _words(c) <= task_words[t], (t, c)  # words the world already uses for this task
+        for s in dev:
+            w = _words(s)
+            assert w & own[t], (t, s)
+            assert not any(w & own[u] for u in TASKS if u != t), (t, s)
+            assert w <= world_words, (t, s)  # nothing the text encoder never saw
+    # dev_phrasing = val's images and tasks with dev sentences; val and heldout_phrasing unchanged by it
+    val, held, dev = (make_examples(s, 3 * len(TASKS), seed=4) for s in ("val", "heldout_phrasing", "dev_phrasing"))
+    for v, h, d in zip(val, held, dev):
+        assert _digest(v.source) == _digest(d.source) and _digest(v.target) == _digest(d.target) and v.task == d.task
+        assert d.instruction in PHRASINGS[d.task]["dev"] and h.instruction in PHRASINGS[h.task]["heldout"]
+    assert len({e.instruction for e in dev}) > len(TASKS)  # the sentences vary within a task
+    with pytest.raises(ValueError, match="no 'dev' sentences"):
+        make_examples("dev_phrasing", 2, tasks=S.COMPOSED_TRAIN[:1])
+
+
 def test_images_are_smooth_and_colourful():
     """Large soft structures the 8x-downsampled latent grid can carry: 8x8 average pooling and
     bilinear upsampling alone keep most of the image."""

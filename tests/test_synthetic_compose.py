@@ -16,7 +16,7 @@ EXISTING_DIGEST = "8bfa38ccef290570"
 
 def _digest() -> str:
     h = hashlib.sha256()
-    for split in S.SPLITS:
+    for split in ("train", "val", "heldout_phrasing"):  # the splits of then (dev_phrasing came later)
         for e in S.make_examples(split, 2 * len(S.TASKS), seed=5):
             h.update(np.asarray(e.source).tobytes())
             h.update(np.asarray(e.target).tobytes())

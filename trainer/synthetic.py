@@ -14,11 +14,14 @@ Pure numpy + PIL (no torch), deterministic, fast (thousands of examples/s at 32x
   partner (:data:`NON_CONFLICTING`). The base was never pretrained on the conflicting pairs.
 * **Instructions** come from a small grammar: a task's *core* phrases in sentence *frames*
   ("please {core}", "can you {core}"). :data:`PHRASINGS` holds every sentence per task,
-  split into ``"train"`` sentences (train frames x train cores) and ``"heldout"`` sentences
-  (frames and cores never seen in training, built from the world's vocabulary).
+  split into ``"train"`` sentences (train frames x train cores), ``"heldout"`` sentences
+  (frames and cores never seen in training, built from the world's vocabulary) and ``"dev"``
+  sentences (held-out style, sharing no frame or core with either: for choosing settings).
 * **Splits** (:func:`make_examples`): ``"train"`` (image stream 0, train sentences), ``"val"``
   (image stream 1, never a training image, train sentences), ``"heldout_phrasing"`` (val's images
-  and tasks, held-out sentences only: val vs heldout_phrasing differs in the wording alone).
+  and tasks, held-out sentences only: val vs heldout_phrasing differs in the wording alone),
+  ``"dev_phrasing"`` (val's images and tasks, dev sentences only: choose settings on it, never
+  on heldout_phrasing).
   Tasks cycle through the task list, so every split is balanced.
 * **Composed edits** (:data:`COMPOSED_TASKS`, e.g. ``"brighten+shift_left"``: "make it brighter and
   shift the image left"): two tasks of different kinds in one instruction; the exact target applies
@@ -54,7 +57,8 @@ ADAPTER_TASKS: tuple[str, ...] = tuple(t for pair in CONFLICT_PAIRS for t in pai
 BASE_TASKS: tuple[str, ...] = ("grayscale", "invert", "swap_red_blue", "shift_up", "shift_down")
 TASKS: tuple[str, ...] = ADAPTER_TASKS + tuple(t for t in BASE_TASKS if t not in ADAPTER_TASKS)
 CONFLICT_PARTNER: dict[str, str] = {**{a: b for a, b in CONFLICT_PAIRS}, **{b: a for a, b in CONFLICT_PAIRS}}
-SPLITS: tuple[str, ...] = ("train", "val", "heldout_phrasing")
+# New splits go at the end: a split's index seeds its phrasing stream (_example_rngs).
+SPLITS: tuple[str, ...] = ("train", "val", "heldout_phrasing", "dev_phrasing")
 
 # Task parameters (fixed; part of the world's definition).
 BRIGHTNESS_DELTA = 48   # brighten / darken: added to every channel (0..255), clipped
@@ -65,81 +69,98 @@ SEPIA = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0
 
 # Core phrases per task. Train cores are what training sentences use; held-out cores are new
 # sentences made of the same task words (the text encoder can only know words it has seen).
+# Dev cores are a third set of the same kind, for choosing settings: none of them (nor a dev
+# frame) is a train or held-out one, so the held-out wording stays unseen by every choice.
 _CORES: dict[str, dict[str, list[str]]] = {
     "brighten": {
         "train": ["make it brighter", "brighten the image", "increase the brightness", "make the picture lighter",
                   "raise the brightness", "more light"],
         "heldout": ["the image should be brighter", "lighter picture", "brighter scene"],
+        "dev": ["brighter image", "increase the light", "make the scene lighter"],
     },
     "darken": {
         "train": ["make it darker", "darken the image", "decrease the brightness", "make the picture dimmer",
                   "lower the brightness", "less light"],
         "heldout": ["the image should be darker", "dimmer picture", "darker scene"],
+        "dev": ["darker image", "decrease the light", "make the scene dimmer"],
     },
     "warm": {
         "train": ["make it warmer", "warm the colors", "give it a warm tone", "add warmth",
                   "shift the colors toward orange", "warmer colors"],
         "heldout": ["the image should be warmer", "warm tone picture", "orange warmth"],
+        "dev": ["warmer image", "warm the picture", "orange colors"],
     },
     "cool": {
         "train": ["make it cooler", "cool the colors", "give it a cool tone", "add coolness",
                   "shift the colors toward teal", "cooler colors"],
         "heldout": ["the image should be cooler", "cool tone picture", "teal coolness"],
+        "dev": ["cooler image", "cool the picture", "teal colors"],
     },
     "shift_left": {
         "train": ["shift the image left", "move everything to the left", "slide the picture left",
                   "move the scene leftwards", "pan left", "push the content left"],
         "heldout": ["the image should move left", "left shift of the picture", "content to the left"],
+        "dev": ["move the image left", "slide everything leftwards", "push the picture to the left"],
     },
     "shift_right": {
         "train": ["shift the image right", "move everything to the right", "slide the picture right",
                   "move the scene rightwards", "pan right", "push the content right"],
         "heldout": ["the image should move right", "right shift of the picture", "content to the right"],
+        "dev": ["move the image right", "slide everything rightwards", "push the picture to the right"],
     },
     "hue_forward": {
         "train": ["rotate the hue forward", "cycle the colors forward", "turn the hues forward",
                   "hue shift forward", "spin the color wheel forward", "advance the hue"],
         "heldout": ["the hue should go forward", "forward hue rotation", "colors cycled forward"],
+        "dev": ["rotate the colors forward", "spin the hues forward", "advance the color wheel"],
     },
     "hue_backward": {
         "train": ["rotate the hue backward", "cycle the colors backward", "turn the hues backward",
                   "hue shift backward", "spin the color wheel backward", "reverse the hue"],
         "heldout": ["the hue should go backward", "backward hue rotation", "colors cycled backward"],
+        "dev": ["rotate the colors backward", "spin the hues backward", "turn the color wheel backward"],
     },
     "grayscale": {
         "train": ["make it black and white", "convert to grayscale", "remove the color", "desaturate the image",
                   "make the picture monochrome", "drain all color"],
         "heldout": ["the image should be black and white", "monochrome picture", "the picture in black and white"],
+        "dev": ["convert the picture to monochrome", "remove all color", "black and white image"],
     },
     "sepia": {
         "train": ["make it sepia", "give it a sepia tone", "apply a sepia filter", "make it look like an old photo",
                   "add an antique brown tint", "vintage sepia look"],
         "heldout": ["the image should be sepia", "old photo look", "antique sepia picture"],
+        "dev": ["a sepia image", "apply an antique filter", "vintage brown tint"],
     },
     "invert": {
         "train": ["invert the colors", "make a negative", "turn it into a negative", "reverse all colors",
                   "invert the image", "photo negative"],
         "heldout": ["the image should be a negative", "negative picture", "invert every color"],
+        "dev": ["a negative image", "invert the picture", "invert all colors"],
     },
     "swap_red_blue": {
         "train": ["swap red and blue", "exchange the red and blue channels", "switch red with blue",
                   "trade red for blue", "flip the red and blue channels", "red and blue swapped"],
         "heldout": ["the red and blue should swap", "blue for red exchange", "swap the blue and red"],
+        "dev": ["swap the red and blue channels", "exchange blue and red", "switch blue with red"],
     },
     "shift_up": {
         "train": ["shift the image up", "move everything up", "slide the picture up", "move the scene upwards",
                   "pan up", "push the content up"],
         "heldout": ["the image should move up", "up shift of the picture", "content upwards"],
+        "dev": ["move the image up", "slide everything upwards", "push the picture up"],
     },
     "shift_down": {
         "train": ["shift the image down", "move everything down", "slide the picture down",
                   "move the scene downwards", "pan down", "push the content down"],
         "heldout": ["the image should move down", "down shift of the picture", "content downwards"],
+        "dev": ["move the image down", "slide everything downwards", "push the picture down"],
     },
 }
 _FRAMES = {
     "train": ["{}", "please {}", "can you {}", "{} in this photo"],
     "heldout": ["could you kindly {}", "go ahead, {}"],
+    "dev": ["kindly {}", "{}, please"],
 }
 
 
@@ -147,7 +168,8 @@ def _sentences(task: str, kind: str) -> list[str]:
     return [f.format(c) for c, f in itertools.product(_CORES[task][kind], _FRAMES[kind])]
 
 
-PHRASINGS: dict[str, dict[str, list[str]]] = {t: {k: _sentences(t, k) for k in ("train", "heldout")} for t in TASKS}
+PHRASINGS: dict[str, dict[str, list[str]]] = {t: {k: _sentences(t, k) for k in ("train", "heldout", "dev")}
+                                             for t in TASKS}
 assert set(_CORES) == set(TASKS)
 
 
@@ -275,12 +297,12 @@ def make_source(rng: np.random.Generator, resolution: int = 32) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ examples / splits
 
-_STREAM = {"train": 0, "val": 1, "heldout_phrasing": 1}   # heldout_phrasing reuses val images
-_PHRASE_KIND = {"train": "train", "val": "train", "heldout_phrasing": "heldout"}
+_STREAM = {"train": 0, "val": 1, "heldout_phrasing": 1, "dev_phrasing": 1}   # both reuse val images
+_PHRASE_KIND = {"train": "train", "val": "train", "heldout_phrasing": "heldout", "dev_phrasing": "dev"}
 
 
 def instruction_for(task: str, kind: str, rng: np.random.Generator) -> str:
-    """A random sentence for ``task`` from the ``"train"`` or ``"heldout"`` sentences."""
+    """A random sentence for ``task`` from its ``"train"``, ``"heldout"`` or ``"dev"`` sentences."""
     options = (PHRASINGS[task] if task in PHRASINGS else COMPOSED_PHRASINGS[task])[kind]
     return options[int(rng.integers(len(options)))]
 
@@ -293,11 +315,12 @@ def _example_rngs(split: str, seed: int, i: int) -> tuple[np.random.Generator, n
 
 def make_examples(split: str, n: int, seed: int = 0, resolution: int = 32,
                   tasks: Sequence[str] | None = None, start: int = 0) -> list[EditExample]:
-    """``n`` deterministic examples of ``split`` ("train", "val" or "heldout_phrasing").
+    """``n`` deterministic examples of ``split`` ("train", "val", "heldout_phrasing" or "dev_phrasing").
 
     Example i (counting from ``start``) has task ``tasks[i % len(tasks)]`` (all :data:`TASKS`
     by default), a source image drawn from the split's own image stream (train and val never
-    share one; heldout_phrasing has val's images) and a sentence drawn from the split's wordings.
+    share one; heldout_phrasing and dev_phrasing have val's images) and a sentence drawn from the
+    split's wordings. Composed tasks have no dev wording.
     The same (split, seed, resolution, tasks, i) always gives the same example, so
     ``make_examples(s, 10)[5:]`` equals ``make_examples(s, 5, start=5)``.
     """
@@ -308,6 +331,9 @@ def make_examples(split: str, n: int, seed: int = 0, resolution: int = 32,
     if unknown or not task_list:
         raise ValueError(f"unknown or empty task list: {unknown or task_list}")
     kind = _PHRASE_KIND[split]
+    no_wording = [t for t in task_list if kind not in (PHRASINGS[t] if t in PHRASINGS else COMPOSED_PHRASINGS[t])]
+    if no_wording:
+        raise ValueError(f"split {split!r} has no {kind!r} sentences for {', '.join(no_wording)}")
     out = []
     for i in range(int(start), int(start) + int(n)):
         image_rng, phrase_rng = _example_rngs(split, seed, i)
