@@ -129,3 +129,29 @@ def test_checkpoint_roundtrip_and_latest(tmp_path):
     # No pickle anywhere: the state is safetensors + JSON.
     assert {p.suffix for p in found.rglob("*") if p.is_file()} <= {".safetensors", ".json"}
     assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+
+
+def test_min_snr_weighting():
+    """train.snr_gamma: min(SNR, gamma) / SNR per sample on the DDPM schedule; refused for flow families."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from trainer.families.sd15_ip2p import SD15IP2P
+
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    adapter = SD15IP2P.__new__(SD15IP2P)
+    adapter.scheduler = sched
+    adapter.cfg = SimpleNamespace(train=SimpleNamespace(snr_gamma=0.0))
+    t = torch.tensor([0, 100, 500, 999])
+    assert adapter.loss_weights({"t": t}) is None
+    adapter.cfg.train.snr_gamma = 5.0
+    w = adapter.loss_weights({"t": t})
+    ac = sched.alphas_cumprod[t]
+    snr = ac / (1 - ac)
+    assert torch.allclose(w, torch.minimum(snr, torch.tensor(5.0)) / snr)
+    assert w[0] < 0.01 and w[-1] == 1.0  # the nearly clean step is down-weighted, the noisiest kept
+    with pytest.raises(ConfigError, match="train.snr_gamma weights the noise-prediction loss of sd15_ip2p; flux_kontext"):
+        parse_args(["--base.family=flux_kontext", "--train.snr_gamma=5", "--base.path=x"])
+    with pytest.raises(ConfigError, match="train.snr_gamma must be 0"):
+        parse_args(["--train.snr_gamma=-1"])

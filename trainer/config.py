@@ -81,6 +81,7 @@ class TrainSection:
     drop_text: float | None = None  # CFG dropout of the base's text condition; None = family default
     drop_image: float | None = None  # CFG dropout of the base's image condition; None = family default
     timestep_sampling: str = "logit_normal"  # flow families: logit_normal | uniform
+    snr_gamma: float = 0.0  # noise-prediction families: min-SNR loss weighting min(SNR, gamma) / SNR (0 = off)
     save_every: int = 0  # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2
     validate_every: int = 0  # steps between PNG grids (0 = only at the end)
@@ -224,6 +225,11 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"train.lr_schedule '{t.lr_schedule}' is not constant or cosine")
     if t.timestep_sampling not in ("logit_normal", "uniform"):
         problems.append(f"train.timestep_sampling '{t.timestep_sampling}' is not logit_normal or uniform")
+    if t.snr_gamma < 0:
+        problems.append(f"train.snr_gamma must be 0 (off) or positive, got {t.snr_gamma}")
+    elif t.snr_gamma > 0 and b.family != "sd15_ip2p":
+        problems.append(f"train.snr_gamma weights the noise-prediction loss of sd15_ip2p; {b.family} trains with "
+                        "flow matching (use train.timestep_sampling there)")
     if t.device not in ("auto", "cpu", "cuda"):
         problems.append(f"train.device '{t.device}' is not auto, cpu or cuda")
     for k in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "validate_steps", "log_every", "draws_per_example",

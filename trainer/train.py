@@ -79,7 +79,7 @@ config keys (YAML sections; override any with --section.key=value):
   train.max_grad_norm, train.seed, train.mixed_precision (no|fp16|bf16),
   train.device (auto|cpu|cuda), train.base_gradient_checkpointing,
   train.drop_text / train.drop_image (CFG dropout; default per family),
-  train.timestep_sampling (logit_normal|uniform, flow families), train.save_every,
+  train.timestep_sampling (logit_normal|uniform, flow families), train.snr_gamma (min-SNR, sd15_ip2p), train.save_every,
   train.keep_checkpoints, train.validate_every, train.validate_steps, train.log_every,
   train.draws_per_example (noise/timestep draws per example; one generated LoRA serves them),
   train.max_nonfinite (NaN/inf steps in a row that stop the run; each one is skipped),
@@ -477,7 +477,9 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
                 lora, s2l = method.lora(wrapped, prep["condition"].to(device), batch["task_id"].to(device), draws)
                 # Backward inside the patch: activation checkpointing recomputes the hooked forward.
                 with lora_patched(adapter.denoiser, lora, sample_to_lora=s2l):
-                    loss = adapter.loss(prep).mean()
+                    loss = adapter.loss(prep)
+                    weights = adapter.loss_weights(prep)
+                    loss = (loss if weights is None else loss * weights).mean()
                     if sharded:
                         (loss / t.grad_accum).backward()
                     else:

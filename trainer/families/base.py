@@ -226,6 +226,10 @@ class FamilyAdapter:
         """Per-sample loss (B,), float32; run with the LoRA installed."""
         raise NotImplementedError
 
+    def loss_weights(self, prep: dict) -> torch.Tensor | None:
+        """Per-sample training weights (B,) of :meth:`loss`, or None (all 1). Validation loss is unweighted."""
+        return None
+
     @torch.no_grad()
     def encode_condition(self, source: torch.Tensor, instructions: list[str]) -> Condition:
         """Condition for images (B, 3, H, W) in [0, 1] and instructions, per the condition spec."""

@@ -161,6 +161,16 @@ class SD15IP2P(FamilyAdapter):
             raise ValueError(f"scheduler prediction_type '{ptype}' is not supported (epsilon or v_prediction)")
         return {"condition": cond, "x": torch.cat([noisy, base_src], 1), "t": t, "text": base_text, "target": target}
 
+    def loss_weights(self, prep):
+        gamma = self.cfg.train.snr_gamma
+        if gamma <= 0:
+            return None
+        # min-SNR (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v
+        ac = self.scheduler.alphas_cumprod.to(prep["t"].device)[prep["t"]].float()
+        snr = ac / (1 - ac)
+        den = snr + 1 if self.scheduler.config.prediction_type == "v_prediction" else snr
+        return snr.clamp(max=gamma) / den
+
     def loss(self, prep):
         pred = self.unet(prep["x"].to(self.dtype), prep["t"], encoder_hidden_states=prep["text"]).sample
         return F.mse_loss(pred.float(), prep["target"].float(), reduction="none").flatten(1).mean(1)
