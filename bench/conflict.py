@@ -143,6 +143,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="the demo's --quick sizes (tests): figures meaningless")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--sequential", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a demo-base setting (WorldSettings), e.g. --set text_sparse=false")
     a = ap.parse_args(argv)
     t0 = time.time()
     models = Path(a.models)
@@ -151,7 +153,7 @@ def main(argv=None) -> dict:
     unknown = [s for s in split_names if s not in synthetic.SPLITS or s == "train"]
     if unknown or not split_names:
         ap.error(f"--splits: unknown or empty {unknown or split_names}; choose from {synthetic.SPLITS[1:]}")
-    settings = D.WorldSettings(**demo.QUICK_WORLD) if a.quick else D.WorldSettings()
+    settings = (D.WorldSettings(**demo.QUICK_WORLD) if a.quick else D.WorldSettings()).with_overrides(a.set)
     extra = (demo.QUICK_TRAIN if a.quick else []) + list(a.train)
     per_task, steps = (2, 2) if a.quick else (a.eval_per_task, a.sample_steps)
     timer = demo.Timer()

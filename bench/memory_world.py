@@ -7,7 +7,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,11 +47,7 @@ def stats(values) -> dict:
 
 
 def settings(quick: bool, sets=()) -> D.WorldSettings:
-    s = D.WorldSettings(**demo.QUICK_WORLD) if quick else D.WorldSettings()
-    for kv in sets:
-        k, _, v = kv.partition("=")
-        s = replace(s, **{k: type(getattr(s, k))(v)})
-    return s
+    return (D.WorldSettings(**demo.QUICK_WORLD) if quick else D.WorldSettings()).with_overrides(sets)
 
 
 def ensure_base(s: D.WorldSettings, models: Path, micro: str | None, show: bool = False) -> Path:

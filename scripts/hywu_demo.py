@@ -320,10 +320,7 @@ def main(argv=None) -> dict:
     show = not a.no_progress  # bars on a terminal only, ETA lines otherwise (D.progress)
     if not sys.stdout.isatty():
         quiet_progress_bars()
-    settings = D.WorldSettings(**QUICK_WORLD) if a.quick else D.WorldSettings()
-    for kv in a.set:
-        k, _, v = kv.partition("=")
-        settings = replace(settings, **{k: type(getattr(settings, k))(v)})
+    settings = (D.WorldSettings(**QUICK_WORLD) if a.quick else D.WorldSettings()).with_overrides(a.set)
     extra = (QUICK_TRAIN if a.quick else []) + list(a.train)
     eval_per_task = 2 if a.quick else a.eval_per_task
     steps = 2 if a.quick else a.sample_steps

@@ -37,7 +37,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -96,20 +96,39 @@ class WorldSettings:
     vae_images: int = 700          # training images for the VAE (sources and targets of every task)
     vae_steps: int = 300
     vae_batch: int = 16
-    vae_lr: float = 1e-3
+    vae_lr: float = 2e-3
     text_steps: int = 100
     text_lr: float = 2e-3
     text_temperature: float = 0.1
     text_noise_words: int = 3      # up to this many random unknown words per training sentence
+    text_sparse: bool = True       # word table: sparse gradients + lazy Adam (fast); False: dense AdamW
     base_n_train: int = 1000       # IP2P pretraining examples (BASE_TASKS)
     base_steps: int = 600
-    base_batch: int = 16
-    base_lr: float = 5e-4
+    base_batch: int = 32
+    base_lr: float = 1e-3
     base_drop_text: float = 0.1    # CFG dropout of the instruction while pretraining the base
     base_drop_image: float = 0.05  # ... and of the source image
+    base_snr_gamma: float = 5.0    # min-SNR loss weighting (Hang et al. 2023); 0 = plain epsilon MSE
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+    def with_overrides(self, sets) -> "WorldSettings":
+        """A copy with ``KEY=VALUE`` overrides (``--set``), typed like the field; booleans read true/false."""
+        out = self
+        for kv in sets:
+            k, _, v = kv.partition("=")
+            if k not in asdict(self):
+                raise SystemExit(f"--set {kv}: unknown world setting '{k}'; known: {', '.join(asdict(self))}")
+            kind = type(getattr(self, k))
+            if kind is bool:
+                if v.lower() not in ("true", "false", "1", "0"):
+                    raise SystemExit(f"--set {kv}: '{k}' is true or false")
+                value = v.lower() in ("true", "1")
+            else:
+                value = kind(v)
+            out = replace(out, **{k: value})
+        return out
 
 
 def _cosine_lr(step: int, total: int, base: float, warmup: int = 20) -> float:
@@ -259,7 +278,7 @@ def train_text_encoder(text_encoder, tokenizer, s: WorldSettings, show: bool = T
     short = short_text_encoder(text_encoder)
     layer0 = text_encoder.encoder.layers[0]
     words = text_encoder.embeddings.token_embedding
-    params = [text_encoder.embeddings.position_embedding.weight, *layer0.self_attn.parameters(),
+    params = ([] if s.text_sparse else [words.weight]) + [text_encoder.embeddings.position_embedding.weight, *layer0.self_attn.parameters(),
               *layer0.layer_norm1.parameters(), *text_encoder.final_layer_norm.parameters()]
     text_encoder.requires_grad_(False)
     for p in params + [words.weight]:
@@ -268,8 +287,8 @@ def train_text_encoder(text_encoder, tokenizer, s: WorldSettings, show: bool = T
     opt = torch.optim.AdamW(params, lr=s.text_lr, weight_decay=0.0)
     # A step touches ~100 of the 49,408 word rows: sparse gradients and a lazy Adam update only those
     # (a dense AdamW over the whole table was 90% of the step).
-    words.sparse = True
-    word_opt = torch.optim.SparseAdam([words.weight], lr=s.text_lr)
+    words.sparse = s.text_sparse
+    word_opt = torch.optim.SparseAdam([words.weight], lr=s.text_lr) if s.text_sparse else None
     rng = np.random.default_rng(s.seed + 7)
     tasks = list(synthetic.TASKS)
     world_ids = {i for t in tasks for k in ("train", "heldout", "dev") for x in synthetic.PHRASINGS[t][k]
@@ -292,10 +311,11 @@ def train_text_encoder(text_encoder, tokenizer, s: WorldSettings, show: bool = T
         pos = (lab[:, None] == lab[None]) & ~eye
         loss = (-(sim.log_softmax(-1) * pos).sum(1) / pos.sum(1)).mean()
         opt.zero_grad(set_to_none=True)
-        word_opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        word_opt.step()
+        if word_opt is not None:
+            word_opt.step()
+            word_opt.zero_grad(set_to_none=True)
     words.sparse = False
     text_encoder.requires_grad_(False).eval()
     _round_fp16_(text_encoder)
@@ -359,13 +379,17 @@ class World:
             out.append(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
         return np.concatenate(out)
 
-    def diffusion_loss(self, batch: dict, per_sample: bool = False) -> torch.Tensor:
-        """IP2P epsilon loss: unet(cat[z_t, unscaled source latent], t, text) vs the noise."""
+    def diffusion_loss(self, batch: dict, per_sample: bool = False, snr_gamma: float = 0.0) -> torch.Tensor:
+        """IP2P epsilon loss: unet(cat[z_t, unscaled source latent], t, text) vs the noise; with
+        ``snr_gamma`` > 0 each sample is weighted min(SNR, gamma) / SNR (min-SNR weighting)."""
         ac = self.alphas_cumprod.to(self.device)[batch["t"]].view(-1, 1, 1, 1)
         z_t = ac.sqrt() * batch["tgt_lat"] + (1 - ac).sqrt() * batch["noise"]
         pred = self.unet(torch.cat([z_t, batch["src_lat"] * IP2P_CONCAT_SCALE], 1), batch["t"], batch["ctx"]).sample
-        err = (pred.float() - batch["noise"]).pow(2)
-        return err.flatten(1).mean(1) if per_sample else err.mean()
+        err = (pred.float() - batch["noise"]).pow(2).flatten(1).mean(1)
+        if snr_gamma > 0:
+            snr = (ac / (1 - ac)).flatten()
+            err = err * snr.clamp(max=snr_gamma) / snr
+        return err if per_sample else err.mean()
 
     @torch.no_grad()
     def sample(self, src_lat: torch.Tensor, text: torch.Tensor, seeds: list[int], steps: int, cfg: float = 1.0,
@@ -462,7 +486,7 @@ def pretrain_unet(world: World, data: Split, s: WorldSettings, show: bool = True
         batch = {"t": t.to(world.device), "noise": noise.to(world.device), "tgt_lat": data.tgt_lat[idx],
                  "src_lat": torch.where(drop_i[:, None, None, None], 0.0, data.src_lat[idx]),
                  "ctx": torch.where(drop_t[:, None, None], empty.expand(n, -1, -1), data.text[idx])}
-        loss = world.diffusion_loss(batch)
+        loss = world.diffusion_loss(batch, snr_gamma=s.base_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

@@ -160,3 +160,16 @@ def test_conflict_bench_quick_run(micro_base, tmp_path):
     assert all(isinstance(v, bool) for c in r["acceptance"].values() for v in c.values())
     assert "base: SSIM >= 0.85 on its own pretraining tasks" in r["acceptance"]["issue 16"]
     assert math.isfinite(r["summary"]["val/hywu/pair_accuracy_min"]["mean"])
+
+
+def test_world_setting_overrides_are_typed():
+    """--set KEY=VALUE (the demo, bench/conflict.py, the memory benches): typed like the field,
+    booleans read true/false (bool("false") would be True), an unknown key names the known ones."""
+    s = D.WorldSettings().with_overrides(["text_sparse=false", "base_steps=12", "base_snr_gamma=0"])
+    assert s.text_sparse is False and s.base_steps == 12 and s.base_snr_gamma == 0.0
+    assert D.WorldSettings().with_overrides(["text_sparse=true"]).text_sparse is True
+    assert s.key() != D.WorldSettings().key()  # a changed setting is a different cached base
+    with pytest.raises(SystemExit, match="unknown world setting 'base_stepz'.*base_steps"):
+        D.WorldSettings().with_overrides(["base_stepz=3"])
+    with pytest.raises(SystemExit, match="'text_sparse' is true or false"):
+        D.WorldSettings().with_overrides(["text_sparse=maybe"])
