@@ -52,6 +52,7 @@ for _p in (str(REPO), str(REPO / "scripts")):
 from hywu_nodes.core import (Condition, GeneratedLoRA, from_lora_state_dict, load_generator,  # noqa: E402
                              lora_patched, patchify_latent, prompt_mask)
 from trainer import synthetic  # noqa: E402
+from trainer.families.sd15_ip2p import min_snr_weights  # noqa: E402
 
 DEMO_TASKS = synthetic.ADAPTER_TASKS
 METHODS = ("base", "shared_lora", "per_task_lora", "hywu")
@@ -387,8 +388,7 @@ class World:
         pred = self.unet(torch.cat([z_t, batch["src_lat"] * IP2P_CONCAT_SCALE], 1), batch["t"], batch["ctx"]).sample
         err = (pred.float() - batch["noise"]).pow(2).flatten(1).mean(1)
         if snr_gamma > 0:
-            snr = (ac / (1 - ac)).flatten()
-            err = err * snr.clamp(max=snr_gamma) / snr
+            err = err * min_snr_weights(ac.flatten(), snr_gamma)
         return err if per_sample else err.mean()
 
     @torch.no_grad()

@@ -32,6 +32,13 @@ REQUIRED = {
 }
 
 
+def min_snr_weights(alphas_cumprod_t: torch.Tensor, gamma: float, v_prediction: bool = False) -> torch.Tensor:
+    """min-SNR loss weights (Hang et al. 2023) at the samples' alpha-bar: min(SNR, gamma) / SNR for
+    epsilon prediction, min(SNR, gamma) / (SNR + 1) for v prediction."""
+    snr = alphas_cumprod_t / (1 - alphas_cumprod_t)
+    return snr.clamp(max=gamma) / (snr + 1 if v_prediction else snr)
+
+
 class SD15IP2P(FamilyAdapter):
     name = "sd15_ip2p"
     default_drop = (0.05, 0.05)  # InstructPix2Pix paper
@@ -165,11 +172,8 @@ class SD15IP2P(FamilyAdapter):
         gamma = self.cfg.train.snr_gamma
         if gamma <= 0:
             return None
-        # min-SNR (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v
         ac = self.scheduler.alphas_cumprod.to(prep["t"].device)[prep["t"]].float()
-        snr = ac / (1 - ac)
-        den = snr + 1 if self.scheduler.config.prediction_type == "v_prediction" else snr
-        return snr.clamp(max=gamma) / den
+        return min_snr_weights(ac, gamma, self.scheduler.config.prediction_type == "v_prediction")
 
     def loss(self, prep):
         pred = self.unet(prep["x"].to(self.dtype), prep["t"], encoder_hidden_states=prep["text"]).sample
