@@ -176,7 +176,7 @@ def train_methods(base_dir: Path, models: Path, seed: int, force: bool, timer: T
             procs = []
             for lane in (lane for lane in lanes if lane):
                 script = " && ".join(" ".join(_quote(c) for c in t[1]) for t in lane)
-                log = out[lane[0][0]].with_name(f"{'+'.join(t[0] for t in lane)}-seed{seed}.log")
+                log = out[lane[0][0]].with_name(f"{'+'.join(t[0] for t in lane)}-seed{seed}-{tag}.log")  # one per run
                 log.parent.mkdir(parents=True, exist_ok=True)
                 D.log("   " + script)
                 procs.append((subprocess.Popen(["bash", "-c", script], cwd=REPO, env=env, stdout=open(log, "w"),
@@ -306,7 +306,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0, help="seed of the three trainer runs (the base is built with seed 0)")
     ap.add_argument("--no-comfy", action="store_true", help="skip the headless ComfyUI run")
     ap.add_argument("--comfy-images", type=int, default=2, help="val images edited in ComfyUI (x2 instructions)")
-    ap.add_argument("--eval-per-task", type=int, default=32, help="evaluation images per task and split")
+    ap.add_argument("--eval-per-task", type=int, default=16,
+                    help="evaluation images per task and split (bench/conflict.py scores 32 over 3 seeds)")
     ap.add_argument("--sample-steps", type=int, default=8, help="sampler steps of every edit (euler / simple)")
     ap.add_argument("--cfg", type=float, default=1.0, help="text guidance of every edit")
     ap.add_argument("--device", default="auto")
