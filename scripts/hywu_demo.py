@@ -38,6 +38,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spin-waiting OpenMP threa
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 import hywu_demo_core as D  # noqa: E402
 from trainer import synthetic  # noqa: E402
@@ -142,7 +143,8 @@ def ensure_world(settings: D.WorldSettings, models: Path, force: bool, timer: Ti
 
 def _run_key(base_dir: Path, method: str, seed: int, extra: list[str]) -> str:
     info = json.loads((base_dir / "hywu_demo_base.json").read_text())
-    blob = json.dumps([info["settings_key"], CONFIG.read_text(), method, seed, extra])
+    config = yaml.safe_load(CONFIG.read_text())  # the parsed config: editing a comment retrains nothing
+    blob = json.dumps([info["settings_key"], config, method, seed, extra], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -185,3 +185,18 @@ def test_probe():
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pack / "tests")],
                          cwd=pack, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+
+
+def test_run_cache_key_follows_the_parsed_config_not_its_comments(tmp_path, monkeypatch):
+    import hywu_demo as demo
+
+    (tmp_path / "hywu_demo_base.json").write_text(json.dumps({"settings_key": "abc"}))
+    config = tmp_path / "demo.yaml"
+    monkeypatch.setattr(demo, "CONFIG", config)
+    config.write_text("train:\n  steps: 600\n")
+    key = demo._run_key(tmp_path, "hywu", 0, [])
+    config.write_text("# a new comment\ntrain:\n  steps: 600   # and another\n")
+    assert demo._run_key(tmp_path, "hywu", 0, []) == key
+    assert demo._run_key(tmp_path, "hywu", 1, []) != key and demo._run_key(tmp_path, "hywu", 0, ["--x=1"]) != key
+    config.write_text("train:\n  steps: 601\n")
+    assert demo._run_key(tmp_path, "hywu", 0, []) != key
