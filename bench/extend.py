@@ -5,8 +5,8 @@ On the frozen demo base (scripts/hywu_demo_core.py), per seed, every run by `pyt
 (trainer/configs/demo.yaml, one batch size, rank and layer set):
   1. HY-WU, a shared LoRA and per-task LoRAs on six old adapter tasks (``--old``);
   2. HY-WU extended with two new tasks (``--new``; shift_right conflicts with the old shift_left)
-     by ``--init-from`` the step-1 generator: without replay, and with 10% replay of the old data
-     (``data.replay``); the shared LoRA continued on the new tasks (``--init-from`` its file,
+     by ``--init-from`` the step-1 generator: without replay, with 10% replay of the old data
+     (``data.replay``), and with 10% replay plus ``data.replay.distill`` (``--distill``); the shared LoRA continued on the new tasks (``--init-from`` its file,
      ``--method shared_lora``); per-task LoRAs for the new tasks added to the old ones;
   3. HY-WU trained jointly on all eight tasks (the reference for the new tasks' gain).
 Scored on the val split (val images, training phrasings; PSNR to the exact targets) per task, on
@@ -55,11 +55,13 @@ def acceptance(per_seed: list[dict]) -> dict:
         vals = [s[key] for s in per_seed if key in s]
         return bool(vals) and all(ok(v) for v in vals)
 
-    return {
-        "HY-WU + 10% replay loses <= 0.3 dB on the old tasks": every("forgetting/hywu_ext_replay", lambda v: v <= 0.3),
-        "HY-WU + 10% replay reaches >= 90% of the joint model's new-task gain over no edit":
-            every("new_gain_vs_joint/hywu_ext_replay", lambda v: v >= 0.9),
-    }
+    out = {}
+    for run, label in (("hywu_ext_replay", "HY-WU + 10% replay"), ("hywu_ext_replay_distill", "HY-WU + 10% replay + distill")):
+        if any(f"forgetting/{run}" in s for s in per_seed):
+            out[f"{label} loses <= 0.3 dB on the old tasks"] = every(f"forgetting/{run}", lambda v: v <= 0.3)
+            out[f"{label} reaches >= 90% of the joint model's new-task gain over no edit"] = \
+                every(f"new_gain_vs_joint/{run}", lambda v: v >= 0.9)
+    return out
 
 
 def main(argv=None) -> dict:
@@ -71,6 +73,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=300, help="steps of the old-task and joint runs (demo.yaml: 300)")
     ap.add_argument("--extend-steps", type=int, default=150, help="steps of every extension run")
     ap.add_argument("--replay", type=float, default=0.1)
+    ap.add_argument("--distill", type=float, default=1.0,
+                    help="also extend with replay + data.replay.distill of this weight (0: skip that run)")
     a = ap.parse_args(argv)
     clock, timer = W.Clock(), demo.Timer()
     old, new = [t for t in a.old.split(",") if t], [t for t in a.new.split(",") if t]
@@ -98,15 +102,18 @@ def main(argv=None) -> dict:
         replay = [f"--data.replay.fraction={a.replay}",
                   f"--data.replay.sources=[{{source: synthetic, tasks: [{', '.join(old)}], n_train: {a.per_task_rows * len(old)}}}]"]
         gen0, shared0 = W.run_file(gen_old["hywu"], "hywu"), W.run_file(static_old["shared_lora"], "shared_lora")
-        ext, ext_r, cont, added = run(job(("hywu",), [*ext_data, f"--init-from={gen0}"], a.extend_steps),
-                                      job(("hywu",), [*ext_data, f"--init-from={gen0}", *replay], a.extend_steps),
-                                      job(("shared_lora",), [*ext_data, f"--init-from={shared0}"], a.extend_steps),
-                                      job(("per_task_lora",), ext_data, a.extend_steps))
+        distill = [job(("hywu",), [*ext_data, f"--init-from={gen0}", *replay, f"--data.replay.distill={a.distill}"],
+                       a.extend_steps)] if a.distill > 0 else []
+        ext, ext_r, cont, added, *ext_d = run(job(("hywu",), [*ext_data, f"--init-from={gen0}"], a.extend_steps),
+                                              job(("hywu",), [*ext_data, f"--init-from={gen0}", *replay], a.extend_steps),
+                                              job(("shared_lora",), [*ext_data, f"--init-from={shared0}"], a.extend_steps),
+                                              job(("per_task_lora",), ext_data, a.extend_steps), *distill)
         first = {**gen_old, **static_old}
         variants = {
             "hywu_old": {"hywu": W.run_file(first["hywu"], "hywu")},
             "hywu_ext": {"hywu": W.run_file(ext["hywu"], "hywu")},
             "hywu_ext_replay": {"hywu": W.run_file(ext_r["hywu"], "hywu")},
+            **({"hywu_ext_replay_distill": {"hywu": W.run_file(ext_d[0]["hywu"], "hywu")}} if ext_d else {}),
             "hywu_joint": {"hywu": W.run_file(joint["hywu"], "hywu")},
             "shared_old": {"shared_lora": shared0},
             "shared_cont": {"shared_lora": W.run_file(cont["shared_lora"], "shared_lora")},
@@ -122,6 +129,7 @@ def main(argv=None) -> dict:
         runs_info.append({"seed": seed, "runs": {k: str(v) for k, v in {**{f"first/{m}": p for m, p in first.items()},
                                                                           "joint": joint["hywu"], "ext": ext["hywu"],
                                                                           "ext_replay": ext_r["hywu"],
+                                                                          **({"ext_replay_distill": ext_d[0]["hywu"]} if ext_d else {}),
                                                                           "shared_cont": cont["shared_lora"],
                                                                           "per_task_new": added["per_task_lora"]}.items()}})
         print({k: round(v, 3) for k, v in per_seed[-1].items()}, file=sys.stderr, flush=True)

@@ -44,22 +44,25 @@ def test_extend_quick(models, micro_base, tmp_path):
     r = _quick(extend, models, micro_base, tmp_path)
     assert r["benchmark"] == "extend" and r["old_tasks"] == list(extend.OLD) and r["new_tasks"] == list(extend.NEW)
     fig = r["per_seed"][0]
-    for v in ("hywu_old", "hywu_ext", "hywu_ext_replay", "hywu_joint", "shared_old", "shared_cont", "per_task_added",
+    for v in ("hywu_old", "hywu_ext", "hywu_ext_replay", "hywu_ext_replay_distill", "hywu_joint", "shared_old", "shared_cont", "per_task_added",
               "identity", "vae_ceiling"):
         for grp in ("old", "new"):
             assert math.isfinite(fig[f"{v}/{grp}"]), (v, grp)
-    for k in ("forgetting/hywu_ext", "forgetting/hywu_ext_replay", "forgetting/shared_cont"):
+    for k in ("forgetting/hywu_ext", "forgetting/hywu_ext_replay", "forgetting/hywu_ext_replay_distill",
+              "forgetting/shared_cont"):
         assert math.isfinite(fig[k])
-    assert set(r["acceptance"]) == {"HY-WU + 10% replay loses <= 0.3 dB on the old tasks",
-                                    "HY-WU + 10% replay reaches >= 90% of the joint model's new-task gain over no edit"}
+    assert set(r["acceptance"]) == {f"HY-WU + 10% replay{d} {what}" for d in ("", " + distill") for what in (
+        "loses <= 0.3 dB on the old tasks", "reaches >= 90% of the joint model's new-task gain over no edit")}
     runs = {k: Path(v) for k, v in r["runs"][0]["runs"].items()}
     parent = read_generator_info(runs["first/hywu"] / "hywu_demo.safetensors")
-    for k in ("ext", "ext_replay"):
+    for k in ("ext", "ext_replay", "ext_replay_distill"):
         info = read_generator_info(runs[k] / "hywu_demo.safetensors")
         assert info.extra["init_from"]["kind"] == "generator" and info.config == parent.config
         assert info.target_spec.fingerprint == parent.target_spec.fingerprint
-    summaries = {k: json.loads((runs[k] / "summary.json").read_text()) for k in ("ext", "ext_replay")}
+    summaries = {k: json.loads((runs[k] / "summary.json").read_text()) for k in ("ext", "ext_replay", "ext_replay_distill")}
     assert summaries["ext"]["replay_rows"] == 0 and summaries["ext_replay"]["replay_rows"] > 0
+    assert summaries["ext_replay"]["replay_distill_last"] is None
+    assert runs["ext_replay_distill"] != runs["ext_replay"] and summaries["ext_replay_distill"]["replay_rows"] > 0
     shared = json.loads((runs["shared_cont"] / "summary.json").read_text())
     assert shared["method"] == "shared_lora" and shared["init_from"]["kind"] == "lora"
 

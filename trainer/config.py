@@ -248,6 +248,9 @@ def validate(cfg: TrainConfig) -> None:
         if v is not None and v < 1:
             problems.append(f"generator.{k} must be a positive integer (or null for the default)")
     problems += replay_problems(d.replay)
+    if d.replay.distill > 0 and (t.method != "hywu" or not t.init_from):
+        problems.append("data.replay.distill keeps an extended generator's LoRAs for the old rows: it needs "
+                        "--init-from a generator file and train.method hywu")
     if d.n_train is not None and d.n_train < 1:
         problems.append("data.n_train must be at least 1 (or null: all rows; 64 synthetic examples)")
     if not 0 <= d.val_fraction < 1:

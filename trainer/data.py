@@ -265,19 +265,23 @@ class BatchStream:
             lo = self.cursor + self.rank * self.b
             idx = order[lo : lo + self.b].tolist()
             self.cursor += g
-            items = []
+            items, rows = [], []
             for i in idx:
                 if i in self._bad:
                     continue
                 try:
                     items.append(self._load(i))
+                    rows.append(i)
                 except BadRow as e:
                     self._bad.add(i)
                     self.skipped[str(e)] += 1
             if items:
                 while len(items) < self.b:  # refill bad slots (keeps batch shapes equal across processes)
                     items.append(items[len(items) % max(1, len(items))])
-                return self._collate(items, self._task_index)
+                    rows.append(rows[len(rows) % max(1, len(rows))])
+                batch = self._collate(items, self._task_index)
+                batch["row"] = torch.tensor(rows, dtype=torch.long)  # dataset indices (replay rows: trainer/replay.py)
+                return batch
         raise RuntimeError(f"no valid rows found in the training data; skipped so far: {dict(self.skipped)}")
 
 

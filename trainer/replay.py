@@ -3,6 +3,7 @@
     data:
       replay:
         fraction: 0.1          # share of every epoch's rows that come from the sources below
+        distill: 1.0           # optional, with --init-from a generator: keep its LoRAs for these rows
         sources:
           - {source: synthetic, tasks: [brighten, darken], n_train: 600}
           - {source: manifest, path: old/edits.jsonl}
@@ -12,7 +13,8 @@ The training set becomes the new rows plus ``round(n * fraction / (1 - fraction)
 (n = new rows), taken in turn from the sources (each source's rows in a fixed seeded order,
 repeated when it has fewer). Every epoch is one permutation of that set, so the share holds
 exactly per epoch, and resume, data-parallel slicing and the encoded-rows cache work unchanged.
-Validation rows stay the new data's.
+Validation rows stay the new data's. The replay rows are the last ``replay_rows`` of the mixed set
+(``is_replay``), which is how ``distill`` (trainer/distill.py) finds them in a batch.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 SOURCE_KEYS = {"source", "path", "tasks", "n_train"}
 
@@ -29,6 +32,7 @@ SOURCE_KEYS = {"source", "path", "tasks", "n_train"}
 class ReplayConfig:
     fraction: float = 0.0  # share of the training rows from the replay sources (0 = off)
     sources: list | None = None  # [{source: synthetic|manifest|parquet, path, tasks, n_train}]
+    distill: float = 0.0  # > 0: keep the LoRAs written for replay rows the --init-from generator's (trainer/distill.py)
 
 
 def replay_problems(r: ReplayConfig) -> list[str]:
@@ -39,6 +43,10 @@ def replay_problems(r: ReplayConfig) -> list[str]:
     if r.fraction > 0 and not r.sources:
         out.append("data.replay.fraction > 0 needs data.replay.sources (the old data: a list of "
                    "{source: synthetic|manifest|parquet, path: ..., tasks: [...], n_train: N})")
+    if r.distill < 0:
+        out.append(f"data.replay.distill must be >= 0 (the weight of the distillation loss), got {r.distill}")
+    elif r.distill > 0 and r.fraction <= 0:
+        out.append("data.replay.distill acts on the replay rows: it needs data.replay.fraction > 0 and sources")
     for i, s in enumerate(r.sources or []):
         if not isinstance(s, dict):
             out.append(f"data.replay.sources[{i}] must be a mapping like {{source: manifest, path: old.jsonl}}, got {s!r}")
@@ -92,6 +100,11 @@ def mix(train, cfg):
     mixed = EditDataset(rows, train.root)
     mixed.replay_rows = want  # counted in the summary
     return mixed
+
+
+def is_replay(train, rows: torch.Tensor) -> torch.Tensor:
+    """Which of these dataset row indices are replay rows (bool, same shape)."""
+    return rows >= len(train) - getattr(train, "replay_rows", 0)
 
 
 def _absolute(row: dict, root: Path | None) -> dict:

@@ -16,7 +16,8 @@ Pure numpy + PIL (no torch), deterministic, fast (thousands of examples/s at 32x
   ("please {core}", "can you {core}"). :data:`PHRASINGS` holds every sentence per task,
   split into ``"train"`` sentences (train frames x train cores), ``"heldout"`` sentences
   (frames and cores never seen in training, built from the world's vocabulary) and ``"dev"``
-  sentences (held-out style, sharing no frame or core with either: for choosing settings).
+  sentences (shaped like the held-out ones, sharing no frame or core with either: for choosing
+  settings).
 * **Splits** (:func:`make_examples`): ``"train"`` (image stream 0, train sentences), ``"val"``
   (image stream 1, never a training image, train sentences), ``"heldout_phrasing"`` (val's images
   and tasks, held-out sentences only: val vs heldout_phrasing differs in the wording alone),
@@ -69,98 +70,101 @@ SEPIA = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0
 
 # Core phrases per task. Train cores are what training sentences use; held-out cores are new
 # sentences made of the same task words (the text encoder can only know words it has seen).
-# Dev cores are a third set of the same kind, for choosing settings: none of them (nor a dev
-# frame) is a train or held-out one, so the held-out wording stays unseen by every choice.
+# Dev cores are a third set shaped like the held-out ones (a "the ... should ..." sentence and
+# two noun phrases per task, most with the deciding word last; long polite frames) so that dev
+# predicts held-out difficulty. None of them (nor a dev frame) is a train or held-out one, so the
+# held-out sentences stay unseen by every choice. (The first dev set, short train-like phrases,
+# lost 0.4 dB from val where held-out lost 2.2: it did not predict the held-out split.)
 _CORES: dict[str, dict[str, list[str]]] = {
     "brighten": {
         "train": ["make it brighter", "brighten the image", "increase the brightness", "make the picture lighter",
                   "raise the brightness", "more light"],
         "heldout": ["the image should be brighter", "lighter picture", "brighter scene"],
-        "dev": ["brighter image", "increase the light", "make the scene lighter"],
+        "dev": ["the picture should be lighter", "lighter scene", "brighter photo"],
     },
     "darken": {
         "train": ["make it darker", "darken the image", "decrease the brightness", "make the picture dimmer",
                   "lower the brightness", "less light"],
         "heldout": ["the image should be darker", "dimmer picture", "darker scene"],
-        "dev": ["darker image", "decrease the light", "make the scene dimmer"],
+        "dev": ["the picture should be dimmer", "dimmer scene", "darker photo"],
     },
     "warm": {
         "train": ["make it warmer", "warm the colors", "give it a warm tone", "add warmth",
                   "shift the colors toward orange", "warmer colors"],
         "heldout": ["the image should be warmer", "warm tone picture", "orange warmth"],
-        "dev": ["warmer image", "warm the picture", "orange colors"],
+        "dev": ["the colors should be warmer", "warm tone photo", "orange tone picture"],
     },
     "cool": {
         "train": ["make it cooler", "cool the colors", "give it a cool tone", "add coolness",
                   "shift the colors toward teal", "cooler colors"],
         "heldout": ["the image should be cooler", "cool tone picture", "teal coolness"],
-        "dev": ["cooler image", "cool the picture", "teal colors"],
+        "dev": ["the colors should be cooler", "cool tone photo", "teal tone picture"],
     },
     "shift_left": {
         "train": ["shift the image left", "move everything to the left", "slide the picture left",
                   "move the scene leftwards", "pan left", "push the content left"],
         "heldout": ["the image should move left", "left shift of the picture", "content to the left"],
-        "dev": ["move the image left", "slide everything leftwards", "push the picture to the left"],
+        "dev": ["the picture should move left", "left shift of the scene", "everything to the left"],
     },
     "shift_right": {
         "train": ["shift the image right", "move everything to the right", "slide the picture right",
                   "move the scene rightwards", "pan right", "push the content right"],
         "heldout": ["the image should move right", "right shift of the picture", "content to the right"],
-        "dev": ["move the image right", "slide everything rightwards", "push the picture to the right"],
+        "dev": ["the picture should move right", "right shift of the scene", "everything to the right"],
     },
     "hue_forward": {
         "train": ["rotate the hue forward", "cycle the colors forward", "turn the hues forward",
                   "hue shift forward", "spin the color wheel forward", "advance the hue"],
         "heldout": ["the hue should go forward", "forward hue rotation", "colors cycled forward"],
-        "dev": ["rotate the colors forward", "spin the hues forward", "advance the color wheel"],
+        "dev": ["the colors should go forward", "forward color rotation", "hues cycled forward"],
     },
     "hue_backward": {
         "train": ["rotate the hue backward", "cycle the colors backward", "turn the hues backward",
                   "hue shift backward", "spin the color wheel backward", "reverse the hue"],
         "heldout": ["the hue should go backward", "backward hue rotation", "colors cycled backward"],
-        "dev": ["rotate the colors backward", "spin the hues backward", "turn the color wheel backward"],
+        "dev": ["the colors should go backward", "backward color rotation", "hues cycled backward"],
     },
     "grayscale": {
         "train": ["make it black and white", "convert to grayscale", "remove the color", "desaturate the image",
                   "make the picture monochrome", "drain all color"],
         "heldout": ["the image should be black and white", "monochrome picture", "the picture in black and white"],
-        "dev": ["convert the picture to monochrome", "remove all color", "black and white image"],
+        "dev": ["the picture should be monochrome", "monochrome image", "black and white photo"],
     },
     "sepia": {
         "train": ["make it sepia", "give it a sepia tone", "apply a sepia filter", "make it look like an old photo",
                   "add an antique brown tint", "vintage sepia look"],
         "heldout": ["the image should be sepia", "old photo look", "antique sepia picture"],
-        "dev": ["a sepia image", "apply an antique filter", "vintage brown tint"],
+        "dev": ["the picture should be sepia", "old picture look", "antique brown photo"],
     },
     "invert": {
         "train": ["invert the colors", "make a negative", "turn it into a negative", "reverse all colors",
                   "invert the image", "photo negative"],
         "heldout": ["the image should be a negative", "negative picture", "invert every color"],
-        "dev": ["a negative image", "invert the picture", "invert all colors"],
+        "dev": ["the picture should be a negative", "negative image", "a negative photo"],
     },
     "swap_red_blue": {
         "train": ["swap red and blue", "exchange the red and blue channels", "switch red with blue",
                   "trade red for blue", "flip the red and blue channels", "red and blue swapped"],
         "heldout": ["the red and blue should swap", "blue for red exchange", "swap the blue and red"],
-        "dev": ["swap the red and blue channels", "exchange blue and red", "switch blue with red"],
+        "dev": ["the blue and red should swap", "red for blue exchange", "exchange the blue and red"],
     },
     "shift_up": {
         "train": ["shift the image up", "move everything up", "slide the picture up", "move the scene upwards",
                   "pan up", "push the content up"],
         "heldout": ["the image should move up", "up shift of the picture", "content upwards"],
-        "dev": ["move the image up", "slide everything upwards", "push the picture up"],
+        "dev": ["the picture should move up", "up shift of the scene", "everything upwards"],
     },
     "shift_down": {
         "train": ["shift the image down", "move everything down", "slide the picture down",
                   "move the scene downwards", "pan down", "push the content down"],
         "heldout": ["the image should move down", "down shift of the picture", "content downwards"],
-        "dev": ["move the image down", "slide everything downwards", "push the picture down"],
+        "dev": ["the picture should move down", "down shift of the scene", "everything downwards"],
     },
 }
 _FRAMES = {
     "train": ["{}", "please {}", "can you {}", "{} in this photo"],
     "heldout": ["could you kindly {}", "go ahead, {}"],
-    "dev": ["kindly {}", "{}, please"],
+    "dev": ["kindly go ahead, {}", "could you {}"],
 }
 
 

@@ -32,6 +32,8 @@ from .families.libraries import LibraryVersionError, check_libraries
 from .guard import NonFiniteGuard, TrainingDiverged
 from .methods import build_method
 from .preflight import DataError, check_data, is_main_process, print_check
+from .distill import ReplayDistillation
+from .replay import is_replay
 from .replay import mix as replay_mix
 from .report import ESTIMATE_AFTER, estimate_line, loss_curve, random_base_kind, random_base_note, summary_lines, tensorboard_note
 from .sharding import ensure_process_group, full_state_dict, shard
@@ -69,6 +71,8 @@ config keys (YAML sections; override any with --section.key=value):
                      loads them instead of encoding again)
   data.replay.fraction, data.replay.sources   old data mixed into every epoch in this share
                      (sources: [{{source: synthetic|manifest|parquet, path, tasks, n_train}}])
+  data.replay.distill  with --init-from a generator: weight of a loss that keeps the LoRAs it
+                     writes for the replay rows the file's own (default 0: off)
   train.init_from    (= --init-from FILE) continue a generator file: family, targets, condition
                      and generator settings come from it; or a kohya LoRA as the shared rank
   generator.preset   tiny | small | medium | large; generator.rank, generator.alpha,
@@ -324,6 +328,12 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
     if method.name == "hywu" and cfg.generator.condition_norm != "none" and not (init and init.keeps_condition_stats):
         # Every process computes the same statistics from the same first rows (no communication).
         method.module.set_condition_stats(condition_stats(adapter, train_ds, rows, cfg))
+    distill = None
+    if cfg.data.replay.distill > 0:  # a frozen copy of the file's generator, made before any step or sharding
+        if init is None or init.kind != "generator":
+            given = f"{init.label} is a LoRA" if init else "no --init-from was given"
+            raise ConfigError(f"data.replay.distill needs --init-from a generator file (its LoRAs are the reference); {given}")
+        distill = ReplayDistillation(method.module, cfg.data.replay.distill, t.seed).to(device)
     module = method.module.to(device).train()
     if sharded:  # FSDP synchronises through the module itself (trainer/sharding.py)
         shard(module, compute_dtype=weight_dtype if weight_dtype != torch.float32 else None)
@@ -454,6 +464,7 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
     losses: list[float | None] = []
     step_times: list[float] = []
     step_cpu: list[float] = []
+    distill_losses: list[float] = []  # data.replay.distill's term, per micro-batch that had replay rows
     failures: list[int] = []
     guard = NonFiniteGuard(t.max_nonfinite)
     t0, samples = time.perf_counter(), 0
@@ -474,12 +485,17 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
             if sharded:
                 module.set_requires_gradient_sync(last)  # reduce-scatter once per optimizer step
             with (nullcontext() if sharded else accelerator.accumulate(wrapped)), accelerator.autocast():
-                lora, s2l = method.lora(wrapped, prep["condition"].to(device), batch["task_id"].to(device), draws)
+                cond = prep["condition"].to(device)
+                lora, s2l = method.lora(wrapped, cond, batch["task_id"].to(device), draws)
+                kept = distill.loss(lora, cond, is_replay(train_ds, batch["row"]), step) if distill else None
                 # Backward inside the patch: activation checkpointing recomputes the hooked forward.
                 with lora_patched(adapter.denoiser, lora, sample_to_lora=s2l):
                     loss = adapter.loss(prep)
                     weights = adapter.loss_weights(prep)
                     loss = (loss if weights is None else loss * weights).mean()
+                    if kept is not None:
+                        loss = loss + kept
+                        distill_losses.append(kept.item())
                     if sharded:
                         (loss / t.grad_accum).backward()
                     else:
@@ -566,6 +582,7 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
         "nonfinite_steps_skipped": guard.skipped, "checkpoint_failures": failures, "files": final_files,
         "encoded_rows": rows.summary() if rows else None, "sharded": {"fsdp": sharded, "base": bool(sharded and t.fsdp_shard_base)},
         "init_from": lineage.get("init_from"), "replay_rows": getattr(train_ds, "replay_rows", 0),
+        "replay_distill_last": (sum(distill_losses[-20:]) / len(distill_losses[-20:])) if distill_losses else None,
         "sizes": sizes, "device": str(device), "mixed_precision": t.mixed_precision, "losses": losses,
         "step_times": step_times, "step_cpu_times": step_cpu, "seconds": time.perf_counter() - t0,
         "validation": {"rows": val_loss.rows if val_loss else 0, "loss": val_history[-1][1] if val_history else None,
