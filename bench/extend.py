@@ -15,7 +15,7 @@ the old and the new tasks, with "no edit" (the source itself). The targets of is
   * it reaches >= 90% of the joint model's gain over "no edit" on the new tasks;
 the shared LoRA's forgetting is reported beside it.
 
-    python bench/extend.py                       # 3 seeds, demo sizes (CPU: see README for times)
+    python bench/extend.py                       # 3 seeds, 300 + 150 steps (CPU: see README for times)
     python bench/extend.py --seeds 1 --steps 150 --extend-steps 75      # a reduced run
     python bench/extend.py --quick --models /tmp/m --micro models/micro_sd15_ip2p   # shows it runs
 """
@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--old", default=",".join(OLD))
     ap.add_argument("--new", default=",".join(NEW))
     ap.add_argument("--per-task-rows", type=int, default=100, help="training rows per task (demo.yaml: 1000 for 10 tasks)")
-    ap.add_argument("--steps", type=int, default=300, help="steps of the old-task and joint runs (demo.yaml: 300)")
+    ap.add_argument("--steps", type=int, default=300, help="steps of the old-task and joint runs (demo.yaml: 600)")
     ap.add_argument("--extend-steps", type=int, default=150, help="steps of every extension run")
     ap.add_argument("--replay", type=float, default=0.1)
     ap.add_argument("--distill", type=float, default=1.0,
