@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     W.add_world_args(ap)
     ap.add_argument("--per-task-rows", type=int, default=100, help="training rows per task or combination")
-    ap.add_argument("--steps", type=int, default=300, help="steps of every run (demo.yaml: 300)")
+    ap.add_argument("--steps", type=int, default=300, help="steps of every run (demo.yaml: 600)")
     ap.add_argument("--grid", default=None, help="write a PNG grid, one row per held-out combination (first seed)")
     a = ap.parse_args(argv)
     clock, timer = W.Clock(), demo.Timer()

@@ -75,6 +75,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--replay", type=float, default=0.1)
     ap.add_argument("--distill", type=float, default=1.0,
                     help="also extend with replay + data.replay.distill of this weight (0: skip that run)")
+    ap.add_argument("--extend-train", action="append", default=[], metavar="--SECTION.KEY=VALUE",
+                    help="trainer override for the continued runs only (HY-WU extensions, shared LoRA continued), "
+                         "e.g. --extend-train=--train.lr=3e-4; the per-task LoRAs for the new tasks start fresh")
     a = ap.parse_args(argv)
     clock, timer = W.Clock(), demo.Timer()
     old, new = [t for t in a.old.split(",") if t], [t for t in a.new.split(",") if t]
@@ -93,6 +96,9 @@ def main(argv=None) -> dict:
         def job(methods, extra, steps):
             return (methods, [*common, f"--max-steps={steps}", *extra])
 
+        def cont(methods, extra):  # continues a file: the extension overrides come last, so they win
+            return job(methods, [*extra, *a.extend_train], a.extend_steps)
+
         def run(*jobs):
             return W.train_jobs(base_dir, models, seed, list(jobs), device, timer, a.force, inprocess=a.quick)
 
@@ -102,12 +108,12 @@ def main(argv=None) -> dict:
         replay = [f"--data.replay.fraction={a.replay}",
                   f"--data.replay.sources=[{{source: synthetic, tasks: [{', '.join(old)}], n_train: {a.per_task_rows * len(old)}}}]"]
         gen0, shared0 = W.run_file(gen_old["hywu"], "hywu"), W.run_file(static_old["shared_lora"], "shared_lora")
-        distill = [job(("hywu",), [*ext_data, f"--init-from={gen0}", *replay, f"--data.replay.distill={a.distill}"],
-                       a.extend_steps)] if a.distill > 0 else []
-        ext, ext_r, cont, added, *ext_d = run(job(("hywu",), [*ext_data, f"--init-from={gen0}"], a.extend_steps),
-                                              job(("hywu",), [*ext_data, f"--init-from={gen0}", *replay], a.extend_steps),
-                                              job(("shared_lora",), [*ext_data, f"--init-from={shared0}"], a.extend_steps),
-                                              job(("per_task_lora",), ext_data, a.extend_steps), *distill)
+        distill = [cont(("hywu",), [*ext_data, f"--init-from={gen0}", *replay, f"--data.replay.distill={a.distill}"])
+                   ] if a.distill > 0 else []
+        ext, ext_r, shared_c, added, *ext_d = run(cont(("hywu",), [*ext_data, f"--init-from={gen0}"]),
+                                                  cont(("hywu",), [*ext_data, f"--init-from={gen0}", *replay]),
+                                                  cont(("shared_lora",), [*ext_data, f"--init-from={shared0}"]),
+                                                  job(("per_task_lora",), ext_data, a.extend_steps), *distill)
         first = {**gen_old, **static_old}
         variants = {
             "hywu_old": {"hywu": W.run_file(first["hywu"], "hywu")},
@@ -116,7 +122,7 @@ def main(argv=None) -> dict:
             **({"hywu_ext_replay_distill": {"hywu": W.run_file(ext_d[0]["hywu"], "hywu")}} if ext_d else {}),
             "hywu_joint": {"hywu": W.run_file(joint["hywu"], "hywu")},
             "shared_old": {"shared_lora": shared0},
-            "shared_cont": {"shared_lora": W.run_file(cont["shared_lora"], "shared_lora")},
+            "shared_cont": {"shared_lora": W.run_file(shared_c["shared_lora"], "shared_lora")},
         }
         methods = {"base": D.Method("base")}
         for name, files in variants.items():
@@ -130,7 +136,7 @@ def main(argv=None) -> dict:
                                                                           "joint": joint["hywu"], "ext": ext["hywu"],
                                                                           "ext_replay": ext_r["hywu"],
                                                                           **({"ext_replay_distill": ext_d[0]["hywu"]} if ext_d else {}),
-                                                                          "shared_cont": cont["shared_lora"],
+                                                                          "shared_cont": shared_c["shared_lora"],
                                                                           "per_task_new": added["per_task_lora"]}.items()}})
         print({k: round(v, 3) for k, v in per_seed[-1].items()}, file=sys.stderr, flush=True)
     keys = sorted({k for p in per_seed for k in p})
@@ -138,7 +144,7 @@ def main(argv=None) -> dict:
         "benchmark": "extend", "quick": a.quick, "seeds": [r["seed"] for r in runs_info], "old_tasks": old, "new_tasks": new,
         "sizes": {"rows_per_task": a.per_task_rows, "steps": a.steps, "extend_steps": a.extend_steps, "replay": a.replay,
                   "eval_images_per_task": a.eval_per_task, "sampler_steps": a.sample_steps},
-        "trainer_overrides": common, "world": s.key(),
+        "trainer_overrides": common, "extend_overrides": a.extend_train, "world": s.key(),
         "summary": {k: W.stats([p[k] for p in per_seed if k in p]) for k in keys},
         "acceptance": acceptance(per_seed), "per_seed": per_seed, "runs": runs_info,
         "seconds": clock.seconds(), "timings_s": timer.stages,

@@ -41,7 +41,7 @@ def test_extend_quick(models, micro_base, tmp_path):
 
     from hywu_nodes.core import read_generator_info
 
-    r = _quick(extend, models, micro_base, tmp_path)
+    r = _quick(extend, models, micro_base, tmp_path, "--extend-train=--train.lr=5e-4")
     assert r["benchmark"] == "extend" and r["old_tasks"] == list(extend.OLD) and r["new_tasks"] == list(extend.NEW)
     fig = r["per_seed"][0]
     for v in ("hywu_old", "hywu_ext", "hywu_ext_replay", "hywu_ext_replay_distill", "hywu_joint", "shared_old", "shared_cont", "per_task_added",
@@ -65,6 +65,17 @@ def test_extend_quick(models, micro_base, tmp_path):
     assert runs["ext_replay_distill"] != runs["ext_replay"] and summaries["ext_replay_distill"]["replay_rows"] > 0
     shared = json.loads((runs["shared_cont"] / "summary.json").read_text())
     assert shared["method"] == "shared_lora" and shared["init_from"]["kind"] == "lora"
+
+    def base_lr(run):  # the LR schedule's base rate, from the run's last checkpoint
+        (state,) = sorted(run.glob("checkpoints/step-*/state.json"))[-1:]
+        return json.loads(state.read_text())["scheduler"]["base_lrs"]
+
+    # --extend-train reaches the continued runs only; the first runs and the fresh per-task LoRAs keep demo.yaml's
+    assert r["extend_overrides"] == ["--train.lr=5e-4"]
+    for k in ("ext", "ext_replay", "ext_replay_distill", "shared_cont"):
+        assert base_lr(runs[k]) == [5e-4], k
+    for k in ("first/hywu", "per_task_new"):
+        assert base_lr(runs[k]) != [5e-4], k
 
 
 def test_compose_quick(models, micro_base, tmp_path):
