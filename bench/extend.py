@@ -75,6 +75,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--replay", type=float, default=0.1)
     ap.add_argument("--distill", type=float, default=1.0,
                     help="also extend with replay + data.replay.distill of this weight (0: skip that run)")
+    ap.add_argument("--distill-rows", type=int, default=0,
+                    help="data.replay.distill_rows of that run: rows of all the old data per batch for the distillation alone")
+    ap.add_argument("--freeze-shared-rank", action="store_true",
+                    help="train.freeze_shared_rank in the HY-WU extensions: the shared rank stays the first run's")
     ap.add_argument("--extend-train", action="append", default=[], metavar="--SECTION.KEY=VALUE",
                     help="trainer override for the continued runs only (HY-WU extensions, shared LoRA continued), "
                          "e.g. --extend-train=--train.lr=3e-4; the per-task LoRAs for the new tasks start fresh")
@@ -108,10 +112,12 @@ def main(argv=None) -> dict:
         replay = [f"--data.replay.fraction={a.replay}",
                   f"--data.replay.sources=[{{source: synthetic, tasks: [{', '.join(old)}], n_train: {a.per_task_rows * len(old)}}}]"]
         gen0, shared0 = W.run_file(gen_old["hywu"], "hywu"), W.run_file(static_old["shared_lora"], "shared_lora")
-        distill = [cont(("hywu",), [*ext_data, f"--init-from={gen0}", *replay, f"--data.replay.distill={a.distill}"])
+        ext_data_h = [*ext_data, *(["--train.freeze_shared_rank=true"] if a.freeze_shared_rank else [])]  # HY-WU only
+        distill = [cont(("hywu",), [*ext_data_h, f"--init-from={gen0}", *replay, f"--data.replay.distill={a.distill}",
+                                    *([f"--data.replay.distill_rows={a.distill_rows}"] if a.distill_rows else [])])
                    ] if a.distill > 0 else []
-        ext, ext_r, shared_c, added, *ext_d = run(cont(("hywu",), [*ext_data, f"--init-from={gen0}"]),
-                                                  cont(("hywu",), [*ext_data, f"--init-from={gen0}", *replay]),
+        ext, ext_r, shared_c, added, *ext_d = run(cont(("hywu",), [*ext_data_h, f"--init-from={gen0}"]),
+                                                  cont(("hywu",), [*ext_data_h, f"--init-from={gen0}", *replay]),
                                                   cont(("shared_lora",), [*ext_data, f"--init-from={shared0}"]),
                                                   job(("per_task_lora",), ext_data, a.extend_steps), *distill)
         first = {**gen_old, **static_old}
@@ -143,6 +149,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "extend", "quick": a.quick, "seeds": [r["seed"] for r in runs_info], "old_tasks": old, "new_tasks": new,
         "sizes": {"rows_per_task": a.per_task_rows, "steps": a.steps, "extend_steps": a.extend_steps, "replay": a.replay,
+                  "distill": a.distill, "distill_rows": a.distill_rows, "freeze_shared_rank": a.freeze_shared_rank,
                   "eval_images_per_task": a.eval_per_task, "sampler_steps": a.sample_steps},
         "trainer_overrides": common, "extend_overrides": a.extend_train, "world": s.key(),
         "summary": {k: W.stats([p[k] for p in per_seed if k in p]) for k in keys},

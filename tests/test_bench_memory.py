@@ -41,7 +41,7 @@ def test_extend_quick(models, micro_base, tmp_path):
 
     from hywu_nodes.core import read_generator_info
 
-    r = _quick(extend, models, micro_base, tmp_path, "--extend-train=--train.lr=5e-4")
+    r = _quick(extend, models, micro_base, tmp_path, "--extend-train=--train.lr=5e-4", "--distill-rows", "2")
     assert r["benchmark"] == "extend" and r["old_tasks"] == list(extend.OLD) and r["new_tasks"] == list(extend.NEW)
     fig = r["per_seed"][0]
     for v in ("hywu_old", "hywu_ext", "hywu_ext_replay", "hywu_ext_replay_distill", "hywu_joint", "shared_old", "shared_cont", "per_task_added",
@@ -63,6 +63,9 @@ def test_extend_quick(models, micro_base, tmp_path):
     assert summaries["ext"]["replay_rows"] == 0 and summaries["ext_replay"]["replay_rows"] > 0
     assert summaries["ext_replay"]["replay_distill_last"] is None
     assert runs["ext_replay_distill"] != runs["ext_replay"] and summaries["ext_replay_distill"]["replay_rows"] > 0
+    # --distill-rows reaches the distillation run only: 2 more replay rows for the term in its one step
+    assert r["sizes"]["distill_rows"] == 2 and summaries["ext_replay_distill"]["replay_distill_rows_seen"] >= 2
+    assert summaries["ext_replay"]["replay_distill_rows_seen"] is None
     shared = json.loads((runs["shared_cont"] / "summary.json").read_text())
     assert shared["method"] == "shared_lora" and shared["init_from"]["kind"] == "lora"
 

@@ -226,3 +226,16 @@ def test_padding_mask_hides_the_padding():
         ConditionSource("text", "text_hidden_states", 32, 12, {"mask": "yes"})
     with pytest.raises(ValueError, match="negative int"):
         ConditionSource("text", "text_hidden_states", 32, 12, {"layer": 3})
+
+
+def test_condition_cat_pads_masked_sources_and_refuses_unmasked_ones():
+    """Condition.cat (the trainer's extra distillation rows join the batch in one generator call)."""
+    a = Condition({"text": torch.randn(2, 3, 4), "image": torch.randn(2, 5, 4)}, {"text": torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()})
+    b = Condition({"text": torch.randn(1, 2, 4), "image": torch.randn(1, 5, 4)}, {"text": torch.tensor([[1, 0]]).bool()})
+    c = Condition.cat([a, b])
+    assert c.batch_size == 3 and c.tokens["text"].shape == (3, 3, 4) and "image" not in c.masks
+    assert torch.equal(c.tokens["text"][:2], a.tokens["text"]) and torch.equal(c.tokens["text"][2, :2], b.tokens["text"][0])
+    assert c.tokens["text"][2, 2].abs().sum() == 0 and c.masks["text"][2].tolist() == [True, False, False]
+    assert torch.equal(c.tokens["image"], torch.cat([a.tokens["image"], b.tokens["image"]]))
+    with pytest.raises(ValueError, match="'image'.*no padding mask"):
+        Condition.cat([a, Condition({"text": b.tokens["text"], "image": torch.randn(1, 4, 4)}, b.masks)])

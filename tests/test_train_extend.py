@@ -114,7 +114,20 @@ def test_extension_with_distillation_runs_and_is_refused_where_it_cannot_act(par
     assert run(cfg, progress=False)["replay_distill_last"] == 0.0  # lr 0: the generator is its parent
     cfg, _ = parse_args(_extend_args(parent, tmp_path / "d1", "--max-steps", "3", "--train.lr=0.02", *replay,
                                      "--data.replay.distill=1.0"))
-    assert run(cfg, progress=False)["replay_distill_last"] > 0  # it drifted, and the term saw it
+    drifted = run(cfg, progress=False)
+    assert drifted["replay_distill_last"] > 0  # it drifted, and the term saw it
+    seen = drifted["replay_distill_rows_seen"]
+    assert seen > 0
+    # data.replay.distill_rows: the same run, the same diffusion batches, 5 more replay rows per step for the term
+    cfg, _ = parse_args(_extend_args(parent, tmp_path / "d2", "--max-steps", "3", "--train.lr=0.02", *replay,
+                                     "--data.replay.distill=1.0", "--data.replay.distill_rows=5"))
+    summary = run(cfg, progress=False)
+    assert summary["replay_distill_rows_seen"] == seen + 3 * 5 and summary["replay_distill_last"] > 0
+    assert read_generator_info(summary["files"][0]).config == read_generator_info(parent).config
+    with pytest.raises(ConfigError, match="distill_rows adds rows to the distillation term"):
+        parse_args(_extend_args(parent, tmp_path, *replay, "--data.replay.distill_rows=4"))
+    with pytest.raises(ConfigError, match="distill_rows must be a whole number"):
+        parse_args(_extend_args(parent, tmp_path, *replay, "--data.replay.distill=1", "--data.replay.distill_rows=-1"))
     with pytest.raises(ConfigError, match="needs data.replay.fraction > 0"):
         parse_args(_extend_args(parent, tmp_path, "--data.replay.distill=1.0"))
     with pytest.raises(ConfigError, match="needs --init-from a generator file and train.method hywu"):
@@ -270,3 +283,15 @@ def test_extended_generator_runs_in_comfyui(hywu_env, micro_base, tmp_path):
     entry = hywu_env.server.run(g.demo(instruction="make it warmer", generator=link.name, prefix="hywu_extended"))
     images = hywu_env.server.output_images(entry)
     assert len(images) == 1 and images[0].stat().st_size > 0
+
+
+def test_freeze_shared_rank_keeps_the_shared_lora_and_trains_the_rest(parent, tmp_path):
+    """train.freeze_shared_rank: an extension that leaves the part every request shares as the file has it."""
+    cfg, _ = parse_args(_extend_args(parent, tmp_path / "frozen", "--max-steps", "2", "--train.lr=0.02",
+                                     "--train.freeze_shared_rank=true"))
+    a, b = _tensors(parent), _tensors(run(cfg, progress=False)["files"][0])
+    shared = [k for k in a if k.startswith(("shared_a.", "shared_b."))]
+    assert shared and all(torch.equal(a[k], b[k]) for k in shared)
+    assert not torch.equal(a["head_b.weight"], b["head_b.weight"])  # the request-dependent part trained
+    with pytest.raises(ConfigError, match="freeze_shared_rank keeps the generator's shared rank"):
+        parse_args(["--method", "shared_lora", "--train.freeze_shared_rank=true"])

@@ -93,6 +93,7 @@ class TrainSection:
     fsdp: bool = False  # shard the trained module with torch FSDP2 (trainer/sharding.py)
     fsdp_shard_base: bool = False  # also shard the frozen base's blocks (implies fsdp)
     init_from: str = ""  # a generator file to continue, or a kohya LoRA as the shared rank (trainer/init_from.py)
+    freeze_shared_rank: bool = False  # hywu: keep generator.shared_rank's LoRA (the part every request shares) as it is
 
 
 @dataclass
@@ -251,6 +252,9 @@ def validate(cfg: TrainConfig) -> None:
     if d.replay.distill > 0 and (t.method != "hywu" or not t.init_from):
         problems.append("data.replay.distill keeps an extended generator's LoRAs for the old rows: it needs "
                         "--init-from a generator file and train.method hywu")
+    if t.freeze_shared_rank and (t.method != "hywu" or not g.shared_rank):
+        problems.append("train.freeze_shared_rank keeps the generator's shared rank: it needs train.method hywu and "
+                        f"generator.shared_rank > 0 (here {t.method}, shared_rank {g.shared_rank})")
     if d.n_train is not None and d.n_train < 1:
         problems.append("data.n_train must be at least 1 (or null: all rows; 64 synthetic examples)")
     if not 0 <= d.val_fraction < 1:

@@ -265,24 +265,32 @@ class BatchStream:
             lo = self.cursor + self.rank * self.b
             idx = order[lo : lo + self.b].tolist()
             self.cursor += g
-            items, rows = [], []
-            for i in idx:
-                if i in self._bad:
-                    continue
-                try:
-                    items.append(self._load(i))
-                    rows.append(i)
-                except BadRow as e:
-                    self._bad.add(i)
-                    self.skipped[str(e)] += 1
-            if items:
-                while len(items) < self.b:  # refill bad slots (keeps batch shapes equal across processes)
-                    items.append(items[len(items) % max(1, len(items))])
-                    rows.append(rows[len(rows) % max(1, len(rows))])
-                batch = self._collate(items, self._task_index)
-                batch["row"] = torch.tensor(rows, dtype=torch.long)  # dataset indices (replay rows: trainer/replay.py)
+            batch = self.batch_of(idx)
+            if batch is not None:
                 return batch
         raise RuntimeError(f"no valid rows found in the training data; skipped so far: {dict(self.skipped)}")
+
+    def batch_of(self, idx: list[int]) -> dict | None:
+        """These dataset rows as one batch of ``len(idx)`` (a bad row's slot refilled with a valid
+        row of the same list), or None when none of them is valid."""
+        items, rows = [], []
+        for i in idx:
+            if i in self._bad:
+                continue
+            try:
+                items.append(self._load(i))
+                rows.append(i)
+            except BadRow as e:
+                self._bad.add(i)
+                self.skipped[str(e)] += 1
+        if not items:
+            return None
+        while len(items) < len(idx):  # refill bad slots (keeps batch shapes equal across processes)
+            items.append(items[len(items) % max(1, len(items))])
+            rows.append(rows[len(rows) % max(1, len(rows))])
+        batch = self._collate(items, self._task_index)
+        batch["row"] = torch.tensor(rows, dtype=torch.long)  # dataset indices (replay rows: trainer/replay.py)
+        return batch
 
 
 def collate(items: list[dict], task_index: dict[str, int] | None = None) -> dict:

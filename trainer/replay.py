@@ -4,6 +4,7 @@
       replay:
         fraction: 0.1          # share of every epoch's rows that come from the sources below
         distill: 1.0           # optional, with --init-from a generator: keep its LoRAs for these rows
+        distill_rows: 16       # optional: that many rows of the sources per batch for the distillation alone
         sources:
           - {source: synthetic, tasks: [brighten, darken], n_train: 600}
           - {source: manifest, path: old/edits.jsonl}
@@ -33,6 +34,7 @@ class ReplayConfig:
     fraction: float = 0.0  # share of the training rows from the replay sources (0 = off)
     sources: list | None = None  # [{source: synthetic|manifest|parquet, path, tasks, n_train}]
     distill: float = 0.0  # > 0: keep the LoRAs written for replay rows the --init-from generator's (trainer/distill.py)
+    distill_rows: int = 0  # with distill: rows of the sources per batch that only the generator sees, for that term alone
 
 
 def replay_problems(r: ReplayConfig) -> list[str]:
@@ -47,6 +49,11 @@ def replay_problems(r: ReplayConfig) -> list[str]:
         out.append(f"data.replay.distill must be >= 0 (the weight of the distillation loss), got {r.distill}")
     elif r.distill > 0 and r.fraction <= 0:
         out.append("data.replay.distill acts on the replay rows: it needs data.replay.fraction > 0 and sources")
+    if not isinstance(r.distill_rows, int) or isinstance(r.distill_rows, bool) or r.distill_rows < 0:
+        out.append(f"data.replay.distill_rows must be a whole number >= 0 (replay rows per batch for the distillation), "
+                   f"got {r.distill_rows!r}")
+    elif r.distill_rows > 0 and r.distill <= 0:
+        out.append("data.replay.distill_rows adds rows to the distillation term: it needs data.replay.distill > 0")
     for i, s in enumerate(r.sources or []):
         if not isinstance(s, dict):
             out.append(f"data.replay.sources[{i}] must be a mapping like {{source: manifest, path: old.jsonl}}, got {s!r}")
@@ -100,6 +107,16 @@ def mix(train, cfg):
     mixed = EditDataset(rows, train.root)
     mixed.replay_rows = want  # counted in the summary
     return mixed
+
+
+def old_rows(cfg):
+    """Every row of the replay sources, as one EditDataset: where ``distill_rows`` draws from (the
+    distillation needs no targets the base learns from, so it can hold all old requests, not
+    only the replay share)."""
+    from .data import EditDataset
+
+    sets = [_source_dataset(s, cfg) for s in cfg.data.replay.sources]
+    return EditDataset([_absolute(r, d.root) for d in sets for r in d.rows])
 
 
 def is_replay(train, rows: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from hywu_nodes.core import build_target_spec, condition_statistics, describe, lora_patched
+from hywu_nodes.core import Condition, build_target_spec, condition_statistics, describe, lora_patched
 
 from .config import ConfigError, TrainConfig, load_config
 from .data import BadRow, BatchStream, build_datasets, collate
@@ -33,7 +33,7 @@ from .guard import NonFiniteGuard, TrainingDiverged
 from .methods import build_method
 from .preflight import DataError, check_data, is_main_process, print_check
 from .distill import ReplayDistillation
-from .replay import is_replay
+from .replay import is_replay, old_rows
 from .replay import mix as replay_mix
 from .report import ESTIMATE_AFTER, estimate_line, loss_curve, random_base_kind, random_base_note, summary_lines, tensorboard_note
 from .sharding import ensure_process_group, full_state_dict, shard
@@ -72,7 +72,10 @@ config keys (YAML sections; override any with --section.key=value):
   data.replay.fraction, data.replay.sources   old data mixed into every epoch in this share
                      (sources: [{{source: synthetic|manifest|parquet, path, tasks, n_train}}])
   data.replay.distill  with --init-from a generator: weight of a loss that keeps the LoRAs it
-                     writes for the replay rows the file's own (default 0: off)
+                     writes for the replay rows the file's own (default 0: off);
+                     data.replay.distill_rows: that many rows of all the sources' data per batch
+                     for this term alone (the generator runs on them, the base does not; default 0)
+  train.freeze_shared_rank  hywu: do not train the generator's shared rank (e.g. when extending)
   train.init_from    (= --init-from FILE) continue a generator file: family, targets, condition
                      and generator settings come from it; or a kohya LoRA as the shared rank
   generator.preset   tiny | small | medium | large; generator.rank, generator.alpha,
@@ -339,6 +342,10 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
         shard(module, compute_dtype=weight_dtype if weight_dtype != torch.float32 else None)
         if t.fsdp_shard_base:
             shard(adapter.denoiser)
+    if t.freeze_shared_rank:  # extending a generator: new edits go to the request-dependent part only
+        for name, p in module.named_parameters():
+            if name.startswith(("shared_a.", "shared_b.")):
+                p.requires_grad_(False)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     wrapped = module
@@ -453,6 +460,27 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
                             seed=t.seed, write=accelerator.is_main_process)
         accelerator.wait_for_everyone()
 
+    old_stream = None
+    if distill and cfg.data.replay.distill_rows > 0:  # every row of the replay sources, encoded once
+        pool = old_rows(cfg)
+        encoded = EncodedRows(adapter, pool, cfg.base.resolution, cfg.data.cache_mb).fill() if cfg.data.cache_mb > 0 else None
+        old_stream = BatchStream(pool, cfg.data.replay.distill_rows, cfg.base.resolution, t.seed, rank, world,
+                                 load=encoded.load if encoded else None, collate_fn=encoded.collate if encoded else None)
+
+    def distill_batch(step: int, micro: int):
+        """data.replay.distill_rows old rows for the distillation term alone (the base never sees
+        them): drawn per (step, micro-batch, process) from a seeded generator, so resume and any
+        process count draw the same rows without state."""
+        if old_stream is None:
+            return None
+        k = cfg.data.replay.distill_rows
+        g = torch.Generator().manual_seed(((t.seed * 1_000_003 + step) * 64 + micro) * 4096 + rank)
+        batch = old_stream.batch_of(torch.randint(0, len(old_stream.ds), (k,), generator=g).tolist())
+        if batch is None:
+            return None
+        enc = batch["enc"] if "enc" in batch else adapter.encode(batch)
+        return adapter.prepare_encoded(enc, step, list(range(k)))["condition"].to(device)
+
     tb = _tensorboard(str(output), accelerator.is_main_process)
     if accelerator.is_main_process:
         print(tensorboard_note(tb is not None, str(output / "tensorboard")), flush=True)
@@ -465,6 +493,7 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
     step_times: list[float] = []
     step_cpu: list[float] = []
     distill_losses: list[float] = []  # data.replay.distill's term, per micro-batch that had replay rows
+    distill_seen = 0  # replay rows the term held in this process (batch rows + distill_rows)
     failures: list[int] = []
     guard = NonFiniteGuard(t.max_nonfinite)
     t0, samples = time.perf_counter(), 0
@@ -486,8 +515,17 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
                 module.set_requires_gradient_sync(last)  # reduce-scatter once per optimizer step
             with (nullcontext() if sharded else accelerator.accumulate(wrapped)), accelerator.autocast():
                 cond = prep["condition"].to(device)
-                lora, s2l = method.lora(wrapped, cond, batch["task_id"].to(device), draws)
-                kept = distill.loss(lora, cond, is_replay(train_ds, batch["row"]), step) if distill else None
+                replay = is_replay(train_ds, batch["row"])
+                anchor = distill_batch(step, micro) if distill else None
+                if anchor is not None:  # one generator call for both (DDP / FSDP see one forward)
+                    both = Condition.cat([cond, anchor])
+                    lora, s2l = method.lora(wrapped, both, batch["task_id"].to(device), draws)
+                    replay = torch.cat([replay, torch.ones(anchor.batch_size, dtype=torch.bool)])
+                    kept = distill.loss(lora, both, replay, step)
+                    lora = lora.select(slice(0, cond.batch_size))  # the base batch's own LoRAs
+                else:
+                    lora, s2l = method.lora(wrapped, cond, batch["task_id"].to(device), draws)
+                    kept = distill.loss(lora, cond, replay, step) if distill else None
                 # Backward inside the patch: activation checkpointing recomputes the hooked forward.
                 with lora_patched(adapter.denoiser, lora, sample_to_lora=s2l):
                     loss = adapter.loss(prep)
@@ -496,6 +534,7 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
                     if kept is not None:
                         loss = loss + kept
                         distill_losses.append(kept.item())
+                        distill_seen += int(replay.sum())
                     if sharded:
                         (loss / t.grad_accum).backward()
                     else:
@@ -583,6 +622,7 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
         "encoded_rows": rows.summary() if rows else None, "sharded": {"fsdp": sharded, "base": bool(sharded and t.fsdp_shard_base)},
         "init_from": lineage.get("init_from"), "replay_rows": getattr(train_ds, "replay_rows", 0),
         "replay_distill_last": (sum(distill_losses[-20:]) / len(distill_losses[-20:])) if distill_losses else None,
+        "replay_distill_rows_seen": distill_seen if distill else None,
         "sizes": sizes, "device": str(device), "mixed_precision": t.mixed_precision, "losses": losses,
         "step_times": step_times, "step_cpu_times": step_cpu, "seconds": time.perf_counter() - t0,
         "validation": {"rows": val_loss.rows if val_loss else 0, "loss": val_history[-1][1] if val_history else None,

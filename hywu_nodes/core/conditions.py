@@ -122,6 +122,23 @@ class Condition:
             {k: v.to(device=device) for k, v in self.masks.items()},
         )
 
+    @staticmethod
+    def cat(parts: list["Condition"]) -> "Condition":
+        """The batches of ``parts`` one after another. A source whose token counts differ is padded
+        at the end, which needs its padding masks (padding without one would read as tokens)."""
+        tokens, masks = {}, {}
+        for name in parts[0].tokens:
+            ts = [p.tokens[name] for p in parts]
+            n = max(t.shape[1] for t in ts)
+            if any(t.shape[1] != n for t in ts) and not all(name in p.masks for p in parts):
+                raise ValueError(f"condition '{name}': the batches have {sorted({t.shape[1] for t in ts})} tokens and no "
+                                 "padding mask, so they cannot be joined")
+            tokens[name] = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, n - t.shape[1])) for t in ts])
+            if any(name in p.masks for p in parts):
+                ms = [p.mask(name) for p in parts]
+                masks[name] = torch.cat([torch.nn.functional.pad(m, (0, n - m.shape[1])) for m in ms])
+        return Condition(tokens, masks)
+
     def select(self, index) -> "Condition":
         """Rows ``index`` (an int, slice or index tensor) of every source."""
         idx = [index] if isinstance(index, int) else index

@@ -31,8 +31,10 @@ class GeneratedLoRA:
     def rank(self) -> int:
         return next(iter(self.weights.values()))[0].shape[1]
 
-    def select(self, index: int) -> "GeneratedLoRA":
-        return GeneratedLoRA({k: (a[index : index + 1], b[index : index + 1]) for k, (a, b) in self.weights.items()}, self.scale)
+    def select(self, index) -> "GeneratedLoRA":
+        """LoRA ``index`` (an int: a batch of one) or the LoRAs of a slice."""
+        index = slice(index, index + 1) if isinstance(index, int) else index
+        return GeneratedLoRA({k: (a[index], b[index]) for k, (a, b) in self.weights.items()}, self.scale)
 
     def to(self, device=None, dtype=None) -> "GeneratedLoRA":
         return GeneratedLoRA(
