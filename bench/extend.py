@@ -6,8 +6,11 @@ On the frozen demo base (scripts/hywu_demo_core.py), per seed, every run by `pyt
   1. HY-WU, a shared LoRA and per-task LoRAs on six old adapter tasks (``--old``);
   2. HY-WU extended with two new tasks (``--new``; shift_right conflicts with the old shift_left)
      by ``--init-from`` the step-1 generator: without replay, with 10% replay of the old data
-     (``data.replay``), and with 10% replay plus ``data.replay.distill`` (``--distill``); the shared LoRA continued on the new tasks (``--init-from`` its file,
-     ``--method shared_lora``); per-task LoRAs for the new tasks added to the old ones;
+     (``data.replay``), and with 10% replay plus ``data.replay.distill`` (``--distill``) over
+     ``--distill-rows`` rows of all the old data per batch; every HY-WU extension keeps the file's
+     shared rank (``train.freeze_shared_rank``; ``--no-freeze-shared-rank`` trains it); the shared
+     LoRA continued on the new tasks (``--init-from`` its file, ``--method shared_lora``); per-task
+     LoRAs for the new tasks added to the old ones;
   3. HY-WU trained jointly on all eight tasks (the reference for the new tasks' gain).
 Scored on the val split (val images, training phrasings; PSNR to the exact targets) per task, on
 the old and the new tasks, with "no edit" (the source itself). The targets of issue 17:
@@ -75,9 +78,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--replay", type=float, default=0.1)
     ap.add_argument("--distill", type=float, default=1.0,
                     help="also extend with replay + data.replay.distill of this weight (0: skip that run)")
-    ap.add_argument("--distill-rows", type=int, default=0,
-                    help="data.replay.distill_rows of that run: rows of all the old data per batch for the distillation alone")
-    ap.add_argument("--freeze-shared-rank", action="store_true",
+    ap.add_argument("--distill-rows", type=int, default=16,
+                    help="data.replay.distill_rows of that run: rows of all the old data per batch for the distillation alone (0: off)")
+    ap.add_argument("--freeze-shared-rank", action=argparse.BooleanOptionalAction, default=True,
                     help="train.freeze_shared_rank in the HY-WU extensions: the shared rank stays the first run's")
     ap.add_argument("--extend-train", action="append", default=[], metavar="--SECTION.KEY=VALUE",
                     help="trainer override for the continued runs only (HY-WU extensions, shared LoRA continued), "

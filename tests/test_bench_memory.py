@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bench"), str(REPO / "scripts"), str(REPO)]
@@ -59,6 +60,9 @@ def test_extend_quick(models, micro_base, tmp_path):
         info = read_generator_info(runs[k] / "hywu_demo.safetensors")
         assert info.extra["init_from"]["kind"] == "generator" and info.config == parent.config
         assert info.target_spec.fingerprint == parent.target_spec.fingerprint
+        parent_t, ext_t = load_file(runs["first/hywu"] / "hywu_demo.safetensors"), load_file(runs[k] / "hywu_demo.safetensors")
+        shared = [n for n in parent_t if n.startswith(("shared_a.", "shared_b."))]  # frozen by default
+        assert r["sizes"]["freeze_shared_rank"] and shared and all(torch.equal(parent_t[n], ext_t[n]) for n in shared), k
     summaries = {k: json.loads((runs[k] / "summary.json").read_text()) for k in ("ext", "ext_replay", "ext_replay_distill")}
     assert summaries["ext"]["replay_rows"] == 0 and summaries["ext_replay"]["replay_rows"] > 0
     assert summaries["ext_replay"]["replay_distill_last"] is None
