@@ -56,13 +56,15 @@ def test_extend_quick(models, micro_base, tmp_path):
         "loses <= 0.3 dB on the old tasks", "reaches >= 90% of the joint model's new-task gain over no edit")}
     runs = {k: Path(v) for k, v in r["runs"][0]["runs"].items()}
     parent = read_generator_info(runs["first/hywu"] / "hywu_demo.safetensors")
+    parent_t = load_file(runs["first/hywu"] / "hywu_demo.safetensors")
+    shared = [n for n in parent_t if n.startswith(("shared_a.", "shared_b."))]  # frozen in the extensions by default
+    assert r["sizes"]["freeze_shared_rank"] and shared
     for k in ("ext", "ext_replay", "ext_replay_distill"):
         info = read_generator_info(runs[k] / "hywu_demo.safetensors")
         assert info.extra["init_from"]["kind"] == "generator" and info.config == parent.config
         assert info.target_spec.fingerprint == parent.target_spec.fingerprint
-        parent_t, ext_t = load_file(runs["first/hywu"] / "hywu_demo.safetensors"), load_file(runs[k] / "hywu_demo.safetensors")
-        shared = [n for n in parent_t if n.startswith(("shared_a.", "shared_b."))]  # frozen by default
-        assert r["sizes"]["freeze_shared_rank"] and shared and all(torch.equal(parent_t[n], ext_t[n]) for n in shared), k
+        ext_t = load_file(runs[k] / "hywu_demo.safetensors")
+        assert all(torch.equal(parent_t[n], ext_t[n]) for n in shared), k
     summaries = {k: json.loads((runs[k] / "summary.json").read_text()) for k in ("ext", "ext_replay", "ext_replay_distill")}
     assert summaries["ext"]["replay_rows"] == 0 and summaries["ext_replay"]["replay_rows"] > 0
     assert summaries["ext_replay"]["replay_distill_last"] is None
