@@ -12,6 +12,11 @@ rank and layers):
     strength 1 each (what two LoRA loaders in a row do in ComfyUI today; an oracle told both tasks);
   * HY-WU trained on the single tasks only;
   * HY-WU trained on the single tasks + the trained combinations.
+Beside them, not competitors: the single-task generator run once per part of the instruction and
+the two LoRAs summed (two Condition Encode -> Generate LoRA -> Apply chains in a row in ComfyUI;
+``hywu_single_pair``, and ``hywu_single_pair_shared_once`` with the generator's shared rank
+counted once), and a ceiling, per-task LoRAs trained on the held-out combinations themselves
+(``combo_lora``: it sees them, so it only says how far any LoRA of this rank gets there).
 Scored on the held-out combinations (val images, training phrasings; PSNR to the exact targets);
 the trained combinations and single tasks are reported beside. The target of issue 17: HY-WU
 (with combinations) beats the shared LoRA by >= 1.5 dB and the merged oracle pair by >= 0.5 dB on
@@ -24,18 +29,60 @@ the held-out combinations, in every seed. Nothing is tuned on the held-out combi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memory_world as W  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 D, demo = W.D, W.demo
 S = D.synthetic
 SINGLES = tuple(t for pair in S.CONFLICT_PAIRS for t in pair)
 METHODS = ("shared_lora", "merged_pair", "hywu_single", "hywu_combo")
+
+
+def rank_sum(loras: list) -> "D.GeneratedLoRA":
+    """LoRAs concatenated along the rank: the sum of their updates (one scale, alpha / rank)."""
+    scales = {lo.scale for lo in loras}
+    assert len(scales) == 1, "summed LoRAs share alpha / rank"
+    return D.GeneratedLoRA({k: (torch.cat([lo.weights[k][0] for lo in loras], 1),
+                                torch.cat([lo.weights[k][1] for lo in loras], 2)) for k in loras[0].weights},
+                           scales.pop())
+
+
+def clause_split(world, data, which: int, seed: int):
+    """``data`` with each combination's instruction replaced by a training sentence for its
+    ``which``-th task alone: what a user types into the first or second of two chained edits."""
+    rngs = (np.random.default_rng([seed, i, which, 17]) for i in range(len(data)))
+    texts = [S.instruction_for(S.parts(t)[which], "train", r) for t, r in zip(data.tasks, rngs)]
+    text, mask = world.encode_text(texts)
+    return dataclasses.replace(data, instructions=texts, text=text, mask=mask)
+
+
+class ClausePair(D.Method):
+    """The generator run once per part of a combination (on that part's own sentence and the same
+    source) and the two LoRAs summed, as two Generate LoRA -> Apply chains in a row. The base
+    still reads the whole instruction. ``shared_once``: the second LoRA without the generator's
+    shared rank, so that static part counts once."""
+
+    def __init__(self, generator, clauses: list, shared_once: bool = False):
+        super().__init__("hywu", generator=generator)
+        self.clauses, self.shared_once = clauses, shared_once
+
+    @torch.no_grad()
+    def lora_for(self, data, index):
+        spec = self.generator.condition_spec
+        first, second = (self.generator(D.condition(spec, c, index)) for c in self.clauses)
+        shared = self.generator.config.shared_rank
+        if self.shared_once and shared:
+            keep = second.rank - shared  # the shared rank is concatenated last (core.generator)
+            second = D.GeneratedLoRA({k: (a[:, :keep], b[:, :, :keep]) for k, (a, b) in second.weights.items()},
+                                     second.scale)
+        return rank_sum([first, second])
 
 
 def merged_pairs(world, per_task_files: dict, combos) -> "D.Method":
@@ -47,14 +94,10 @@ def merged_pairs(world, per_task_files: dict, combos) -> "D.Method":
 
     spec = build_target_spec(world.unet, "sd15_ip2p")
     single = {t: from_lora_state_dict(load_file(str(f)), "sd15_ip2p", spec) for t, f in per_task_files.items()}
-    scales = {lo.scale for lo in single.values()}
-    assert len(scales) == 1, "per-task LoRAs of one run share rank and alpha"
-    weights = {}
-    for k in next(iter(single.values())).weights:
-        a = [torch.cat([single[p].weights[k][0] for p in S.parts(c)], 1) for c in combos]
-        b = [torch.cat([single[p].weights[k][1] for p in S.parts(c)], 2) for c in combos]
-        weights[k] = (torch.cat(a), torch.cat(b))
-    return D.Method("per_task_lora", D.GeneratedLoRA(weights, scales.pop()).to(world.device))
+    pairs = [rank_sum([single[p] for p in S.parts(c)]) for c in combos]
+    weights = {k: (torch.cat([lo.weights[k][0] for lo in pairs]), torch.cat([lo.weights[k][1] for lo in pairs]))
+               for k in pairs[0].weights}
+    return D.Method("per_task_lora", D.GeneratedLoRA(weights, pairs[0].scale).to(world.device))
 
 
 def main(argv=None) -> dict:
@@ -74,14 +117,18 @@ def main(argv=None) -> dict:
     singles, combos = list(SINGLES), list(S.COMPOSED_TRAIN)
     data_single = [W.tasks_arg(singles), f"--data.n_train={a.per_task_rows * len(singles)}"]
     data_combo = [W.tasks_arg(singles + combos), f"--data.n_train={a.per_task_rows * (len(singles) + len(combos))}"]
+    heldout = list(S.COMPOSED_HELDOUT)
+    data_ceiling = [W.tasks_arg(heldout), f"--data.n_train={a.per_task_rows * len(heldout)}"]
     world = D.World(base_dir, device)
-    groups = {"heldout_combos": list(S.COMPOSED_HELDOUT), "trained_combos": combos, "singles": singles}
+    groups = {"heldout_combos": heldout, "trained_combos": combos, "singles": singles}
     splits = {g: D.make_split(world, "val", a.eval_per_task * len(ts), ts, 0, s.resolution) for g, ts in groups.items()}
+    clauses = {g: [clause_split(world, splits[g], k, 0) for k in range(2)] for g in groups if g != "singles"}
     per_seed, runs_info = [], []
     for seed in range(a.first_seed, a.first_seed + a.seeds):
-        single_runs, combo_runs = W.train_jobs(
+        single_runs, combo_runs, ceiling_runs = W.train_jobs(
             base_dir, models, seed, [(("per_task_lora", "hywu"), [*common, *data_single]),
-                                     (("shared_lora", "hywu"), [*common, *data_combo])],
+                                     (("shared_lora", "hywu"), [*common, *data_combo]),
+                                     (("per_task_lora",), [*common, *data_ceiling])],
             device, timer, a.force, inprocess=a.quick)
         shared = D.load_methods(world, {"shared_lora": W.run_file(combo_runs["shared_lora"], "shared_lora")}, singles)
         gens = {name: D.load_methods(world, {"hywu": W.run_file(run["hywu"], "hywu")}, singles)["hywu"]
@@ -93,6 +140,12 @@ def main(argv=None) -> dict:
             # singles: the oracle LoRA of the task itself; combinations: the two tasks' LoRAs merged
             methods["merged_pair"] = (merged_pairs(world, per_task, ts) if g != "singles" else
                                       D.load_methods(world, {"per_task_lora": per_task}, ts)["per_task_lora"])
+            if g != "singles":
+                methods["hywu_single_pair"] = ClausePair(gens["hywu_single"].generator, clauses[g])
+                methods["hywu_single_pair_shared_once"] = ClausePair(gens["hywu_single"].generator, clauses[g], True)
+            if g == "heldout_combos":
+                methods["combo_lora"] = D.load_methods(world, {"per_task_lora": {
+                    t: W.run_file(ceiling_runs["per_task_lora"], "per_task_lora", t) for t in ts}}, ts)["per_task_lora"]
             metrics, preds = D.evaluate(world, {g: splits[g]}, methods, ts, a.sample_steps, 1.0, seed, show=False)
             for m, v in metrics[g].items():
                 figures[f"{g}/{m}"] = W.group_psnr(v, ts)
@@ -101,14 +154,19 @@ def main(argv=None) -> dict:
             figures[f"heldout_combos/hywu_combo_minus_{m}"] = figures["heldout_combos/hywu_combo"] - figures[f"heldout_combos/{m}"]
         figures["heldout_combos/hywu_combo_minus_hywu_single"] = (figures["heldout_combos/hywu_combo"]
                                                                  - figures["heldout_combos/hywu_single"])
+        for m in ("shared_lora", "merged_pair"):
+            figures[f"heldout_combos/hywu_single_pair_minus_{m}"] = (figures["heldout_combos/hywu_single_pair"]
+                                                                    - figures[f"heldout_combos/{m}"])
         per_seed.append(figures)
         runs_info.append({"seed": seed, "runs": {**{f"single/{m}": str(p) for m, p in single_runs.items()},
-                                                  **{f"combo/{m}": str(p) for m, p in combo_runs.items()}}})
+                                                  **{f"combo/{m}": str(p) for m, p in combo_runs.items()},
+                                                  "ceiling/combo_lora": str(ceiling_runs["per_task_lora"])}})
         if a.grid and seed == a.first_seed:
             data = splits["heldout_combos"]
             rows = [next(i for i in range(len(data)) if data.tasks[i] == c) for c in groups["heldout_combos"]]
             D.grid_png(Path(a.grid), data, preds_first["heldout_combos"], rows,
-                       columns=("base", "shared_lora", "merged_pair", "hywu_single", "hywu_combo"))
+                       columns=("base", "shared_lora", "merged_pair", "hywu_single", "hywu_combo", "hywu_single_pair",
+                                "combo_lora"))
         print({k: round(v, 3) for k, v in figures.items()}, file=sys.stderr, flush=True)
 
     def every(key, ok):

@@ -95,6 +95,10 @@ def test_compose_quick(models, micro_base, tmp_path):
     for g in ("heldout_combos", "trained_combos", "singles"):
         for m in (*compose.METHODS, "base", "identity", "vae_ceiling"):
             assert math.isfinite(fig[f"{g}/{m}"]), (g, m)
+    for g in ("heldout_combos", "trained_combos"):
+        for m in ("hywu_single_pair", "hywu_single_pair_shared_once"):
+            assert math.isfinite(fig[f"{g}/{m}"]), (g, m)
+    assert math.isfinite(fig["heldout_combos/combo_lora"]) and "trained_combos/combo_lora" not in fig
     assert r["heldout_combinations"] == list(compose.S.COMPOSED_HELDOUT)
     assert not set(r["heldout_combinations"]) & set(r["trained_combinations"])
     assert len(r["acceptance"]) == 2 and (tmp_path / "grid.png").stat().st_size > 0
@@ -103,6 +107,40 @@ def test_compose_quick(models, micro_base, tmp_path):
     combo = json.loads((Path(runs["combo/hywu"]) / "summary.json").read_text())
     assert single["steps"] == combo["steps"]  # one budget
     check_merged(compose, r)
+    check_clause_pair(compose, r)
+    ceiling = json.loads((Path(runs["ceiling/combo_lora"]) / "summary.json").read_text())
+    assert ceiling["method"] == "per_task_lora" and ceiling["steps"] == single["steps"]
+
+
+def check_clause_pair(compose, r):
+    """hywu_single_pair: the single-task generator run on each part's own sentence, the two LoRAs
+    summed; shared_once drops the second LoRA's shared rank."""
+    import hywu_demo_core as D
+
+    from hywu_nodes.core import load_generator
+
+    runs = r["runs"][0]["runs"]
+    world = D.World(Path(runs["single/hywu"]).parents[1] / "base", "cpu")
+    gen, _ = load_generator(str(Path(runs["single/hywu"]) / "hywu_demo.safetensors"))
+    combos = list(compose.S.COMPOSED_HELDOUT)
+    data = D.make_split(world, "val", len(combos), combos, 0, 32)
+    clauses = [compose.clause_split(world, data, k, 0) for k in range(2)]
+    for i, t in enumerate(data.tasks):  # each clause is a training sentence of that part alone
+        for k, part in enumerate(compose.S.parts(t)):
+            assert clauses[k].instructions[i] in compose.S.PHRASINGS[part]["train"], (t, k)
+    assert torch.equal(clauses[0].src_lat, data.src_lat)
+    pair = compose.ClausePair(gen, clauses).lora_for(data, slice(0, 2))
+    once = compose.ClausePair(gen, clauses, shared_once=True).lora_for(data, slice(0, 2))
+    shared = gen.config.shared_rank
+    assert shared > 0 and once.rank == pair.rank - shared
+    with torch.no_grad():
+        first, second = (gen(D.condition(gen.condition_spec, c, slice(0, 2))) for c in clauses)
+    for k, (a, b) in pair.weights.items():
+        want = first.weights[k][1] @ first.weights[k][0] + second.weights[k][1] @ second.weights[k][0]
+        assert torch.allclose(b @ a, want, rtol=1e-4, atol=1e-6), k
+        oa, ob = once.weights[k]
+        shared_part = second.weights[k][1][..., -shared:] @ second.weights[k][0][:, -shared:]
+        assert torch.allclose(ob @ oa, want - shared_part, rtol=1e-4, atol=1e-6), k
 
 
 def check_merged(compose, r):

@@ -155,3 +155,27 @@ def test_runtime_lora_on_a_model_from_core_load_lora_model(hywu_env, plain_laten
     runtime, _ = _sample(srv, stacked("runtime"), "stack_runtime")
     patch, _ = _sample(srv, stacked("patch"), "stack_patch")
     _assert_close(runtime, patch, (patch - plain_latent[0]).abs().max(), "runtime on a Load LoRA Model output")
+
+
+def test_two_edits_chained_add_up(hywu_env):
+    """Two HY-WU edits in a row (Condition Encode -> Generate LoRA -> Apply twice, the second Apply
+    on the first one's MODEL): runtime mode on runtime mode equals patch mode on patch mode, the
+    sum of both LoRAs' updates (how bench/compose.py sums an instruction's two parts)."""
+    srv = hywu_env.server
+
+    def chained(mode):
+        wf = g.demo(instruction=EDITS[0], seed=5, cfg=CFG, mode=mode, batch_index=0)
+        wf["40"] = {"class_type": "HYWUConditionEncode",
+                    "inputs": {"image": ["2", 0], "instruction": EDITS[2], "one_edit_per_line": False,
+                               "clip": ["1", 1], "generator": ["3", 0], "vae": ["1", 2]}}
+        wf["41"] = {"class_type": "HYWUGenerateLoRA", "inputs": {"generator": ["3", 0], "hywu_cond": ["40", 0]}}
+        wf["42"] = {"class_type": "HYWUApplyGeneratedLoRA", "inputs": {"model": ["6", 0], "lora": ["41", 0],
+                                                                       "strength": 1.0, "batch_index": 0, "mode": mode}}
+        wf["9"]["inputs"]["model"] = ["42", 0]
+        return wf
+
+    first_only, _ = _sample(srv, g.demo(instruction=EDITS[0], seed=5, cfg=CFG, mode="patch", batch_index=0), "first")
+    runtime, _ = _sample(srv, chained("runtime"), "chain_runtime")
+    patch, _ = _sample(srv, chained("patch"), "chain_patch")
+    # the second edit changes the result, and both modes agree on it
+    _assert_close(runtime, patch, (patch - first_only).abs().max(), "two chained edits, runtime vs patch")
