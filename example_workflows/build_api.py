@@ -54,6 +54,26 @@ def sd15_ip2p(ckpt, generator, image, instruction=INSTRUCTION, steps=20, cfg=7.5
     }
 
 
+def two_edits_in_a_row(wf: dict, second: str, whole: str) -> dict:
+    """An SD1.5 graph with a second HY-WU edit chained after the first (Condition Encode ->
+    Generate LoRA -> Apply, the second Apply on the first one's MODEL: their LoRAs add up), and the
+    sampler prompted with the whole instruction. Each generator call reads one edit of the two."""
+    wf = json.loads(json.dumps(wf))
+    wf["4"]["_meta"]["title"] = "HY-WU Condition Encode (first edit)"
+    wf["12"] = {"class_type": "HYWUConditionEncode",
+                "inputs": {**wf["4"]["inputs"], "instruction": second},
+                "_meta": {"title": "HY-WU Condition Encode (second edit)"}}
+    wf["13"] = {"class_type": "HYWUGenerateLoRA", "inputs": {"generator": ["3", 0], "hywu_cond": ["12", 0]},
+                "_meta": {"title": "HY-WU Generate LoRA (second edit)"}}
+    wf["14"] = {"class_type": "HYWUApplyGeneratedLoRA", "inputs": {**wf["6"]["inputs"], "model": ["6", 0], "lora": ["13", 0]},
+                "_meta": {"title": "HY-WU Apply Generated LoRA (second edit)"}}
+    wf["15"] = {"class_type": "CLIPTextEncode", "inputs": {"text": whole, "clip": ["1", 1]},
+                "_meta": {"title": "Whole instruction (the sampler's prompt)"}}
+    wf["8"]["inputs"]["positive"] = ["15", 0]
+    wf["9"]["inputs"]["model"] = ["14", 0]
+    return wf
+
+
 def flux_kontext(instruction="turn the car red", steps=20, seed=0):
     return {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-kontext-dev.safetensors",
@@ -176,6 +196,10 @@ WORKFLOWS = {
     "hywu_demo": sd15_ip2p(DEMO_CKPT, DEMO_GENERATOR, DEMO_IMAGE, instruction=DEMO_INSTRUCTION, steps=8, cfg=1.0,
                            scheduler="simple", prefix="hywu_demo"),
 }
+# Two edits in one request on the demo files: the first and second edit chained (bench/compose.py's
+# "HY-WU per part, summed", docs/demo.md "Composition").
+WORKFLOWS["hywu_demo_two_edits"] = two_edits_in_a_row(WORKFLOWS["hywu_demo"], "shift the image left",
+                                                      "make it brighter and shift the image left")
 # The UI twin of workflow <id> is example_workflows/<title>.json: ComfyUI's Templates dialog
 # shows the file name as the title and <title>.jpg as the thumbnail.
 TITLES = {
@@ -184,10 +208,11 @@ TITLES = {
     "hywu_edit_qwen_image_edit": "HY-WU edit - Qwen-Image-Edit",
     "hywu_edit_qwen_image_edit_plus": "HY-WU edit - Qwen-Image-Edit-2509 and 2511",
     "hywu_demo": "HY-WU demo - micro SD1.5 (run make demo first)",
+    "hywu_demo_two_edits": "HY-WU two edits in a row - micro SD1.5 (run make demo first)",
 }
 # Workflows whose models exist in the test environment (the tests queue them through /prompt,
 # with the demo's file names swapped for the seeded test pair: tests/hywu_graphs.py).
-RUNNABLE = ("hywu_demo",)
+RUNNABLE = ("hywu_demo", "hywu_demo_two_edits")
 
 
 def main():

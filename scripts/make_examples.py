@@ -32,6 +32,7 @@ EXAMPLE_RESOLUTION = 512
 THUMB = 512
 BASES = {  # what the thumbnail says each workflow needs
     "hywu_demo": "micro SD1.5 InstructPix2Pix trained by make demo (CPU)",
+    "hywu_demo_two_edits": "two HY-WU edits chained, micro SD1.5 trained by make demo (CPU)",
     "hywu_edit_sd15_ip2p": "SD1.5 InstructPix2Pix + a HY-WU generator",
     "hywu_edit_flux_kontext": "FLUX.1 Kontext [dev] + a HY-WU generator",
     "hywu_edit_qwen_image_edit": "Qwen-Image-Edit + a HY-WU generator",
@@ -75,9 +76,9 @@ def _wrap(draw, text: str, font, width: int) -> list[str]:
 def thumbnail(name: str, source: Image.Image) -> Image.Image:
     """Source image on top, the instruction and the base model below."""
     wf = build_api.WORKFLOWS[name]
-    instruction = next(n["inputs"]["instruction"] for n in wf.values() if n["class_type"] == "HYWUConditionEncode")
-    if isinstance(instruction, list):  # typed in a String node linked to Condition Encode
-        instruction = wf[instruction[0]]["inputs"]["value"]
+    edits = [n["inputs"]["instruction"] for n in wf.values() if n["class_type"] == "HYWUConditionEncode"]
+    # typed in a String node linked to Condition Encode; chained edits are joined
+    instruction = " + ".join(wf[e[0]]["inputs"]["value"] if isinstance(e, list) else e for e in edits)
     card = Image.new("RGB", (THUMB, THUMB), (24, 26, 32))
     side = 300
     pic = source.convert("RGB").resize((side, side), Image.NEAREST if source.width < side else Image.LANCZOS)
