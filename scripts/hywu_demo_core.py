@@ -449,6 +449,7 @@ class Split:
     tgt_lat: torch.Tensor
     text: torch.Tensor       # (N, 77, 768)
     mask: torch.Tensor       # (N, 77) prompt mask
+    edits: list = None       # per example, a composed task's separate edits (synthetic.EditExample.edits)
 
     def __len__(self):
         return len(self.tasks)
@@ -461,7 +462,7 @@ def make_split(world: World, split: str, n: int, tasks, seed: int = 0, resolutio
     text, mask = world.encode_text([e.instruction for e in ex])
     return Split(split, src, tgt, [e.instruction for e in ex], [e.task for e in ex],
                  torch.tensor([list(tasks).index(e.task) for e in ex]), world.encode_images(src),
-                 world.encode_images(tgt), text, mask)
+                 world.encode_images(tgt), text, mask, [e.edits for e in ex])
 
 
 # ------------------------------------------------------------------------------ base pretraining

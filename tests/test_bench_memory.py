@@ -101,11 +101,15 @@ def test_compose_quick(models, micro_base, tmp_path):
     assert math.isfinite(fig["heldout_combos/combo_lora"]) and "trained_combos/combo_lora" not in fig
     assert r["heldout_combinations"] == list(compose.S.COMPOSED_HELDOUT)
     assert not set(r["heldout_combinations"]) & set(r["trained_combinations"])
-    assert len(r["acceptance"]) == 2 and (tmp_path / "grid.png").stat().st_size > 0
+    assert len(r["acceptance"]) == 4 and (tmp_path / "grid.png").stat().st_size > 0
     runs = r["runs"][0]["runs"]
     single = json.loads((Path(runs["single/hywu"]) / "summary.json").read_text())
     combo = json.loads((Path(runs["combo/hywu"]) / "summary.json").read_text())
-    assert single["steps"] == combo["steps"]  # one budget
+    chained = json.loads((Path(runs["chained/hywu"]) / "summary.json").read_text())
+    assert single["steps"] == combo["steps"] == chained["steps"]  # one budget
+    # same rows, seed and budget; only the chaining differs, and it changed what was learnt
+    combo_w, chained_w = (load_file(str(Path(runs[k]) / "hywu_demo.safetensors")) for k in ("combo/hywu", "chained/hywu"))
+    assert combo_w.keys() == chained_w.keys() and not all(torch.equal(combo_w[k], chained_w[k]) for k in combo_w)
     check_merged(compose, r)
     check_clause_pair(compose, r)
     ceiling = json.loads((Path(runs["ceiling/combo_lora"]) / "summary.json").read_text())
@@ -124,7 +128,7 @@ def check_clause_pair(compose, r):
     gen, _ = load_generator(str(Path(runs["single/hywu"]) / "hywu_demo.safetensors"))
     combos = list(compose.S.COMPOSED_HELDOUT)
     data = D.make_split(world, "val", len(combos), combos, 0, 32)
-    clauses = [compose.clause_split(world, data, k, 0) for k in range(2)]
+    clauses = [compose.clause_split(world, data, k) for k in range(2)]
     for i, t in enumerate(data.tasks):  # each clause is a training sentence of that part alone
         for k, part in enumerate(compose.S.parts(t)):
             assert clauses[k].instructions[i] in compose.S.PHRASINGS[part]["train"], (t, k)

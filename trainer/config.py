@@ -47,6 +47,7 @@ class DataConfig:
     cache_mb: float = 2048.0  # memory for pre-encoded rows (latents + text features); 0 = encode every batch
     cache_dir: str = ""  # also keep the encodings on disk here, for the next run on the same base and data
     replay: ReplayConfig = field(default_factory=ReplayConfig)  # old data mixed in a set share (trainer/replay.py)
+    chain_edits: bool = True  # rows with an `edits` list train as those edits chained (trainer/edits.py); false: ignored
 
 
 @dataclass

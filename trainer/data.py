@@ -36,6 +36,7 @@ SOURCE_KEYS = ("source", "source_image", "input_image", "original_image", "sourc
 TARGET_KEYS = ("target", "target_image", "edited_image", "output_image", "target_img", "tgt_img", "edited", "output")
 TEXT_KEYS = ("instruction", "edit_prompt", "edit_instruction", "prompt", "text")
 TASK_KEYS = ("task", "task_type", "edit_type", "category")
+EDITS_KEY = "edits"  # optional: the instruction as separate edits chained in ComfyUI (trainer/edits.py)
 
 
 class BadRow(Exception):
@@ -85,6 +86,24 @@ SYNTHETIC_N_TRAIN = 64  # data.n_train: null for the synthetic world
 VAL_SPLIT_SEED = 20_240_601  # the held-out rows do not change with train.seed (runs of several seeds compare alike)
 
 
+def parse_edits(value) -> tuple[str, ...]:
+    """A row's ``edits``: a list of sentences (JSONL, parquet) or a JSON list in a CSV cell; empty
+    or missing = none. Raises BadRow for anything else."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return ()
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise BadRow("bad edits (not a JSON list of sentences)") from None
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise BadRow("bad edits (not a list of sentences)")
+    edits = tuple(value)
+    if not all(isinstance(e, str) and e.strip() for e in edits):
+        raise BadRow("bad edits (an empty or non-text sentence)")
+    return edits
+
+
 class EditDataset:
     """Random access to raw rows; :meth:`load` decodes one row or raises :class:`BadRow`.
     ``locations[i]`` says where row ``i`` came from (file and line / row number) for messages."""
@@ -108,7 +127,12 @@ class EditDataset:
         if missing:
             raise BadRow("missing " + "/".join(missing))
         task = _pick(row, TASK_KEYS)
+        parse_edits(row.get(EDITS_KEY))  # a bad value is a bad row (the pre-flight counts it)
         return _as_image(src, self.root), _as_image(tgt, self.root), str(text), "" if task is None else str(task)
+
+    def edits(self, i: int) -> tuple[str, ...]:
+        """Row ``i``'s separate edits (() when it has none); raises BadRow for a bad value."""
+        return parse_edits(self.rows[i].get(EDITS_KEY))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -121,6 +145,7 @@ class EditDataset:
             "target": square_resize(pil_to_tensor(target)[None], resolution)[0].clamp(0, 1),
             "instruction": text,
             "task": task,
+            "edits": self.edits(i),
         }
 
 
@@ -176,7 +201,8 @@ def synthetic_dataset(split: str, n: int, seed: int, resolution: int, tasks=None
 
     kwargs = {"tasks": tasks} if tasks else {}
     examples = synthetic.make_examples(split, n, seed=seed, resolution=resolution, **kwargs)
-    rows = [{"source": e.source, "target": e.target, "instruction": e.instruction, "task": e.task} for e in examples]
+    rows = [{"source": e.source, "target": e.target, "instruction": e.instruction, "task": e.task,
+             **({EDITS_KEY: list(e.edits)} if e.edits else {})} for e in examples]
     return EditDataset(rows)
 
 
@@ -301,4 +327,5 @@ def collate(items: list[dict], task_index: dict[str, int] | None = None) -> dict
         "instruction": [it["instruction"] for it in items],
         "task": [it["task"] for it in items],
         "task_id": torch.tensor([task_index.get(it["task"], -1) for it in items], dtype=torch.long),
+        "edits": [it.get("edits", ()) for it in items],
     }

@@ -145,7 +145,8 @@ class EncodedRows:
         if i in self.bad:
             raise BadRow(self.bad[i])
         src, tgt, text, task = self.rows[i]
-        return {"source": src, "target": tgt, "text": self.texts[text], "instruction": text.split("\x00")[0], "task": task}
+        return {"source": src, "target": tgt, "text": self.texts[text], "instruction": text.split("\x00")[0], "task": task,
+                "edits": self.ds.edits(i)}
 
     def collate(self, items: list[dict], task_index: dict[str, int]) -> dict:
         """A batch as ``adapter.prepare_encoded`` takes it (``enc``), plus labels."""
@@ -155,6 +156,7 @@ class EncodedRows:
             "instruction": [it["instruction"] for it in items],
             "task": [it["task"] for it in items],
             "task_id": torch.tensor([task_index.get(it["task"], -1) for it in items], dtype=torch.long),
+            "edits": [it["edits"] for it in items],
         }
 
     def summary(self) -> dict:

@@ -183,6 +183,9 @@ class EditExample:
     target: Image.Image
     instruction: str
     task: str
+    # A composed task's edits, one sentence per part in order (the instruction chained as separate
+    # edits: data.chain_edits, trainer/edits.py); () for a single task.
+    edits: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------------------ exact image operations
@@ -348,6 +351,7 @@ def make_examples(split: str, n: int, seed: int = 0, resolution: int = 32,
             target=Image.fromarray(_op(task)(src), "RGB"),
             instruction=instruction_for(task, kind, phrase_rng),
             task=task,
+            edits=_edits(task, kind, np.random.default_rng([int(seed), _STREAM[split], int(i), 50 + SPLITS.index(split)])),
         ))
     return out
 
@@ -394,6 +398,12 @@ def _composed_sentences(task: str, kind: str) -> list[str]:
 
 COMPOSED_PHRASINGS: dict[str, dict[str, list[str]]] = {
     t: {k: _composed_sentences(t, k) for k in ("train", "heldout")} for t in COMPOSED_TASKS}
+
+
+def _edits(task: str, kind: str, rng: np.random.Generator) -> tuple[str, ...]:
+    """A composed task's parts as separate sentences of the same wording kind (their own random
+    stream: the examples' other draws are unchanged)."""
+    return tuple(instruction_for(p, kind, rng) for p in parts(task)) if task in COMPOSED_TASKS else ()
 
 
 def _op(task: str) -> Callable[[np.ndarray], np.ndarray]:

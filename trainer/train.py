@@ -33,6 +33,8 @@ from .guard import NonFiniteGuard, TrainingDiverged
 from .methods import build_method
 from .preflight import DataError, check_data, is_main_process, print_check
 from .distill import ReplayDistillation
+from .edits import EditPlan
+from .edits import problems as edit_problems
 from .replay import is_replay, old_rows
 from .replay import mix as replay_mix
 from .report import ESTIMATE_AFTER, estimate_line, loss_curve, random_base_kind, random_base_note, summary_lines, tensorboard_note
@@ -309,6 +311,10 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
     digests = {k: module_digest(m) for k, m in adapter.frozen_modules().items()} if check_frozen else None
     train_ds, val_ds = build_datasets(cfg, data_check.train.usable, data_check.val.usable if data_check.val else None)
     train_ds = replay_mix(train_ds, cfg)  # data.replay: old rows in a set share
+    refused = edit_problems(cfg, adapter, train_ds, t.method)
+    if refused:
+        raise ConfigError("; ".join(refused))
+    chain = cfg.data.chain_edits and t.method == "hywu"  # rows with `edits`: one LoRA per edit, summed (trainer/edits.py)
     rows = None
     if cfg.data.cache_mb > 0:
         cache_file = Path(cfg.data.cache_dir) / f"encoded-{cache_key(cfg, weight_dtype)}.safetensors" if cfg.data.cache_dir else None
@@ -387,7 +393,8 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
         val_loss = None
     else:
         val_loss = ValidationLoss(adapter, [collate(val_items[k:k + t.batch_size], task_index)
-                                            for k in range(0, len(val_items), t.batch_size)], task_index, accelerator.autocast)
+                                            for k in range(0, len(val_items), t.batch_size)], task_index, accelerator.autocast,
+                                  chain_edits=chain)
         accelerator.print(f"validation: the loss on {val_loss.rows} held-out rows ({VAL_DRAWS} fixed noise draws each) with "
                           f"the LoRA and for the base without it, " + (f"every {t.validate_every} steps and " if t.validate_every
                                                                         else "") + "at the end", flush=True)
@@ -457,7 +464,7 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
             from .validate import validation_grid
 
             validation_grid(adapter, method, val_batch, t.validate_steps, str(output / "samples" / f"step-{step:08d}.png"),
-                            seed=t.seed, write=accelerator.is_main_process)
+                            seed=t.seed, write=accelerator.is_main_process, chain_edits=chain)
         accelerator.wait_for_everyone()
 
     old_stream = None
@@ -514,7 +521,8 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
             if sharded:
                 module.set_requires_gradient_sync(last)  # reduce-scatter once per optimizer step
             with (nullcontext() if sharded else accelerator.accumulate(wrapped)), accelerator.autocast():
-                cond = prep["condition"].to(device)
+                plan = EditPlan.of(batch) if chain else None
+                cond = (prep["condition"] if plan is None else plan.condition(adapter, enc, step)).to(device)
                 replay = is_replay(train_ds, batch["row"])
                 anchor = distill_batch(step, micro) if distill else None
                 if anchor is not None:  # one generator call for both (DDP / FSDP see one forward)
@@ -524,7 +532,7 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
                     kept = distill.loss(lora, both, replay, step)
                     lora = lora.select(slice(0, cond.batch_size))  # the base batch's own LoRAs
                 else:
-                    lora, s2l = method.lora(wrapped, cond, batch["task_id"].to(device), draws)
+                    lora, s2l = method.lora(wrapped, cond, batch["task_id"].to(device), draws, edits=plan)
                     kept = distill.loss(lora, cond, replay, step) if distill else None
                 # Backward inside the patch: activation checkpointing recomputes the hooked forward.
                 with lora_patched(adapter.denoiser, lora, sample_to_lora=s2l):

@@ -12,6 +12,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from hywu_nodes.core import GeneratedLoRA, lora_patched
 
+from .edits import EditPlan
+
 
 def to_pil_row(images: list[torch.Tensor]) -> Image.Image:
     row = torch.cat([im.detach().float().cpu().clamp(0, 1) for im in images], dim=-1)  # (3, H, k*W)
@@ -19,17 +21,21 @@ def to_pil_row(images: list[torch.Tensor]) -> Image.Image:
 
 
 @torch.no_grad()
-def validation_grid(adapter, method, val_batch: dict, steps: int, path: str, seed: int = 0, write: bool = True) -> str:
+def validation_grid(adapter, method, val_batch: dict, steps: int, path: str, seed: int = 0, write: bool = True,
+                    chain_edits: bool = False) -> str:
     """Sample the grid; ``write=False`` on the other processes of a sharded run (they take part
-    in the generator's forward but write nothing)."""
+    in the generator's forward but write nothing). ``chain_edits``: rows with edits get the sum
+    of their edits' LoRAs (trainer/edits.py)."""
     src, tgt, text = val_batch["source"], val_batch["target"], val_batch["instruction"]
     base = adapter.sample(src, text, steps, seed=seed)
     module = method.module
     was_training = module.training
     module.eval()
     try:
-        cond = adapter.encode_condition(src, text)
-        lora, s2l = method.lora(module, cond.to(adapter.device), val_batch["task_id"].clamp(min=0).to(adapter.device))
+        plan = EditPlan.of(val_batch) if chain_edits and method.name == "hywu" else None
+        cond = plan.image_condition(adapter, src) if plan else adapter.encode_condition(src, text)
+        lora, s2l = method.lora(module, cond.to(adapter.device), val_batch["task_id"].clamp(min=0).to(adapter.device),
+                                edits=plan)
         if s2l is not None:  # per-task LoRAs: gather each sample's own, then i % b covers CFG copies
             lora = GeneratedLoRA({k: (a[s2l], b[s2l]) for k, (a, b) in lora.weights.items()}, lora.scale)
         with lora_patched(adapter.denoiser, lora.to(adapter.device, adapter.dtype)):
@@ -88,7 +94,8 @@ class ValidationLoss:
     trained LoRA and for the frozen base alone (computed once, at the first validation: the base
     does not change, and the training steps before it stay exactly as without validation)."""
 
-    def __init__(self, adapter, batches: list[dict], task_index: dict, autocast=nullcontext):
+    def __init__(self, adapter, batches: list[dict], task_index: dict, autocast=nullcontext, chain_edits: bool = False):
+        """``chain_edits``: rows with edits are scored with the sum of their edits' LoRAs (hywu)."""
         self.adapter, self.autocast = adapter, autocast
         self.preps, self.rows = [], 0
         old = adapter.drop_text, adapter.drop_image
@@ -99,7 +106,9 @@ class ValidationLoss:
                 keys = [(self.rows + j) * VAL_DRAWS + d for d in range(VAL_DRAWS) for j in range(b)]
                 enc = adapter.encode(batch)
                 task_id = torch.tensor([task_index.get(t, 0) for t in batch["task"]], dtype=torch.long)
-                self.preps.append((adapter.prepare_encoded(enc, VAL_STEP, keys), task_id))
+                prep = adapter.prepare_encoded(enc, VAL_STEP, keys)
+                plan = EditPlan.of(batch) if chain_edits else None
+                self.preps.append((prep, task_id, plan, plan.condition(adapter, enc, VAL_STEP) if plan else None))
                 self.rows += b
         finally:
             adapter.drop_text, adapter.drop_image = old
@@ -115,13 +124,16 @@ class ValidationLoss:
         from hywu_nodes.core import lora_patched
 
         total, n = 0.0, 0
-        for prep, task_id in self.preps:
+        for prep, task_id, plan, edit_cond in self.preps:
             with self.autocast():
                 if method is None:
                     loss = self.adapter.loss(prep)
                 else:
-                    lora, s2l = method.lora(module, prep["condition"].to(self.adapter.device), task_id.to(self.adapter.device),
-                                            VAL_DRAWS)
+                    if method.name != "hywu":
+                        plan = edit_cond = None
+                    cond = prep["condition"] if plan is None else edit_cond
+                    lora, s2l = method.lora(module, cond.to(self.adapter.device), task_id.to(self.adapter.device),
+                                            VAL_DRAWS, edits=plan)
                     with lora_patched(self.adapter.denoiser, lora, sample_to_lora=s2l):
                         loss = self.adapter.loss(prep)
             total += loss.float().sum().item()

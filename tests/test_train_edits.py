@@ -1,0 +1,125 @@
+"""Chained edits (trainer/edits.py): rows whose `edits` column lists the instruction's parts train
+the generator with the sum of one LoRA per edit, as two HY-WU edits chained in ComfyUI compute it
+(tests/test_runtime_lora.py::test_two_edits_chained_add_up shows the graph sums them).
+
+Tiny seeded bases and real diffusers models; the generator's forward is watched to see which
+conditions the trainer really feeds it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hywu_nodes.core import GeneratedLoRA, HYWUGenerator
+from trainer import synthetic
+from trainer.data import BadRow, build_datasets, parse_edits
+from trainer.edits import EditPlan, problems
+from trainer.tiny_bases import tiny_config
+from trainer.train import run
+
+COMBO = "brighten+shift_left"
+
+
+def test_synthetic_combinations_carry_their_edits_and_singles_do_not():
+    ex = synthetic.make_examples("train", 4, tasks=["brighten", COMBO])
+    assert ex[0].edits == ()
+    a, b = ex[1].edits
+    assert a in synthetic.PHRASINGS["brighten"]["train"] and b in synthetic.PHRASINGS["shift_left"]["train"]
+    # the edits have their own random stream: everything else is as before they existed
+    again = synthetic.make_examples("train", 4, tasks=["brighten", COMBO])
+    assert [e.instruction for e in ex] == [e.instruction for e in again] and ex[1].edits == again[1].edits
+    assert synthetic.make_examples("heldout_phrasing", 2, tasks=[COMBO])[0].edits[0] in \
+        synthetic.PHRASINGS["brighten"]["heldout"]
+
+
+def test_parse_edits_accepts_lists_and_json_and_refuses_the_rest():
+    assert parse_edits(None) == parse_edits("") == parse_edits([]) == ()
+    assert parse_edits(["make it brighter", "shift it left"]) == ("make it brighter", "shift it left")
+    assert parse_edits('["a", "b"]') == ("a", "b")  # a CSV cell
+    for bad in ("make it brighter", '{"a": 1}', ["ok", ""], ["ok", 3], 5):
+        with pytest.raises(BadRow, match="bad edits"):
+            parse_edits(bad)
+
+
+def test_plan_sums_each_rows_edits_and_pads_with_zeros():
+    batch = {"instruction": ["both", "one", "both again"], "edits": [("a", "b"), (), ("c", "d")]}
+    plan = EditPlan.of(batch)
+    assert plan.texts == ["a", "b", "one", "c", "d"] and plan.owner.tolist() == [0, 0, 1, 2, 2]
+    assert EditPlan.of({"instruction": ["x"], "edits": [()]}) is None
+    torch.manual_seed(0)
+    r, d_in, d_out = 3, 5, 4
+    per_edit = GeneratedLoRA({"l": (torch.randn(5, r, d_in), torch.randn(5, d_out, r))}, 0.5)
+    chained = plan.chain(per_edit)
+    a, b = chained.weights["l"]
+    assert a.shape == (3, 2 * r, d_in) and b.shape == (3, d_out, 2 * r)
+    ea, eb = per_edit.weights["l"]
+    delta = lambda i: eb[i] @ ea[i]  # noqa: E731
+    for row, edits in ((0, [0, 1]), (1, [2]), (2, [3, 4])):
+        assert torch.allclose(b[row] @ a[row], sum(delta(i) for i in edits), atol=1e-5), row
+    assert chained.scale == 0.5
+
+
+def test_refused_where_chaining_cannot_train(tmp_path):
+    cfg = tiny_config("sd15_ip2p", tmp_path, data={"tasks": ["brighten", COMBO], "n_train": 4})
+    ds, _ = build_datasets(cfg)
+
+    class SeesImage:
+        text_sees_image = True
+
+    assert problems(cfg, object(), ds, "hywu") == [] and problems(cfg, SeesImage(), ds, "shared_lora") == []
+    (msg,) = problems(cfg, SeesImage(), ds, "hywu")
+    assert "reads the image" in msg and "data.chain_edits: false" in msg
+    cfg.data.replay.distill = 1.0
+    (msg,) = problems(cfg, object(), ds, "hywu")
+    assert "data.replay.distill" in msg
+    cfg.data.chain_edits = False
+    assert problems(cfg, SeesImage(), ds, "hywu") == []
+
+
+@pytest.fixture
+def generator_calls(monkeypatch):
+    """The batch size and text of every condition the generator is called with."""
+    calls = []
+    forward = HYWUGenerator.forward
+
+    def watched(self, cond):
+        calls.append(cond.batch_size)
+        return forward(self, cond)
+
+    monkeypatch.setattr(HYWUGenerator, "forward", watched)
+    return calls
+
+
+@pytest.mark.parametrize("chain", [True, False])
+def test_the_trainer_feeds_the_generator_one_condition_per_edit(tmp_path, generator_calls, chain):
+    """Tasks brighten / brighten+shift_left alternate: a batch of 4 rows holds 2 + 2 * 2 = 6 edits."""
+    torch.set_num_threads(1)
+    cfg = tiny_config("sd15_ip2p", tmp_path, train={"max_steps": 2, "batch_size": 4, "validate_every": 0},
+                      data={"tasks": ["brighten", COMBO], "n_train": 8, "n_val": 2, "chain_edits": chain})
+    summary = run(cfg, progress=False)
+    assert summary["steps"] == 2 and all(x is not None for x in summary["losses"])
+    train_calls = generator_calls[:2]  # the two steps come first; validation after
+    assert train_calls == ([6, 6] if chain else [4, 4])
+    val = generator_calls[2:]
+    assert val and all(n == (3 if chain else 2) for n in val), val  # val rows: brighten, then the combination
+
+
+def test_a_manifest_row_with_bad_edits_is_skipped_and_counted(tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "a.png"
+    Image.new("RGB", (16, 16), (120, 60, 30)).save(img)
+    rows = [{"source": "a.png", "target": "a.png", "instruction": "make it brighter and shift it left",
+             "edits": ["make it brighter", "shift it left"]},
+            {"source": "a.png", "target": "a.png", "instruction": "x", "edits": "not a list"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config("sd15_ip2p", tmp_path / "out", data={"source": "manifest", "path": str(manifest),
+                                                            "val_fraction": 0.0})
+    ds, _ = build_datasets(cfg)
+    assert ds.load(0, 16)["edits"] == ("make it brighter", "shift it left")
+    with pytest.raises(BadRow, match="bad edits"):
+        ds.load(1, 16)
+    with pytest.raises(BadRow, match="bad edits"):  # what the pre-flight reads: it finds the row before training
+        ds.images(1)

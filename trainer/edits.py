@@ -1,0 +1,96 @@
+"""Chained edits: train the generator for several HY-WU edits applied in a row.
+
+A training row may list its instruction as separate edits (``edits: ["make it brighter", "shift
+the image left"]`` for "make it brighter and shift the image left"). With ``data.chain_edits``
+(the default) the generator writes one LoRA per edit, from the row's source and that edit's
+sentence alone, and the row trains with their sum (the LoRAs concatenated along the rank). That
+is what two HY-WU Condition Encode -> Generate LoRA -> Apply chains in a row compute in ComfyUI
+(example workflow "HY-WU two edits in a row"); the base still reads the row's whole instruction,
+as the sampler's prompt does there. A row without edits is one edit, its instruction. The
+static-LoRA baselines ignore edits (they never read the instruction).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hywu_nodes.core import Condition, GeneratedLoRA
+
+
+def has_edits(dataset) -> bool:
+    """Whether any row of an EditDataset lists separate edits."""
+    from .data import EDITS_KEY
+
+    return any(row.get(EDITS_KEY) for row in dataset.rows)
+
+
+def problems(cfg, adapter, dataset, method_name: str) -> list[str]:
+    """Why chained-edit rows cannot train in this run ([] when they can, or when there are none)."""
+    if not (cfg.data.chain_edits and method_name == "hywu" and has_edits(dataset)):
+        return []
+    out = []
+    if getattr(adapter, "text_sees_image", False):
+        out.append(f"rows with `edits` (chained edits) are not supported for {cfg.base.family} yet: its text encoder "
+                   "reads the image, so every edit needs its own image encoding. Set data.chain_edits: false to train "
+                   "those rows on their whole instruction")
+    if cfg.data.replay.distill > 0:
+        out.append("rows with `edits` (chained edits) and data.replay.distill cannot be combined yet: the "
+                   "distillation term compares one LoRA per row. Set data.replay.distill: 0 or data.chain_edits: false")
+    return out
+
+
+def _rows(x, index: torch.Tensor):
+    if isinstance(x, (tuple, list)):
+        return tuple(_rows(t, index) for t in x)
+    return x[index.to(x.device)]
+
+
+@dataclass
+class EditPlan:
+    """The edits of one batch: every edit's sentence, row by row, and the row each belongs to."""
+
+    texts: list[str]
+    owner: torch.Tensor  # (n_edits,) row index of each edit
+    counts: list[int]  # edits per row
+
+    @classmethod
+    def of(cls, batch: dict) -> "EditPlan | None":
+        """None when no row of the batch has separate edits (then nothing changes)."""
+        edits = batch.get("edits")
+        if not edits or not any(edits):
+            return None
+        texts, owner, counts = [], [], []
+        for row, (instruction, row_edits) in enumerate(zip(batch["instruction"], edits)):
+            row_edits = list(row_edits) or [instruction]
+            texts += row_edits
+            owner += [row] * len(row_edits)
+            counts.append(len(row_edits))
+        return cls(texts, torch.tensor(owner, dtype=torch.long), counts)
+
+    def condition(self, adapter, enc: dict, step: int) -> Condition:
+        """The generator's condition of every edit from a batch's encodings: the family's own
+        training condition (``prepare_encoded``) for the row's source and the edit's text."""
+        sub = {k: _rows(v, self.owner) for k, v in enc.items() if k != "text"}
+        sub["text"] = adapter.training_text(self.texts)
+        return adapter.prepare_encoded(sub, step, list(range(len(self.texts))))["condition"]
+
+    def image_condition(self, adapter, source01: torch.Tensor) -> Condition:
+        """The same from decoded source images (B, 3, H, W), as sampling encodes it."""
+        return adapter.encode_condition(source01[self.owner.to(source01.device)], self.texts)
+
+    def chain(self, lora: GeneratedLoRA) -> GeneratedLoRA:
+        """One LoRA per row from one per edit: the sum of the row's edits (concatenated along the
+        rank, zero-padded to the batch's most edits per row; a zero slot adds nothing)."""
+        k, n = max(self.counts), len(self.counts)
+        starts = torch.tensor([0, *self.counts[:-1]]).cumsum(0)
+        slot = torch.arange(k)
+        counts = torch.tensor(self.counts)
+        n_edits = len(self.texts)
+        index = torch.where(slot[None] < counts[:, None], starts[:, None] + slot[None], n_edits)  # (rows, k)
+        weights = {}
+        for name, (a, b) in lora.weights.items():
+            a = torch.cat([a, a.new_zeros(1, *a.shape[1:])])[index.to(a.device)]  # (rows, k, r, d_in)
+            b = torch.cat([b, b.new_zeros(1, *b.shape[1:])])[index.to(b.device)]  # (rows, k, d_out, r)
+            weights[name] = (a.reshape(n, -1, a.shape[-1]), b.permute(0, 2, 1, 3).reshape(n, b.shape[2], -1))
+        return GeneratedLoRA(weights, lora.scale)
