@@ -123,3 +123,44 @@ def test_a_manifest_row_with_bad_edits_is_skipped_and_counted(tmp_path):
         ds.load(1, 16)
     with pytest.raises(BadRow, match="bad edits"):  # what the pre-flight reads: it finds the row before training
         ds.images(1)
+
+
+@pytest.mark.parametrize("family", ["sd15_ip2p", "flux_kontext"])
+def test_each_edits_condition_is_what_sampling_encodes_for_that_sentence(family, tmp_path, generator_calls):
+    """The training condition of edit k (the row's source latent, the edit's text) equals the
+    family's sampling-time condition for that image and sentence, which the family parity tests
+    hold equal to HY-WU Condition Encode in ComfyUI; and a short chained run trains."""
+    from trainer.data import collate
+    from trainer.families import load_family
+    from trainer.tiny_bases import build_tiny_base
+
+    torch.set_num_threads(1)
+    cfg = tiny_config(family, tmp_path / "run", train={"max_steps": 1, "batch_size": 2, "validate_every": 0},
+                      data={"tasks": ["brighten", COMBO], "n_train": 4, "n_val": 2})
+    build_tiny_base(family, cfg.base.path, seed=0)
+    adapter = load_family(cfg, torch.device("cpu"), torch.float32)
+    ds, _ = build_datasets(cfg)
+    batch = collate([ds.load(i, cfg.base.resolution) for i in range(2)])
+    plan = EditPlan.of(batch)
+    assert plan.texts == [batch["instruction"][0], *batch["edits"][1]]
+    trained = plan.condition(adapter, adapter.encode(batch), step=0)
+    sampled = plan.image_condition(adapter, batch["source"])
+    assert trained.batch_size == 3 and trained.tokens.keys() == sampled.tokens.keys()
+    for k in trained.tokens:
+        assert torch.allclose(trained.tokens[k], sampled.tokens[k], atol=1e-5), k
+    assert run(cfg, progress=False)["steps"] == 1 and generator_calls[0] == 3
+
+
+def test_qwen_image_edit_refuses_chained_rows_with_the_way_out(tmp_path):
+    """Its text encoder reads the image: chained rows are refused before any step, saying how to
+    train them as whole instructions instead; with data.chain_edits: false the same data trains."""
+    from trainer.config import ConfigError
+
+    torch.set_num_threads(1)
+    cfg = tiny_config("qwen_image_edit", tmp_path / "run", train={"max_steps": 1, "batch_size": 2, "validate_every": 0},
+                      data={"tasks": ["brighten", COMBO], "n_train": 4, "n_val": 2})
+    with pytest.raises(ConfigError, match="reads the image.*data.chain_edits: false"):
+        run(cfg, progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    cfg.data.chain_edits = False
+    assert run(cfg, progress=False)["steps"] == 1

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hywu_nodes.core import PRESETS, GeneratorConfig, HYWUGenerator, build_target_spec, lora_module_key
+from hywu_nodes.core import PRESETS, HYWUGenerator, build_target_spec, lora_module_key
 from hywu_nodes.core.checkpoint import load_generator, read_generator_info
 from hywu_nodes.core.errors import GeneratorFileError
 from hywu_nodes.core.metadata_schema import is_generator_metadata
