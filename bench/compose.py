@@ -20,15 +20,17 @@ rank and layers):
 Beside them, not competitors: the single-task generator run once per part of the instruction and
 the two LoRAs summed (two Condition Encode -> Generate LoRA -> Apply chains in a row in ComfyUI;
 ``hywu_single_pair``, and ``hywu_single_pair_shared_once`` with the generator's shared rank
-counted once), and a ceiling, per-task LoRAs trained on the held-out combinations themselves
-(``combo_lora``: it sees them, so it only says how far any LoRA of this rank gets there).
+counted once), and with ``--ceiling`` a ceiling, per-task LoRAs trained on the held-out
+combinations themselves (``combo_lora``: it sees them, so it only says how far any LoRA of this
+rank gets there).
 Scored on the held-out combinations (val images, training phrasings; PSNR to the exact targets);
 the trained combinations and single tasks are reported beside. The target of issue 17: HY-WU
 (with combinations) beats the shared LoRA by >= 1.5 dB and the merged oracle pair by >= 0.5 dB on
 the held-out combinations, in every seed; checked for both HY-WU runs trained with combinations.
 Nothing is tuned on the held-out combinations.
 
-    python bench/compose.py                      # 3 seeds, demo sizes
+    python bench/compose.py                      # 3 seeds, 300 steps (about 38 min on a 2-core CPU)
+    python bench/compose.py --ceiling            # + the per-combination LoRA ceiling (about 45 min)
     python bench/compose.py --seeds 1 --steps 150                # a reduced run
     python bench/compose.py --quick --models /tmp/m --micro models/micro_sd15_ip2p   # shows it runs
 """
@@ -111,6 +113,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--per-task-rows", type=int, default=100, help="training rows per task or combination")
     ap.add_argument("--steps", type=int, default=300, help="steps of every run (demo.yaml: 600)")
     ap.add_argument("--grid", default=None, help="write a PNG grid, one row per held-out combination (first seed)")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also train a LoRA on each held-out combination itself (a ceiling; about 80 s more per seed)")
+    ap.set_defaults(eval_per_task=16)  # keeps the default run (3 seeds, 300 steps) within 40 minutes
     a = ap.parse_args(argv)
     clock, timer = W.Clock(), demo.Timer()
     if a.quick:
@@ -130,13 +135,14 @@ def main(argv=None) -> dict:
     clauses = {g: [clause_split(world, splits[g], k) for k in range(2)] for g in groups if g != "singles"}
     per_seed, runs_info = [], []
     for seed in range(a.first_seed, a.first_seed + a.seeds):
-        single_runs, shared_runs, combo_runs, chained_runs, ceiling_runs = W.train_jobs(
+        single_runs, shared_runs, combo_runs, chained_runs, *ceiling = W.train_jobs(
             base_dir, models, seed, [(("per_task_lora", "hywu"), [*common, *data_single]),
                                      (("shared_lora",), [*common, *data_combo]),
                                      (("hywu",), [*common, *data_combo, "--data.chain_edits=false"]),
                                      (("hywu",), [*common, *data_combo, "--data.chain_edits=true"]),
-                                     (("per_task_lora",), [*common, *data_ceiling])],
+                                     *([(("per_task_lora",), [*common, *data_ceiling])] if a.ceiling else [])],
             device, timer, a.force, inprocess=a.quick)
+        ceiling_runs = ceiling[0] if ceiling else None
         shared = D.load_methods(world, {"shared_lora": W.run_file(shared_runs["shared_lora"], "shared_lora")}, singles)
         gens = {name: D.load_methods(world, {"hywu": W.run_file(run["hywu"], "hywu")}, singles)["hywu"]
                 for name, run in (("hywu_single", single_runs), ("hywu_combo", combo_runs), ("hywu_chained", chained_runs))}
@@ -154,7 +160,7 @@ def main(argv=None) -> dict:
             # trained with chained edits: used as trained (a combination's two edits chained; a single task alone)
             methods["hywu_chained"] = (ClausePair(gens["hywu_chained"].generator, clauses[g]) if g != "singles"
                                        else gens["hywu_chained"])
-            if g == "heldout_combos":
+            if g == "heldout_combos" and ceiling_runs:
                 methods["combo_lora"] = D.load_methods(world, {"per_task_lora": {
                     t: W.run_file(ceiling_runs["per_task_lora"], "per_task_lora", t) for t in ts}}, ts)["per_task_lora"]
             metrics, preds = D.evaluate(world, {g: splits[g]}, methods, ts, a.sample_steps, 1.0, seed, show=False)
@@ -173,13 +179,14 @@ def main(argv=None) -> dict:
                                                   "combo/shared_lora": str(shared_runs["shared_lora"]),
                                                   "combo/hywu": str(combo_runs["hywu"]),
                                                   "chained/hywu": str(chained_runs["hywu"]),
-                                                  "ceiling/combo_lora": str(ceiling_runs["per_task_lora"])}})
+                                                  **({"ceiling/combo_lora": str(ceiling_runs["per_task_lora"])}
+                                                     if ceiling_runs else {})}})
         if a.grid and seed == a.first_seed:
             data = splits["heldout_combos"]
             rows = [next(i for i in range(len(data)) if data.tasks[i] == c) for c in groups["heldout_combos"]]
             D.grid_png(Path(a.grid), data, preds_first["heldout_combos"], rows,
                        columns=("base", "shared_lora", "merged_pair", "hywu_single", "hywu_combo", "hywu_single_pair",
-                                "hywu_chained", "combo_lora"))
+                                "hywu_chained", *(["combo_lora"] if ceiling_runs else [])))
         print({k: round(v, 3) for k, v in figures.items()}, file=sys.stderr, flush=True)
 
     def every(key, ok):

@@ -90,7 +90,7 @@ def test_extend_quick(models, micro_base, tmp_path):
 def test_compose_quick(models, micro_base, tmp_path):
     import compose
 
-    r = _quick(compose, models, micro_base, tmp_path, "--grid", str(tmp_path / "grid.png"))
+    r = _quick(compose, models, micro_base, tmp_path, "--grid", str(tmp_path / "grid.png"), "--ceiling")
     fig = r["per_seed"][0]
     for g in ("heldout_combos", "trained_combos", "singles"):
         for m in (*compose.METHODS, "base", "identity", "vae_ceiling"):
