@@ -137,16 +137,21 @@ def test_model_input_is_not_mutated(hywu_env, plain_latent):
     assert torch.equal(_latent(srv, prefix), plain_latent[0]), "the plain MODEL changed after a runtime-LoRA run"
 
 
+def _with_second_edit(wf, instruction):
+    """The demo graph plus a second Condition Encode -> Generate LoRA on the same source (node 41's LoRA)."""
+    wf["40"] = {"class_type": "HYWUConditionEncode",
+                "inputs": {"image": ["2", 0], "instruction": instruction, "one_edit_per_line": False,
+                           "clip": ["1", 1], "generator": ["3", 0], "vae": ["1", 2]}}
+    wf["41"] = {"class_type": "HYWUGenerateLoRA", "inputs": {"generator": ["3", 0], "hywu_cond": ["40", 0]}}
+    return wf
+
+
 def test_runtime_lora_on_a_model_from_core_load_lora_model(hywu_env, plain_latent):
     """Core Load LoRA Model (weight patches) first, then HY-WU Apply: runtime and patch mode agree."""
     srv = hywu_env.server
 
     def stacked(mode):
-        wf = g.demo(instruction=EDITS[0], seed=5, cfg=CFG, mode=mode, batch_index=0)
-        wf["40"] = {"class_type": "HYWUConditionEncode",
-                    "inputs": {"image": ["2", 0], "instruction": EDITS[2], "one_edit_per_line": False,
-                               "clip": ["1", 1], "generator": ["3", 0], "vae": ["1", 2]}}
-        wf["41"] = {"class_type": "HYWUGenerateLoRA", "inputs": {"generator": ["3", 0], "hywu_cond": ["40", 0]}}
+        wf = _with_second_edit(g.demo(instruction=EDITS[0], seed=5, cfg=CFG, mode=mode, batch_index=0), EDITS[2])
         wf["42"] = {"class_type": "LoraModelLoader", "inputs": {"model": ["1", 0], "lora": ["41", 0],
                                                                 "strength_model": 1.0}}
         wf["6"]["inputs"]["model"] = ["42", 0]
@@ -164,11 +169,7 @@ def test_two_edits_chained_add_up(hywu_env):
     srv = hywu_env.server
 
     def chained(mode):
-        wf = g.demo(instruction=EDITS[0], seed=5, cfg=CFG, mode=mode, batch_index=0)
-        wf["40"] = {"class_type": "HYWUConditionEncode",
-                    "inputs": {"image": ["2", 0], "instruction": EDITS[2], "one_edit_per_line": False,
-                               "clip": ["1", 1], "generator": ["3", 0], "vae": ["1", 2]}}
-        wf["41"] = {"class_type": "HYWUGenerateLoRA", "inputs": {"generator": ["3", 0], "hywu_cond": ["40", 0]}}
+        wf = _with_second_edit(g.demo(instruction=EDITS[0], seed=5, cfg=CFG, mode=mode, batch_index=0), EDITS[2])
         wf["42"] = {"class_type": "HYWUApplyGeneratedLoRA", "inputs": {"model": ["6", 0], "lora": ["41", 0],
                                                                        "strength": 1.0, "batch_index": 0, "mode": mode}}
         wf["9"]["inputs"]["model"] = ["42", 0]
