@@ -46,19 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory_world as W  # noqa: E402
 import torch  # noqa: E402
 
+from hywu_nodes.core import concat_ranks  # noqa: E402
+
 D, demo = W.D, W.demo
 S = D.synthetic
 SINGLES = tuple(t for pair in S.CONFLICT_PAIRS for t in pair)
 METHODS = ("shared_lora", "merged_pair", "hywu_single", "hywu_combo", "hywu_chained")
-
-
-def rank_sum(loras: list) -> "D.GeneratedLoRA":
-    """LoRAs concatenated along the rank: the sum of their updates (one scale, alpha / rank)."""
-    scales = {lo.scale for lo in loras}
-    assert len(scales) == 1, "summed LoRAs share alpha / rank"
-    return D.GeneratedLoRA({k: (torch.cat([lo.weights[k][0] for lo in loras], 1),
-                                torch.cat([lo.weights[k][1] for lo in loras], 2)) for k in loras[0].weights},
-                           scales.pop())
 
 
 def clause_split(world, data, which: int):
@@ -89,7 +82,7 @@ class ClausePair(D.Method):
             keep = second.rank - shared  # the shared rank is concatenated last (core.generator)
             second = D.GeneratedLoRA({k: (a[:, :keep], b[:, :, :keep]) for k, (a, b) in second.weights.items()},
                                      second.scale)
-        return rank_sum([first, second])
+        return concat_ranks([first, second])
 
 
 def merged_pairs(world, per_task_files: dict, combos) -> "D.Method":
@@ -101,7 +94,7 @@ def merged_pairs(world, per_task_files: dict, combos) -> "D.Method":
 
     spec = build_target_spec(world.unet, "sd15_ip2p")
     single = {t: from_lora_state_dict(load_file(str(f)), "sd15_ip2p", spec) for t, f in per_task_files.items()}
-    pairs = [rank_sum([single[p] for p in S.parts(c)]) for c in combos]
+    pairs = [concat_ranks([single[p] for p in S.parts(c)]) for c in combos]
     weights = {k: (torch.cat([lo.weights[k][0] for lo in pairs]), torch.cat([lo.weights[k][1] for lo in pairs]))
                for k in pairs[0].weights}
     return D.Method("per_task_lora", D.GeneratedLoRA(weights, pairs[0].scale).to(world.device))

@@ -239,3 +239,18 @@ def test_condition_cat_pads_masked_sources_and_refuses_unmasked_ones():
     assert torch.equal(c.tokens["image"], torch.cat([a.tokens["image"], b.tokens["image"]]))
     with pytest.raises(ValueError, match="'image'.*no padding mask"):
         Condition.cat([a, Condition({"text": b.tokens["text"], "image": torch.randn(1, 4, 4)}, b.masks)])
+
+
+def test_concat_ranks_sums_the_updates_and_refuses_mixed_scales():
+    from hywu_nodes.core import GeneratedLoRA, concat_ranks
+
+    g = torch.Generator().manual_seed(0)
+    one, two = (GeneratedLoRA({"l": (torch.randn(2, r, 5, generator=g), torch.randn(2, 4, r, generator=g))}, 0.5)
+                for r in (3, 2))
+    both = concat_ranks([one, two])
+    a, b = both.weights["l"]
+    assert both.rank == 5 and both.scale == 0.5
+    want = sum(lo.weights["l"][1] @ lo.weights["l"][0] for lo in (one, two))
+    assert torch.allclose(b @ a, want, atol=1e-5)
+    with pytest.raises(ValueError, match="one alpha / rank"):
+        concat_ranks([one, GeneratedLoRA(two.weights, 1.0)])

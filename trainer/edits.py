@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hywu_nodes.core import Condition, GeneratedLoRA
+from hywu_nodes.core import Condition, GeneratedLoRA, concat_ranks
 
 
 def has_edits(dataset) -> bool:
@@ -80,17 +80,15 @@ class EditPlan:
         return adapter.encode_condition(source01[self.owner.to(source01.device)], self.texts)
 
     def chain(self, lora: GeneratedLoRA) -> GeneratedLoRA:
-        """One LoRA per row from one per edit: the sum of the row's edits (concatenated along the
-        rank, zero-padded to the batch's most edits per row; a zero slot adds nothing)."""
-        k, n = max(self.counts), len(self.counts)
+        """One LoRA per row from one per edit: the sum of the row's edits (joined along the rank;
+        a row with fewer edits than the batch's most gets zero slots, which add nothing)."""
         starts = torch.tensor([0, *self.counts[:-1]]).cumsum(0)
-        slot = torch.arange(k)
-        counts = torch.tensor(self.counts)
-        n_edits = len(self.texts)
-        index = torch.where(slot[None] < counts[:, None], starts[:, None] + slot[None], n_edits)  # (rows, k)
-        weights = {}
-        for name, (a, b) in lora.weights.items():
-            a = torch.cat([a, a.new_zeros(1, *a.shape[1:])])[index.to(a.device)]  # (rows, k, r, d_in)
-            b = torch.cat([b, b.new_zeros(1, *b.shape[1:])])[index.to(b.device)]  # (rows, k, d_out, r)
-            weights[name] = (a.reshape(n, -1, a.shape[-1]), b.permute(0, 2, 1, 3).reshape(n, b.shape[2], -1))
-        return GeneratedLoRA(weights, lora.scale)
+        counts, n_edits = torch.tensor(self.counts), len(self.texts)
+        padded = {k: (torch.cat([a, a.new_zeros(1, *a.shape[1:])]), torch.cat([b, b.new_zeros(1, *b.shape[1:])]))
+                  for k, (a, b) in lora.weights.items()}  # index n_edits is the zero slot
+        slots = []
+        for j in range(max(self.counts)):
+            index = torch.where(j < counts, starts + j, n_edits)  # each row's j-th edit
+            slots.append(GeneratedLoRA({k: (a[index.to(a.device)], b[index.to(b.device)]) for k, (a, b) in padded.items()},
+                                       lora.scale))
+        return concat_ranks(slots)

@@ -25,14 +25,14 @@ def validation_grid(adapter, method, val_batch: dict, steps: int, path: str, see
                     chain_edits: bool = False) -> str:
     """Sample the grid; ``write=False`` on the other processes of a sharded run (they take part
     in the generator's forward but write nothing). ``chain_edits``: rows with edits get the sum
-    of their edits' LoRAs (trainer/edits.py)."""
+    of their edits' LoRAs (trainer/edits.py; HY-WU runs only)."""
     src, tgt, text = val_batch["source"], val_batch["target"], val_batch["instruction"]
     base = adapter.sample(src, text, steps, seed=seed)
     module = method.module
     was_training = module.training
     module.eval()
     try:
-        plan = EditPlan.of(val_batch) if chain_edits and method.name == "hywu" else None
+        plan = EditPlan.of(val_batch) if chain_edits else None
         cond = plan.image_condition(adapter, src) if plan else adapter.encode_condition(src, text)
         lora, s2l = method.lora(module, cond.to(adapter.device), val_batch["task_id"].clamp(min=0).to(adapter.device),
                                 edits=plan)
@@ -95,7 +95,7 @@ class ValidationLoss:
     does not change, and the training steps before it stay exactly as without validation)."""
 
     def __init__(self, adapter, batches: list[dict], task_index: dict, autocast=nullcontext, chain_edits: bool = False):
-        """``chain_edits``: rows with edits are scored with the sum of their edits' LoRAs (hywu)."""
+        """``chain_edits`` (HY-WU runs only): rows with edits are scored with the sum of their edits' LoRAs."""
         self.adapter, self.autocast = adapter, autocast
         self.preps, self.rows = [], 0
         old = adapter.drop_text, adapter.drop_image
@@ -129,8 +129,6 @@ class ValidationLoss:
                 if method is None:
                     loss = self.adapter.loss(prep)
                 else:
-                    if method.name != "hywu":
-                        plan = edit_cond = None
                     cond = prep["condition"] if plan is None else edit_cond
                     lora, s2l = method.lora(module, cond.to(self.adapter.device), task_id.to(self.adapter.device),
                                             VAL_DRAWS, edits=plan)

@@ -43,6 +43,17 @@ class GeneratedLoRA:
         )
 
 
+def concat_ranks(loras: list[GeneratedLoRA]) -> GeneratedLoRA:
+    """LoRAs of one batch size and scale joined along the rank: each sample's update is the sum
+    of theirs (two LoRAs applied one after the other, at strength 1 each)."""
+    scales = {lo.scale for lo in loras}
+    if len(scales) != 1:
+        raise ValueError(f"LoRAs joined along the rank need one alpha / rank, got {sorted(scales)}")
+    return GeneratedLoRA({k: (torch.cat([lo.weights[k][0] for lo in loras], 1),
+                              torch.cat([lo.weights[k][1] for lo in loras], 2)) for k in loras[0].weights},
+                         scales.pop())
+
+
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, sample_to_lora=None,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """The low-rank term for x (batch, ..., d_in); a (n, r, d_in), b (n, d_out, r).
