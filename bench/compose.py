@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory_world as W  # noqa: E402
 import torch  # noqa: E402
 
-from hywu_nodes.core import concat_ranks  # noqa: E402
+from hywu_nodes.core import concat_ranks, without_shared  # noqa: E402
 
 D, demo = W.D, W.demo
 S = D.synthetic
@@ -77,11 +77,8 @@ class ClausePair(D.Method):
     def lora_for(self, data, index):
         spec = self.generator.condition_spec
         first, second = (self.generator(D.condition(spec, c, index)) for c in self.clauses)
-        shared = self.generator.config.shared_rank
-        if self.shared_once and shared:
-            keep = second.rank - shared  # the shared rank is concatenated last (core.generator)
-            second = D.GeneratedLoRA({k: (a[:, :keep], b[:, :, :keep]) for k, (a, b) in second.weights.items()},
-                                     second.scale)
+        if self.shared_once:
+            second = without_shared(second, self.generator.config.shared_rank)
         return concat_ranks([first, second])
 
 
@@ -132,7 +129,8 @@ def main(argv=None) -> dict:
             base_dir, models, seed, [(("per_task_lora", "hywu"), [*common, *data_single]),
                                      (("shared_lora",), [*common, *data_combo]),
                                      (("hywu",), [*common, *data_combo, "--data.chain_edits=false"]),
-                                     (("hywu",), [*common, *data_combo, "--data.chain_edits=true"]),
+                                     (("hywu",), [*common, *data_combo, "--data.chain_edits=true",
+                                                               "--data.chain_shared=once"]),
                                      *([(("per_task_lora",), [*common, *data_ceiling])] if a.ceiling else [])],
             device, timer, a.force, inprocess=a.quick)
         ceiling_runs = ceiling[0] if ceiling else None
@@ -151,7 +149,7 @@ def main(argv=None) -> dict:
                 methods["hywu_single_pair"] = ClausePair(gens["hywu_single"].generator, clauses[g])
                 methods["hywu_single_pair_shared_once"] = ClausePair(gens["hywu_single"].generator, clauses[g], True)
             # trained with chained edits: used as trained (a combination's two edits chained; a single task alone)
-            methods["hywu_chained"] = (ClausePair(gens["hywu_chained"].generator, clauses[g]) if g != "singles"
+            methods["hywu_chained"] = (ClausePair(gens["hywu_chained"].generator, clauses[g], True) if g != "singles"
                                        else gens["hywu_chained"])
             if g == "heldout_combos" and ceiling_runs:
                 methods["combo_lora"] = D.load_methods(world, {"per_task_lora": {

@@ -33,7 +33,8 @@ def sd15_ip2p(ckpt, generator, image, instruction=INSTRUCTION, steps=20, cfg=7.5
         "4": {"class_type": "HYWUConditionEncode",
               "inputs": {"image": ["2", 0], "instruction": instruction, "one_edit_per_line": False, "clip": ["1", 1],
                          "generator": ["3", 0], "vae": ["1", 2]}, "_meta": {"title": "HY-WU Condition Encode"}},
-        "5": {"class_type": "HYWUGenerateLoRA", "inputs": {"generator": ["3", 0], "hywu_cond": ["4", 0]},
+        "5": {"class_type": "HYWUGenerateLoRA", "inputs": {"generator": ["3", 0], "hywu_cond": ["4", 0],
+                                                        "include_shared": True},
               "_meta": {"title": "HY-WU Generate LoRA"}},
         "6": {"class_type": "HYWUApplyGeneratedLoRA",
               "inputs": {"model": ["1", 0], "lora": ["5", 0], "strength": 1.0, "batch_index": -1, "mode": "runtime"},
@@ -57,13 +58,16 @@ def sd15_ip2p(ckpt, generator, image, instruction=INSTRUCTION, steps=20, cfg=7.5
 def two_edits_in_a_row(wf: dict, second: str, whole: str) -> dict:
     """An SD1.5 graph with a second HY-WU edit chained after the first (Condition Encode ->
     Generate LoRA -> Apply, the second Apply on the first one's MODEL: their LoRAs add up), and the
-    sampler prompted with the whole instruction. Each generator call reads one edit of the two."""
+    sampler prompted with the whole instruction. Each generator call reads one edit of the two;
+    the second leaves out the generator's shared part (trainer data.chain_shared: once)."""
     wf = json.loads(json.dumps(wf))
     wf["4"]["_meta"]["title"] = "HY-WU Condition Encode (first edit)"
     wf["12"] = {"class_type": "HYWUConditionEncode",
                 "inputs": {**wf["4"]["inputs"], "instruction": second},
                 "_meta": {"title": "HY-WU Condition Encode (second edit)"}}
-    wf["13"] = {"class_type": "HYWUGenerateLoRA", "inputs": {"generator": ["3", 0], "hywu_cond": ["12", 0]},
+    # include_shared off: the first edit's LoRA already carries the generator's shared part (counted once)
+    wf["13"] = {"class_type": "HYWUGenerateLoRA", "inputs": {"generator": ["3", 0], "hywu_cond": ["12", 0],
+                                                             "include_shared": False},
                 "_meta": {"title": "HY-WU Generate LoRA (second edit)"}}
     wf["14"] = {"class_type": "HYWUApplyGeneratedLoRA", "inputs": {**wf["6"]["inputs"], "model": ["6", 0], "lora": ["13", 0]},
                 "_meta": {"title": "HY-WU Apply Generated LoRA (second edit)"}}
@@ -91,7 +95,8 @@ def flux_kontext(instruction="turn the car red", steps=20, seed=0):
         "7": {"class_type": "HYWUConditionEncode",
               "inputs": {"image": ["5", 0], "instruction": instruction, "one_edit_per_line": False, "clip": ["2", 0],
                          "generator": ["6", 0], "vae": ["3", 0]}, "_meta": {"title": "HY-WU Condition Encode"}},
-        "8": {"class_type": "HYWUGenerateLoRA", "inputs": {"generator": ["6", 0], "hywu_cond": ["7", 0]},
+        "8": {"class_type": "HYWUGenerateLoRA", "inputs": {"generator": ["6", 0], "hywu_cond": ["7", 0],
+                                                        "include_shared": True},
               "_meta": {"title": "HY-WU Generate LoRA"}},
         "9": {"class_type": "HYWUApplyGeneratedLoRA",
               "inputs": {"model": ["1", 0], "lora": ["8", 0], "strength": 1.0, "batch_index": -1, "mode": "runtime"},
@@ -137,7 +142,8 @@ def qwen_image_edit(instruction="replace the sky with a sunset", steps=20, seed=
         "8": {"class_type": "HYWUConditionEncode",
               "inputs": {"image": ["5", 0], "instruction": ["6", 0], "one_edit_per_line": False, "clip": ["2", 0],
                          "generator": ["7", 0], "vae": ["3", 0]}, "_meta": {"title": "HY-WU Condition Encode"}},
-        "9": {"class_type": "HYWUGenerateLoRA", "inputs": {"generator": ["7", 0], "hywu_cond": ["8", 0]},
+        "9": {"class_type": "HYWUGenerateLoRA", "inputs": {"generator": ["7", 0], "hywu_cond": ["8", 0],
+                                                        "include_shared": True},
               "_meta": {"title": "HY-WU Generate LoRA"}},
         "10": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["1", 0], "shift": 3.0},
                "_meta": {"title": "ModelSamplingAuraFlow"}},

@@ -10,6 +10,9 @@ Outputs (in ``models/hywu/`` by default; git-ignored, rebuilt from the seed in ~
     image in 2x2 patches), preset ``tiny``, rank 4. The B head is given seeded non-zero
     weights, so the generated LoRAs are non-zero and depend on the instruction and the image
     (a freshly initialised generator writes B = 0, i.e. "no change").
+``hywu_micro_seeded_shared.safetensors``
+    The same with a shared rank of 2 (``generator.shared_rank``), its B given seeded non-zero
+    weights too: for Generate LoRA's ``include_shared`` (the second edit of a chain).
 ``hywu_test_flux_kontext.safetensors``
     A generator for another base family (``flux_kontext``: target spec of a tiny seeded
     diffusers ``FluxTransformer2DModel``) with a Flux-style condition spec (T5 width 4096,
@@ -38,12 +41,14 @@ if str(REPO) not in sys.path:
 DEFAULT_OUT = REPO / "models" / "hywu"
 DEFAULT_BASE = REPO / "models" / "micro_sd15_ip2p"
 SEEDED_NAME = "hywu_micro_seeded.safetensors"
+SEEDED_SHARED_NAME = "hywu_micro_seeded_shared.safetensors"
 FLUX_NAME = "hywu_test_flux_kontext.safetensors"
 FLUX_SD15COND_NAME = "hywu_test_flux_sd15cond.safetensors"
 
 SD15_TEXT_WIDTH, SD15_TEXT_TOKENS, SD15_LATENT_CHANNELS = 768, 77, 4
 IMAGE_RESOLUTION = 64
 RANK, ALPHA = 4, 4.0
+SHARED_RANK = 2
 
 
 def sd15_condition_spec(image_resolution: int = IMAGE_RESOLUTION):
@@ -64,15 +69,20 @@ def _seed_b_head_(generator, seed: int, b_std: float):
     return generator
 
 
-def _build(target_spec, cond_spec, seed: int, b_std: float, extra: dict, path: Path):
+def _build(target_spec, cond_spec, seed: int, b_std: float, extra: dict, path: Path, shared_rank: int = 0):
     import torch
 
     from hywu_nodes.core import GeneratorConfig, HYWUGenerator, save_generator
 
     torch.manual_seed(seed)
-    cfg = GeneratorConfig.from_preset("tiny", rank=RANK, alpha=ALPHA)
+    cfg = GeneratorConfig.from_preset("tiny", rank=RANK, alpha=ALPHA, shared_rank=shared_rank)
     gen = HYWUGenerator(cfg, target_spec, cond_spec)
     _seed_b_head_(gen, seed, b_std)
+    if shared_rank:  # the shared B starts at zero too
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(seed + 1)
+            for b in gen.shared_b:
+                b.copy_(torch.randn(b.shape, generator=g) * b_std)
     save_generator(path, gen, extra={"seeded": True, "seed": seed, "b_std": b_std, **extra})
     return path
 
@@ -115,19 +125,22 @@ def _usable(path: Path) -> bool:
 
 def build_test_generators(out_dir=DEFAULT_OUT, base_dir=DEFAULT_BASE, seed: int = 0, b_std: float = 0.02,
                           force: bool = False) -> dict[str, Path]:
-    """Write the three generator files (skipping existing ones unless ``force``); returns their paths."""
+    """Write the four generator files (skipping existing ones unless ``force``); returns their paths."""
     from hywu_nodes.core import standard_condition_spec
 
     out_dir = Path(out_dir)
-    paths = {"seeded": out_dir / SEEDED_NAME, "flux": out_dir / FLUX_NAME, "flux_sd15cond": out_dir / FLUX_SD15COND_NAME}
-    if force or not _usable(paths["seeded"]):
+    paths = {"seeded": out_dir / SEEDED_NAME, "seeded_shared": out_dir / SEEDED_SHARED_NAME,
+             "flux": out_dir / FLUX_NAME, "flux_sd15cond": out_dir / FLUX_SD15COND_NAME}
+    if force or not _usable(paths["seeded"]) or not _usable(paths["seeded_shared"]):
         if not (Path(base_dir) / "unet" / "config.json").is_file():
             sys.path.insert(0, str(REPO / "scripts"))
             import build_micro_base
 
             build_micro_base.ensure_micro_base()
-        _build(micro_unet_target_spec(base_dir), sd15_condition_spec(), seed, b_std,
-               {"base": "micro_sd15_ip2p", "builder": "scripts/build_test_generator.py"}, paths["seeded"])
+        unet_spec, extra = micro_unet_target_spec(base_dir), {"base": "micro_sd15_ip2p",
+                                                              "builder": "scripts/build_test_generator.py"}
+        _build(unet_spec, sd15_condition_spec(), seed, b_std, extra, paths["seeded"])
+        _build(unet_spec, sd15_condition_spec(), seed, b_std, extra, paths["seeded_shared"], SHARED_RANK)
     if force or not _usable(paths["flux"]) or not _usable(paths["flux_sd15cond"]):
         flux_spec = tiny_flux_target_spec(seed)
         _build(flux_spec, standard_condition_spec(4096, 512, 16, IMAGE_RESOLUTION), seed, b_std,

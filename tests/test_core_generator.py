@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hywu_nodes.core import (Condition, GeneratorConfig, HYWUGenerator, build_target_spec, condition_statistics, describe,
-                             lora_patched, merge_lora_)
+                             lora_patched, merge_lora_, without_shared)
 from tiny_models import COND_SPEC, flux_inputs, make_condition, make_generator, tiny_flux, tiny_unet, unet_inputs
 
 def base_params(model):
@@ -180,6 +180,14 @@ def test_shared_part_is_the_same_for_every_request():
     a, b = next(iter(lora.weights.values()))
     assert torch.equal(a[0, 4:], a[2, 4:]) and torch.equal(b[0, :, 4:], b[1, :, 4:])  # shared ranks
     assert not torch.equal(b[0, :, :4], b[2, :, :4])  # generated ranks differ per request
+    # without_shared: the generated ranks alone (a chain's later edits), same scale; rank 0 is a no-op
+    part = without_shared(lora, gen.config.shared_rank)
+    assert part.rank == 4 and part.scale == lora.scale
+    for k, (pa, pb) in part.weights.items():
+        assert torch.equal(pa, lora.weights[k][0][:, :4]) and torch.equal(pb, lora.weights[k][1][:, :, :4])
+    assert without_shared(lora, 0) is lora
+    with pytest.raises(ValueError, match="no generated part"):
+        without_shared(part, 4)
 
 
 def test_condition_statistics_and_standardisation():

@@ -42,7 +42,7 @@ def test_object_info_lists_the_four_nodes(hywu_env):
         "HYWULoadGenerator": ({"generator_name"}, ["HYWU_GENERATOR"]),
         "HYWUConditionEncode": ({"image", "instruction", "one_edit_per_line", "clip", "vae", "generator",
                                  "clip_vision"}, ["HYWU_COND", "CONDITIONING", "IMAGE"]),
-        "HYWUGenerateLoRA": ({"generator", "hywu_cond"}, ["LORA_MODEL"]),
+        "HYWUGenerateLoRA": ({"generator", "hywu_cond", "include_shared"}, ["LORA_MODEL"]),
         "HYWUApplyGeneratedLoRA": ({"model", "lora", "strength", "batch_index", "mode"}, ["MODEL"]),
     }
     for node, (inputs, outputs) in expected.items():
@@ -108,6 +108,36 @@ def test_two_instructions_give_two_loras(hywu_env):
     ia, _ = _run(srv, g.demo(instruction="make it a snowy winter scene", seed=11, prefix="hywu_ia"))
     ib, _ = _run(srv, g.demo(instruction="turn it into an oil painting", seed=11, prefix="hywu_ib"))
     assert np.abs(_image(srv, ia) - _image(srv, ib)).max() > 0
+
+
+def test_include_shared_off_leaves_out_the_generators_shared_rank(hywu_env):
+    """Generate LoRA with include_shared off (the second edit of a chain) writes the generated part
+    alone: the same first slots, the shared rank gone, the same alpha / rank; a generator without
+    a shared rank writes the same LoRA either way."""
+    srv = hywu_env.server
+
+    def saved(generator, include_shared, prefix):
+        wf = g.lora_only("make it a snowy winter scene", f"loras/{prefix}", generator=hywu_env.generators[generator])
+        wf["5"]["inputs"]["include_shared"] = include_shared
+        _run(srv, wf)
+        return load_file(_saved_lora(srv, prefix))
+
+    whole, part = saved("seeded_shared", True, "hywu_shared_on"), saved("seeded_shared", False, "hywu_shared_off")
+    assert whole.keys() == part.keys()
+    downs = [k for k in whole if k.endswith(".lora_down.weight")]
+    assert downs
+    for down in downs:
+        up, alpha = down.replace("lora_down", "lora_up"), down.replace(".lora_down.weight", ".alpha")
+        rank = part[down].shape[0]
+        assert whole[down].shape[0] == rank + 2  # scripts/build_test_generator.py SHARED_RANK
+        assert np.array_equal(part[down].numpy(), whole[down][:rank].numpy())
+        assert np.array_equal(part[up].numpy(), whole[up][:, :rank].numpy())
+        assert float(part[alpha]) / rank == pytest.approx(float(whole[alpha]) / (rank + 2))
+    shared_part = max(float(whole[k.replace("lora_down", "lora_up")][:, -2:].abs().max()) for k in downs)
+    assert shared_part > 0, "the test generator's shared rank is zero: nothing was left out"
+    plain_on, plain_off = saved("seeded", True, "hywu_plain_on"), saved("seeded", False, "hywu_plain_off")
+    assert plain_on.keys() == plain_off.keys()
+    assert all(np.array_equal(plain_on[k].numpy(), plain_off[k].numpy()) for k in plain_on)
 
 
 def test_core_save_lora_and_load_lora_model_apply_it_the_same(hywu_env):

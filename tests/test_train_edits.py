@@ -14,7 +14,8 @@ import torch
 from hywu_nodes.core import GeneratedLoRA, HYWUGenerator
 from trainer import synthetic
 from trainer.data import BadRow, build_datasets, parse_edits
-from trainer.edits import EditPlan, problems
+from trainer.config import ConfigError, validate
+from trainer.edits import Chaining, EditPlan, problems
 from trainer.tiny_bases import tiny_config
 from trainer.train import run
 
@@ -58,6 +59,38 @@ def test_plan_sums_each_rows_edits_and_pads_with_zeros():
     for row, edits in ((0, [0, 1]), (1, [2]), (2, [3, 4])):
         assert torch.allclose(b[row] @ a[row], sum(delta(i) for i in edits), atol=1e-5), row
     assert chained.scale == 0.5
+
+
+def test_plan_counts_the_generators_shared_rank_once_per_row():
+    """data.chain_shared: once: a row's second edit adds its LoRA without the shared rank (the
+    generator joins it last), as Generate LoRA with include_shared off does in the second edit of
+    a chain; a row of one edit keeps its whole LoRA."""
+    batch = {"instruction": ["both", "one"], "edits": [("a", "b"), ()]}
+    shared, r, d_in, d_out = 2, 5, 6, 4  # rank 5 = 3 generated + 2 shared
+    torch.manual_seed(0)
+    per_edit = GeneratedLoRA({"l": (torch.randn(3, r, d_in), torch.randn(3, d_out, r))}, 0.5)
+    ea, eb = per_edit.weights["l"]
+    a, b = EditPlan.of(batch, shared_once=shared).chain(per_edit).weights["l"]
+    assert a.shape == (2, 2 * r - shared, d_in)
+    keep = r - shared
+    assert torch.allclose(b[0] @ a[0], eb[0] @ ea[0] + eb[1, :, :keep] @ ea[1, :keep], atol=1e-5)
+    assert torch.allclose(b[1] @ a[1], eb[2] @ ea[2], atol=1e-5)
+    a2, b2 = EditPlan.of(batch).chain(per_edit).weights["l"]  # per_edit: the whole LoRAs summed
+    assert torch.allclose(b2[0] @ a2[0], eb[0] @ ea[0] + eb[1] @ ea[1], atol=1e-5)
+    assert not torch.allclose(b2[0] @ a2[0], b[0] @ a[0], atol=1e-3)
+
+
+def test_chaining_follows_the_config(tmp_path):
+    cfg = tiny_config("sd15_ip2p", tmp_path, generator={"shared_rank": 3})
+    assert cfg.data.chain_shared == "once" and Chaining.of(cfg, "hywu") == Chaining(3)
+    assert Chaining.of(cfg, "shared_lora") is None
+    cfg.data.chain_shared = "per_edit"
+    assert Chaining.of(cfg, "hywu") == Chaining(0)
+    cfg.data.chain_edits = False
+    assert Chaining.of(cfg, "hywu") is None
+    cfg.data.chain_edits, cfg.data.chain_shared = True, "twice"
+    with pytest.raises(ConfigError, match="data.chain_shared 'twice' is not one of once, per_edit"):
+        validate(cfg)
 
 
 def test_refused_where_chaining_cannot_train(tmp_path):
@@ -151,16 +184,19 @@ def test_each_edits_condition_is_what_sampling_encodes_for_that_sentence(family,
     assert run(cfg, progress=False)["steps"] == 1 and generator_calls[0] == 3
 
 
-def test_qwen_image_edit_refuses_chained_rows_with_the_way_out(tmp_path):
-    """Its text encoder reads the image: chained rows are refused before any step, saying how to
-    train them as whole instructions instead; with data.chain_edits: false the same data trains."""
-    from trainer.config import ConfigError
+def test_qwen_image_edit_refuses_chained_rows_with_the_way_out(tmp_path, monkeypatch):
+    """Its text encoder reads the image: chained rows are refused before the base loads, saying how
+    to train them as whole instructions instead; with data.chain_edits: false the same data trains."""
+    import trainer.train as train_module
 
     torch.set_num_threads(1)
     cfg = tiny_config("qwen_image_edit", tmp_path / "run", train={"max_steps": 1, "batch_size": 2, "validate_every": 0},
                       data={"tasks": ["brighten", COMBO], "n_train": 4, "n_val": 2})
+    loads = []
+    load_family = train_module.load_family
+    monkeypatch.setattr(train_module, "load_family", lambda *a: loads.append(a) or load_family(*a))
     with pytest.raises(ConfigError, match="reads the image.*data.chain_edits: false"):
         run(cfg, progress=False)
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not loads and not (tmp_path / "run" / "checkpoints").exists()
     cfg.data.chain_edits = False
     assert run(cfg, progress=False)["steps"] == 1

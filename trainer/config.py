@@ -12,6 +12,7 @@ import yaml
 from hywu_nodes.core import BASE_FAMILIES, PRESETS
 from hywu_nodes.core.generator import CONDITION_NORMS
 
+from .edits import CHAIN_SHARED
 from .replay import ReplayConfig, replay_problems
 
 METHODS = ("hywu", "shared_lora", "per_task_lora")
@@ -48,6 +49,7 @@ class DataConfig:
     cache_dir: str = ""  # also keep the encodings on disk here, for the next run on the same base and data
     replay: ReplayConfig = field(default_factory=ReplayConfig)  # old data mixed in a set share (trainer/replay.py)
     chain_edits: bool = True  # rows with an `edits` list train as those edits chained (trainer/edits.py); false: ignored
+    chain_shared: str = "once"  # once | per_edit: the generator's shared rank counted once per chained row, or per edit
 
 
 @dataclass
@@ -200,6 +202,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"data.source '{d.source}' is not one of {', '.join(SOURCES)}")
     if d.source != "synthetic" and not d.path:
         problems.append(f"data.path is empty: data.source={d.source} needs a {'manifest file' if d.source == 'manifest' else 'folder of .parquet files'}")
+    if d.chain_shared not in CHAIN_SHARED:
+        problems.append(f"data.chain_shared '{d.chain_shared}' is not one of {', '.join(CHAIN_SHARED)}")
     if g.preset not in PRESETS:
         problems.append(f"generator.preset '{g.preset}' is not one of {', '.join(PRESETS)}")
     if g.condition_norm not in CONDITION_NORMS:

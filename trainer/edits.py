@@ -8,6 +8,11 @@ is what two HY-WU Condition Encode -> Generate LoRA -> Apply chains in a row com
 (example workflow "HY-WU two edits in a row"); the base still reads the row's whole instruction,
 as the sampler's prompt does there. A row without edits is one edit, its instruction. The
 static-LoRA baselines ignore edits (they never read the instruction).
+
+The generator's shared rank (generator.shared_rank, a static LoRA inside every generated one) is
+counted once per row by default (``data.chain_shared: once``): the second and later edits add
+only their generated part, as Generate LoRA does with ``include_shared`` off. ``per_edit`` sums
+the whole LoRAs (every Generate LoRA of the chain with ``include_shared`` on).
 """
 from __future__ import annotations
 
@@ -15,7 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from hywu_nodes.core import Condition, GeneratedLoRA, concat_ranks
+from hywu_nodes.core import Condition, GeneratedLoRA, concat_ranks, without_shared
+
+CHAIN_SHARED = ("once", "per_edit")
 
 
 def has_edits(dataset) -> bool:
@@ -25,12 +32,13 @@ def has_edits(dataset) -> bool:
     return any(row.get(EDITS_KEY) for row in dataset.rows)
 
 
-def problems(cfg, adapter, dataset, method_name: str) -> list[str]:
-    """Why chained-edit rows cannot train in this run ([] when they can, or when there are none)."""
+def problems(cfg, family, dataset, method_name: str) -> list[str]:
+    """Why chained-edit rows cannot train in this run ([] when they can, or when there are none);
+    ``family``: the base's adapter class (trainer.families.family_class: before the base loads)."""
     if not (cfg.data.chain_edits and method_name == "hywu" and has_edits(dataset)):
         return []
     out = []
-    if getattr(adapter, "text_sees_image", False):
+    if getattr(family, "text_sees_image", False):
         out.append(f"rows with `edits` (chained edits) are not supported for {cfg.base.family} yet: its text encoder "
                    "reads the image, so every edit needs its own image encoding. Set data.chain_edits: false to train "
                    "those rows on their whole instruction")
@@ -53,9 +61,10 @@ class EditPlan:
     texts: list[str]
     owner: torch.Tensor  # (n_edits,) row index of each edit
     counts: list[int]  # edits per row
+    shared_once: int = 0  # the generator's shared rank, left out of every edit after a row's first
 
     @classmethod
-    def of(cls, batch: dict) -> "EditPlan | None":
+    def of(cls, batch: dict, shared_once: int = 0) -> "EditPlan | None":
         """None when no row of the batch has separate edits (then nothing changes)."""
         edits = batch.get("edits")
         if not edits or not any(edits):
@@ -66,7 +75,7 @@ class EditPlan:
             texts += row_edits
             owner += [row] * len(row_edits)
             counts.append(len(row_edits))
-        return cls(texts, torch.tensor(owner, dtype=torch.long), counts)
+        return cls(texts, torch.tensor(owner, dtype=torch.long), counts, shared_once)
 
     def condition(self, adapter, enc: dict, step: int) -> Condition:
         """The generator's condition of every edit from a batch's encodings: the family's own
@@ -89,6 +98,25 @@ class EditPlan:
         slots = []
         for j in range(max(self.counts)):
             index = torch.where(j < counts, starts + j, n_edits)  # each row's j-th edit
-            slots.append(GeneratedLoRA({k: (a[index.to(a.device)], b[index.to(b.device)]) for k, (a, b) in padded.items()},
-                                       lora.scale))
+            slot = GeneratedLoRA({k: (a[index.to(a.device)], b[index.to(b.device)]) for k, (a, b) in padded.items()},
+                                 lora.scale)
+            slots.append(without_shared(slot, self.shared_once) if j else slot)
         return concat_ranks(slots)
+
+
+@dataclass(frozen=True)
+class Chaining:
+    """How a run trains rows with edits: ``shared_once`` is the shared rank counted once per row
+    (0: every edit's whole LoRA is summed)."""
+
+    shared_once: int = 0
+
+    @classmethod
+    def of(cls, cfg, method_name: str) -> "Chaining | None":
+        """None when the run does not chain edits (data.chain_edits off, or a static-LoRA method)."""
+        if not (cfg.data.chain_edits and method_name == "hywu"):
+            return None
+        return cls(cfg.generator.shared_rank if cfg.data.chain_shared == "once" else 0)
+
+    def plan(self, batch: dict) -> EditPlan | None:
+        return EditPlan.of(batch, self.shared_once)

@@ -27,13 +27,13 @@ from hywu_nodes.core import Condition, build_target_spec, condition_statistics, 
 from .config import ConfigError, TrainConfig, load_config
 from .data import BadRow, BatchStream, build_datasets, collate
 from .encoded import EncodedRows, cache_key
-from .families import BaseFolderError, check_base, load_family, module_digest
+from .families import BaseFolderError, check_base, family_class, load_family, module_digest
 from .families.libraries import LibraryVersionError, check_libraries
 from .guard import NonFiniteGuard, TrainingDiverged
 from .methods import build_method
 from .preflight import DataError, check_data, is_main_process, print_check
 from .distill import ReplayDistillation
-from .edits import EditPlan
+from .edits import Chaining
 from .edits import problems as edit_problems
 from .replay import is_replay, old_rows
 from .replay import mix as replay_mix
@@ -304,17 +304,17 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
 
             build_tiny_base(cfg.base.family, cfg.base.path, seed=0)
         accelerator.wait_for_everyone()
+    train_ds, val_ds = build_datasets(cfg, data_check.train.usable, data_check.val.usable if data_check.val else None)
+    train_ds = replay_mix(train_ds, cfg)  # data.replay: old rows in a set share
+    refused = edit_problems(cfg, family_class(cfg), train_ds, t.method)  # before the base loads
+    if refused:
+        raise ConfigError("; ".join(refused))
     adapter = load_family(cfg, device, weight_dtype)
     if t.base_gradient_checkpointing:
         adapter.enable_gradient_checkpointing()
 
     digests = {k: module_digest(m) for k, m in adapter.frozen_modules().items()} if check_frozen else None
-    train_ds, val_ds = build_datasets(cfg, data_check.train.usable, data_check.val.usable if data_check.val else None)
-    train_ds = replay_mix(train_ds, cfg)  # data.replay: old rows in a set share
-    refused = edit_problems(cfg, adapter, train_ds, t.method)
-    if refused:
-        raise ConfigError("; ".join(refused))
-    chain = cfg.data.chain_edits and t.method == "hywu"  # rows with `edits`: one LoRA per edit, summed (trainer/edits.py)
+    chain = Chaining.of(cfg, t.method)  # rows with `edits`: one LoRA per edit, summed (trainer/edits.py)
     rows = None
     if cfg.data.cache_mb > 0:
         cache_file = Path(cfg.data.cache_dir) / f"encoded-{cache_key(cfg, weight_dtype)}.safetensors" if cfg.data.cache_dir else None
@@ -394,7 +394,7 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
     else:
         val_loss = ValidationLoss(adapter, [collate(val_items[k:k + t.batch_size], task_index)
                                             for k in range(0, len(val_items), t.batch_size)], task_index, accelerator.autocast,
-                                  chain_edits=chain)
+                                  chain=chain)
         accelerator.print(f"validation: the loss on {val_loss.rows} held-out rows ({VAL_DRAWS} fixed noise draws each) with "
                           f"the LoRA and for the base without it, " + (f"every {t.validate_every} steps and " if t.validate_every
                                                                         else "") + "at the end", flush=True)
@@ -464,7 +464,7 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
             from .validate import validation_grid
 
             validation_grid(adapter, method, val_batch, t.validate_steps, str(output / "samples" / f"step-{step:08d}.png"),
-                            seed=t.seed, write=accelerator.is_main_process, chain_edits=chain)
+                            seed=t.seed, write=accelerator.is_main_process, chain=chain)
         accelerator.wait_for_everyone()
 
     old_stream = None
@@ -521,7 +521,7 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
             if sharded:
                 module.set_requires_gradient_sync(last)  # reduce-scatter once per optimizer step
             with (nullcontext() if sharded else accelerator.accumulate(wrapped)), accelerator.autocast():
-                plan = EditPlan.of(batch) if chain else None
+                plan = chain.plan(batch) if chain else None
                 cond = (prep["condition"] if plan is None else plan.condition(adapter, enc, step)).to(device)
                 replay = is_replay(train_ds, batch["row"])
                 anchor = distill_batch(step, micro) if distill else None

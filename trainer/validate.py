@@ -12,7 +12,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from hywu_nodes.core import GeneratedLoRA, lora_patched
 
-from .edits import EditPlan
 
 
 def to_pil_row(images: list[torch.Tensor]) -> Image.Image:
@@ -22,17 +21,17 @@ def to_pil_row(images: list[torch.Tensor]) -> Image.Image:
 
 @torch.no_grad()
 def validation_grid(adapter, method, val_batch: dict, steps: int, path: str, seed: int = 0, write: bool = True,
-                    chain_edits: bool = False) -> str:
+                    chain=None) -> str:
     """Sample the grid; ``write=False`` on the other processes of a sharded run (they take part
-    in the generator's forward but write nothing). ``chain_edits``: rows with edits get the sum
-    of their edits' LoRAs (trainer/edits.py; HY-WU runs only)."""
+    in the generator's forward but write nothing). ``chain`` (a trainer.edits.Chaining, HY-WU runs
+    only): rows with edits get the sum of their edits' LoRAs."""
     src, tgt, text = val_batch["source"], val_batch["target"], val_batch["instruction"]
     base = adapter.sample(src, text, steps, seed=seed)
     module = method.module
     was_training = module.training
     module.eval()
     try:
-        plan = EditPlan.of(val_batch) if chain_edits else None
+        plan = chain.plan(val_batch) if chain else None
         cond = plan.image_condition(adapter, src) if plan else adapter.encode_condition(src, text)
         lora, s2l = method.lora(module, cond.to(adapter.device), val_batch["task_id"].clamp(min=0).to(adapter.device),
                                 edits=plan)
@@ -94,8 +93,9 @@ class ValidationLoss:
     trained LoRA and for the frozen base alone (computed once, at the first validation: the base
     does not change, and the training steps before it stay exactly as without validation)."""
 
-    def __init__(self, adapter, batches: list[dict], task_index: dict, autocast=nullcontext, chain_edits: bool = False):
-        """``chain_edits`` (HY-WU runs only): rows with edits are scored with the sum of their edits' LoRAs."""
+    def __init__(self, adapter, batches: list[dict], task_index: dict, autocast=nullcontext, chain=None):
+        """``chain`` (a trainer.edits.Chaining, HY-WU runs only): rows with edits are scored with the
+        sum of their edits' LoRAs."""
         self.adapter, self.autocast = adapter, autocast
         self.preps, self.rows = [], 0
         old = adapter.drop_text, adapter.drop_image
@@ -107,7 +107,7 @@ class ValidationLoss:
                 enc = adapter.encode(batch)
                 task_id = torch.tensor([task_index.get(t, 0) for t in batch["task"]], dtype=torch.long)
                 prep = adapter.prepare_encoded(enc, VAL_STEP, keys)
-                plan = EditPlan.of(batch) if chain_edits else None
+                plan = chain.plan(batch) if chain else None
                 self.preps.append((prep, task_id, plan, plan.condition(adapter, enc, VAL_STEP) if plan else None))
                 self.rows += b
         finally:

@@ -253,6 +253,17 @@ class HYWUGenerator(nn.Module):
         return self(cond)
 
 
+def without_shared(lora: GeneratedLoRA, shared_rank: int) -> GeneratedLoRA:
+    """A generator's LoRA without its shared rank (forward joins that static part last): what the
+    second and later edits of a chain add, since the first edit's LoRA already carries it."""
+    if not shared_rank:
+        return lora
+    keep = lora.rank - shared_rank
+    if keep < 1:
+        raise ValueError(f"a LoRA of rank {lora.rank} has no generated part beside a shared rank of {shared_rank}")
+    return GeneratedLoRA({k: (a[:, :keep], b[:, :, :keep]) for k, (a, b) in lora.weights.items()}, lora.scale)
+
+
 def describe(config: GeneratorConfig, targets: TargetSpec, conditions: ConditionSpec) -> dict:
     """Sizes of a generator for a target spec, without allocating its weights."""
     with torch.device("meta"):

@@ -10,16 +10,17 @@ import comfy.model_management as mm
 import comfy.utils
 from comfy_api.latest import io
 
-from ..core import GeneratedLoRA, to_lora_state_dict
+from ..core import GeneratedLoRA, to_lora_state_dict, without_shared
 from .common import log, offload
 from .encode import condition_for_generator
 from .types import CATEGORY, HYWUCond, HYWUError, HYWUGenerator, HYWULoRA, LoraModel
 
 
-def generate_loras(generator, encoded) -> HYWULoRA:
+def generate_loras(generator, encoded, include_shared: bool = True) -> HYWULoRA:
     """Run the generator once per condition row on the compute device (through ComfyUI's model
     management), with a progress bar and interrupt checks between blocks. Returns LoRA 0 as the
-    LORA_MODEL dict, the whole batch attached."""
+    LORA_MODEL dict, the whole batch attached. ``include_shared=False``: without the generator's
+    shared rank (the second and later edits of a chain; core.without_shared)."""
     t0 = time.perf_counter()
     cond = condition_for_generator(encoded, generator)
     try:
@@ -33,6 +34,10 @@ def generate_loras(generator, encoded) -> HYWULoRA:
                         "Connect this generator to HY-WU Condition Encode's generator input to see which encoder "
                         "is wrong.")
     patcher = generator.patcher
+    shared = 0 if include_shared else patcher.model.config.shared_rank
+    if not include_shared and not shared:
+        log.info("HY-WU Generate LoRA: generator %s has no shared rank, so include_shared off changes nothing",
+                 generator.describe())
     mm.load_models_gpu([patcher], force_full_load=True)
     gen = patcher.model
     device = patcher.load_device
@@ -53,6 +58,7 @@ def generate_loras(generator, encoded) -> HYWULoRA:
             for i in range(n):
                 mm.throw_exception_if_processing_interrupted()
                 lora: GeneratedLoRA = gen.generate(cond.select(i).to(device=device, dtype=generator.dtype))
+                lora = without_shared(lora, shared)
                 batch.append(to_lora_state_dict(lora, generator.family, 0, dtype=torch.float32))
                 if not all(bool(torch.isfinite(v).all()) for v in batch[-1].values()):
                     raise HYWUError(
@@ -85,6 +91,12 @@ class HYWUGenerateLoRA(io.ComfyNode):
             inputs=[
                 HYWUGenerator.Input("generator", tooltip="The generator from HY-WU Load Generator."),
                 HYWUCond.Input("hywu_cond", tooltip="The condition from HY-WU Condition Encode (one row per image)."),
+                io.Boolean.Input("include_shared", default=True, optional=True,
+                                 tooltip="On: the LoRA includes the generator's shared part (a static LoRA inside "
+                                         "every generated one). Turn it off for the second and later edits of a "
+                                         "chain (Generate LoRA -> Apply twice in a row), so the shared part counts "
+                                         "once, as the trainer's chained edits learn it (data.chain_shared: once). "
+                                         "Generators without a shared rank ignore it."),
             ],
             outputs=[
                 LoraModel.Output(
@@ -97,5 +109,5 @@ class HYWUGenerateLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, generator, hywu_cond) -> io.NodeOutput:
-        return io.NodeOutput(generate_loras(generator, hywu_cond))
+    def execute(cls, generator, hywu_cond, include_shared: bool = True) -> io.NodeOutput:
+        return io.NodeOutput(generate_loras(generator, hywu_cond, include_shared))
