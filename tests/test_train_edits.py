@@ -96,18 +96,13 @@ def test_chaining_follows_the_config(tmp_path):
 def test_refused_where_chaining_cannot_train(tmp_path):
     cfg = tiny_config("sd15_ip2p", tmp_path, data={"tasks": ["brighten", COMBO], "n_train": 4})
     ds, _ = build_datasets(cfg)
-
-    class SeesImage:
-        text_sees_image = True
-
-    assert problems(cfg, object(), ds, "hywu") == [] and problems(cfg, SeesImage(), ds, "shared_lora") == []
-    (msg,) = problems(cfg, SeesImage(), ds, "hywu")
-    assert "reads the image" in msg and "data.chain_edits: false" in msg
+    assert problems(cfg, ds, "hywu") == []
     cfg.data.replay.distill = 1.0
-    (msg,) = problems(cfg, object(), ds, "hywu")
-    assert "data.replay.distill" in msg
+    (msg,) = problems(cfg, ds, "hywu")
+    assert "data.replay.distill" in msg and "data.chain_edits: false" in msg
+    assert problems(cfg, ds, "shared_lora") == []
     cfg.data.chain_edits = False
-    assert problems(cfg, SeesImage(), ds, "hywu") == []
+    assert problems(cfg, ds, "hywu") == []
 
 
 @pytest.fixture
@@ -158,7 +153,7 @@ def test_a_manifest_row_with_bad_edits_is_skipped_and_counted(tmp_path):
         ds.images(1)
 
 
-@pytest.mark.parametrize("family", ["sd15_ip2p", "flux_kontext"])
+@pytest.mark.parametrize("family", ["sd15_ip2p", "flux_kontext", "qwen_image_edit"])
 def test_each_edits_condition_is_what_sampling_encodes_for_that_sentence(family, tmp_path, generator_calls):
     """The training condition of edit k (the row's source latent, the edit's text) equals the
     family's sampling-time condition for that image and sentence, which the family parity tests
@@ -184,19 +179,50 @@ def test_each_edits_condition_is_what_sampling_encodes_for_that_sentence(family,
     assert run(cfg, progress=False)["steps"] == 1 and generator_calls[0] == 3
 
 
-def test_qwen_image_edit_refuses_chained_rows_with_the_way_out(tmp_path, monkeypatch):
-    """Its text encoder reads the image: chained rows are refused before the base loads, saying how
-    to train them as whole instructions instead; with data.chain_edits: false the same data trains."""
-    import trainer.train as train_module
-
+@pytest.mark.parametrize("cache_mb", [2048.0, 0.0])
+def test_qwen_image_edit_trains_chained_rows(tmp_path, generator_calls, cache_mb):
+    """Its text encoder reads the image, so each edit is encoded with its row's source: from the
+    row cache, or per step without it (data.cache_mb: 0); a batch of 2 rows (one combination)
+    feeds the generator 3 conditions."""
     torch.set_num_threads(1)
     cfg = tiny_config("qwen_image_edit", tmp_path / "run", train={"max_steps": 1, "batch_size": 2, "validate_every": 0},
-                      data={"tasks": ["brighten", COMBO], "n_train": 4, "n_val": 2})
-    loads = []
-    load_family = train_module.load_family
-    monkeypatch.setattr(train_module, "load_family", lambda *a: loads.append(a) or load_family(*a))
-    with pytest.raises(ConfigError, match="reads the image.*data.chain_edits: false"):
-        run(cfg, progress=False)
-    assert not loads and not (tmp_path / "run" / "checkpoints").exists()
-    cfg.data.chain_edits = False
-    assert run(cfg, progress=False)["steps"] == 1
+                      data={"tasks": ["brighten", COMBO], "n_train": 4, "n_val": 2, "cache_mb": cache_mb})
+    summary = run(cfg, progress=False)
+    assert summary["steps"] == 1 and generator_calls[0] == 3
+
+
+@pytest.mark.parametrize("family", ["sd15_ip2p", "flux_kontext", "qwen_image_edit"])
+def test_the_row_cache_keeps_each_edits_text(family, tmp_path, monkeypatch):
+    """EncodedRows encodes every edit's sentence once with the rows (per row where the text sees
+    the image), so a chained row calls no text encoder per step, and the generator's condition
+    from it equals the one encoded per step; a cache file written without the edit sentences
+    falls back to encoding them per step."""
+    import dataclasses
+
+    from trainer.encoded import EncodedRows
+    from trainer.families import load_family
+
+    torch.set_num_threads(1)
+    cfg = tiny_config(family, tmp_path / "run", data={"tasks": ["brighten", COMBO], "n_train": 4, "n_val": 2})
+    adapter = load_family(cfg, torch.device("cpu"), torch.float32)
+    ds, _ = build_datasets(cfg)
+    rows = EncodedRows(adapter, ds, cfg.base.resolution, max_mb=64).fill()
+    decoded = [ds.load(i, cfg.base.resolution) for i in range(4)]
+    keys = {rows._text_key(i, t) for i in range(4) for t in (decoded[i]["instruction"], *ds.edits(i))}
+    assert rows.summary()["instructions"] == len(keys) > 4  # both combination rows' edits are kept
+    batch = rows.collate([rows.load(i) for i in range(4)], {})
+    plan = EditPlan.of(batch)
+    assert plan.text_items is not None and len(plan.text_items) == len(plan.texts) == 6
+    encoded = []
+    training_text = adapter.training_text
+    monkeypatch.setattr(adapter, "training_text", lambda texts, *images: encoded.append(texts) or training_text(texts, *images))
+    cached = plan.condition(adapter, batch["enc"], step=0)
+    assert encoded == []
+    sources = torch.stack([d["source"] for d in decoded])  # what a batch without the row cache carries
+    now = dataclasses.replace(plan, text_items=None, sources=sources).condition(adapter, batch["enc"], step=0)
+    assert encoded == [plan.texts] and cached.tokens.keys() == now.tokens.keys()
+    for k in cached.tokens:
+        assert torch.allclose(cached.tokens[k], now.tokens[k], atol=1e-6), k
+    for key in {rows._text_key(1, e) for e in ds.edits(1)} - {rows._text_key(i, d["instruction"]) for i, d in enumerate(decoded)}:
+        del rows.texts[key]  # an older cache file: the instructions only
+    assert rows.collate([rows.load(i) for i in range(4)], {})["edit_text"] is None

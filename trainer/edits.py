@@ -32,16 +32,11 @@ def has_edits(dataset) -> bool:
     return any(row.get(EDITS_KEY) for row in dataset.rows)
 
 
-def problems(cfg, family, dataset, method_name: str) -> list[str]:
-    """Why chained-edit rows cannot train in this run ([] when they can, or when there are none);
-    ``family``: the base's adapter class (trainer.families.family_class: before the base loads)."""
+def problems(cfg, dataset, method_name: str) -> list[str]:
+    """Why chained-edit rows cannot train in this run ([] when they can, or when there are none)."""
     if not (cfg.data.chain_edits and method_name == "hywu" and has_edits(dataset)):
         return []
     out = []
-    if getattr(family, "text_sees_image", False):
-        out.append(f"rows with `edits` (chained edits) are not supported for {cfg.base.family} yet: its text encoder "
-                   "reads the image, so every edit needs its own image encoding. Set data.chain_edits: false to train "
-                   "those rows on their whole instruction")
     if cfg.data.replay.distill > 0:
         out.append("rows with `edits` (chained edits) and data.replay.distill cannot be combined yet: the "
                    "distillation term compares one LoRA per row. Set data.replay.distill: 0 or data.chain_edits: false")
@@ -62,6 +57,8 @@ class EditPlan:
     owner: torch.Tensor  # (n_edits,) row index of each edit
     counts: list[int]  # edits per row
     shared_once: int = 0  # the generator's shared rank, left out of every edit after a row's first
+    text_items: list | None = None  # every edit's encoded text (trainer.encoded.EncodedRows), or None
+    sources: torch.Tensor | None = None  # the rows' decoded sources (B, 3, H, W): a text that sees the image
 
     @classmethod
     def of(cls, batch: dict, shared_once: int = 0) -> "EditPlan | None":
@@ -75,13 +72,23 @@ class EditPlan:
             texts += row_edits
             owner += [row] * len(row_edits)
             counts.append(len(row_edits))
-        return cls(texts, torch.tensor(owner, dtype=torch.long), counts, shared_once)
+        return cls(texts, torch.tensor(owner, dtype=torch.long), counts, shared_once, batch.get("edit_text"),
+                   batch.get("source"))
 
     def condition(self, adapter, enc: dict, step: int) -> Condition:
         """The generator's condition of every edit from a batch's encodings: the family's own
-        training condition (``prepare_encoded``) for the row's source and the edit's text."""
+        training condition (``prepare_encoded``) for the row's source and the edit's text (kept
+        from the row cache, else encoded now)."""
         sub = {k: _rows(v, self.owner) for k, v in enc.items() if k != "text"}
-        sub["text"] = adapter.training_text(self.texts)
+        if self.text_items is not None:
+            sub["text"] = adapter.stack_text(self.text_items)
+        elif getattr(adapter, "text_sees_image", False):  # Qwen-Image-Edit: each edit read with its row's image
+            if self.sources is None:
+                raise ValueError("a chained batch without its source images or encoded edits")
+            images = self.sources[self.owner.to(self.sources.device)]
+            sub["text"] = adapter.stack_text(adapter.text_items(adapter.training_text(self.texts, images)))
+        else:
+            sub["text"] = adapter.training_text(self.texts)
         return adapter.prepare_encoded(sub, step, list(range(len(self.texts))))["condition"]
 
     def image_condition(self, adapter, source01: torch.Tensor) -> Condition:

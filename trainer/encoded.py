@@ -11,7 +11,8 @@ and per global sample slot (``families.base.sample_generators``).
 Memory is bounded (``data.cache_mb``): when the first chunk shows that the whole dataset would
 not fit, nothing is kept and the trainer encodes every batch as it comes (a partial cache would
 delay the first step and still encode most rows). Text features are kept once per distinct
-instruction.
+instruction, and once per distinct sentence of the rows' chained edits (trainer/edits.py), so a
+chained row costs no text encoding per step either.
 
 ``data.cache_dir`` also keeps them on disk (one safetensors file + JSON metadata, named by a
 key over the base's files, the data settings, resolution and dtype), so the next run on the
@@ -113,31 +114,31 @@ class EncodedRows:
         self.bad = {int(i): r for i, r in meta["bad"].items()}
         self.nbytes = sum(v.numel() * v.element_size() for v in t.values())
 
-    def _encode(self, items: list[dict], instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """Latents of the chunk's sources and targets, text items of its new instructions."""
-        a = self.adapter
-        sources = torch.stack([it["source"] for it in items])
-        src = a.latent(sources)
-        tgt = a.latent(torch.stack([it["target"] for it in items]))
-        if getattr(a, "text_sees_image", False):  # one text item per row, encoded with the row's source image
-            return src, tgt, a.text_items(a.training_text([it["instruction"].split("\x00")[0] for it in items], sources))
-        return src, tgt, a.text_items(a.training_text(instructions)) if instructions else []
-
-    def _text_key(self, i: int, instruction: str) -> str:
+    def _text_key(self, i: int, sentence: str) -> str:
         # a text encoder that sees the source image (Qwen-Image-Edit) gives every row its own text
-        return f"{instruction}\x00{i}" if getattr(self.adapter, "text_sees_image", False) else instruction
+        return f"{sentence}\x00{i}" if getattr(self.adapter, "text_sees_image", False) else sentence
 
     def _store(self, idx: list[int], items: list[dict]) -> None:
-        if getattr(self.adapter, "text_sees_image", False):
-            for i, it in zip(idx, items):
-                it["instruction"] = self._text_key(i, it["instruction"])
-        new = list(dict.fromkeys(it["instruction"] for it in items if it["instruction"] not in self.texts))
-        src, tgt, texts = self._encode(items, new)
-        for t, item in zip(new, texts):
-            self.texts[t] = item
-            self.nbytes += _nbytes(item)
+        """Latents of the chunk's sources and targets; text items of the sentences not kept yet
+        (each row's instruction and each of its edits; per row where the text sees the image)."""
+        a = self.adapter
+        sources = torch.stack([it["source"] for it in items])
+        src, tgt = a.latent(sources), a.latent(torch.stack([it["target"] for it in items]))
+        new: dict[str, tuple[str, int]] = {}  # key -> (sentence, the row's place in the chunk)
         for k, (i, it) in enumerate(zip(idx, items)):
-            self.rows[i] = (src[k], tgt[k], it["instruction"], it["task"])
+            for sentence in (it["instruction"], *it.get("edits", ())):
+                key = self._text_key(i, sentence)
+                if key not in self.texts and key not in new:
+                    new[key] = (sentence, k)
+        if new:
+            sentences = [t for t, _ in new.values()]
+            text = (a.training_text(sentences, sources[[k for _, k in new.values()]])
+                    if getattr(a, "text_sees_image", False) else a.training_text(sentences))
+            for key, item in zip(new, a.text_items(text)):
+                self.texts[key] = item
+                self.nbytes += _nbytes(item)
+        for k, (i, it) in enumerate(zip(idx, items)):
+            self.rows[i] = (src[k], tgt[k], self._text_key(i, it["instruction"]), it["task"])
         self.nbytes += _nbytes(src) + _nbytes(tgt)
 
     def load(self, i: int) -> dict:
@@ -145,8 +146,10 @@ class EncodedRows:
         if i in self.bad:
             raise BadRow(self.bad[i])
         src, tgt, text, task = self.rows[i]
+        edits = self.ds.edits(i)
+        edit_text = [self.texts.get(self._text_key(i, e)) for e in edits] or [self.texts[text]]  # no edits: one edit
         return {"source": src, "target": tgt, "text": self.texts[text], "instruction": text.split("\x00")[0], "task": task,
-                "edits": self.ds.edits(i)}
+                "edits": edits, "edit_text": None if any(t is None for t in edit_text) else edit_text}
 
     def collate(self, items: list[dict], task_index: dict[str, int]) -> dict:
         """A batch as ``adapter.prepare_encoded`` takes it (``enc``), plus labels."""
@@ -157,6 +160,9 @@ class EncodedRows:
             "task": [it["task"] for it in items],
             "task_id": torch.tensor([task_index.get(it["task"], -1) for it in items], dtype=torch.long),
             "edits": [it["edits"] for it in items],
+            # every edit's text item, row by row (trainer.edits.EditPlan); None: some were not encoded
+            "edit_text": (None if any(it["edit_text"] is None for it in items)
+                          else [t for it in items for t in it["edit_text"]]),
         }
 
     def summary(self) -> dict:

@@ -27,7 +27,7 @@ from hywu_nodes.core import Condition, build_target_spec, condition_statistics, 
 from .config import ConfigError, TrainConfig, load_config
 from .data import BadRow, BatchStream, build_datasets, collate
 from .encoded import EncodedRows, cache_key
-from .families import BaseFolderError, check_base, family_class, load_family, module_digest
+from .families import BaseFolderError, check_base, load_family, module_digest
 from .families.libraries import LibraryVersionError, check_libraries
 from .guard import NonFiniteGuard, TrainingDiverged
 from .methods import build_method
@@ -306,7 +306,7 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
         accelerator.wait_for_everyone()
     train_ds, val_ds = build_datasets(cfg, data_check.train.usable, data_check.val.usable if data_check.val else None)
     train_ds = replay_mix(train_ds, cfg)  # data.replay: old rows in a set share
-    refused = edit_problems(cfg, family_class(cfg), train_ds, t.method)  # before the base loads
+    refused = edit_problems(cfg, train_ds, t.method)  # before the base loads
     if refused:
         raise ConfigError("; ".join(refused))
     adapter = load_family(cfg, device, weight_dtype)

@@ -28,15 +28,10 @@ def check_base(cfg) -> None:
     check_base_folder(cfg.base.path, cfg.base.family, module.REQUIRED)
 
 
-def family_class(cfg) -> type[FamilyAdapter]:
-    """The adapter class of ``cfg.base.family`` (its class attributes, before any model loads)."""
-    module, cls = _family_module(cfg)
-    return getattr(module, cls)
-
-
 def load_family(cfg, device, dtype) -> FamilyAdapter:
     """Load the frozen base named by ``cfg.base`` (family + local folder)."""
-    return family_class(cfg)(cfg, device, dtype)
+    module, cls = _family_module(cfg)
+    return getattr(module, cls)(cfg, device, dtype)
 
 
-__all__ = ["FAMILIES", "BaseFolderError", "check_base", "FamilyAdapter", "family_class", "load_family", "module_digest"]
+__all__ = ["FAMILIES", "BaseFolderError", "check_base", "FamilyAdapter", "load_family", "module_digest"]
