@@ -14,9 +14,10 @@ rank and layers):
   * HY-WU trained on the single tasks + the trained combinations, each combination's whole
     instruction read as one edit (``hywu_combo``, data.chain_edits: false);
   * HY-WU trained on the same rows with chained edits (``hywu_chained``, trainer/edits.py: a
-    combination trains with the sum of one generated LoRA per edit; the base reads the whole
-    instruction), and used that way: two chained edits in ComfyUI (example workflow "HY-WU two
-    edits in a row").
+    combination trains with the sum of one generated LoRA per edit, the generator's shared rank
+    counted once, data.chain_shared: once; the base reads the whole instruction), and used that
+    way: two chained edits in ComfyUI, the second Generate LoRA with include_shared off (example
+    workflow "HY-WU two edits in a row").
 Beside them, not competitors: the single-task generator run once per part of the instruction and
 the two LoRAs summed (two Condition Encode -> Generate LoRA -> Apply chains in a row in ComfyUI;
 ``hywu_single_pair``, and ``hywu_single_pair_shared_once`` with the generator's shared rank

