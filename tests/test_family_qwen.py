@@ -16,7 +16,9 @@ trainer's own edit (QwenImageEdit.sample: euler on ComfyUI's simple schedule of 
 against the empty instruction with the same image, CFGNorm 1 for Plus) at PSNR >= 40 dB in runtime and patch mode;
 strength 0 differs from strength 1 by PSNR < 35 dB. N edits in one batch do not run through these templates in
 ComfyUI 0.3.75 (its Wan VAE encodes an image batch as video frames, and TextEncodeQwenImageEdit(Plus) shows Qwen2.5-VL
-one image with one prompt), so only one edit per graph is checked here.
+one image with one prompt), so only one edit per sampler batch is checked here; two edits chained on one image (two
+Condition Encode -> Generate LoRA -> Apply chains, as trainer/edits.py trains rows with `edits`) give the trainer's
+chained edit at PSNR >= 40 dB.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def trained(tmp_path_factory):
     out = {}
     for family in FAMILIES:
         cfg = tiny_config(family, tmp_path_factory.mktemp("unused"), train={"max_steps": 20, "lr": 3e-3},
-                          data={"n_train": 8, "n_val": 2})
+                          data={"n_train": 8, "n_val": 2}, generator={"shared_rank": 2})
         cfg.name = f"e2e_{family}"
         out[family] = (cfg, load_family(cfg, torch.device("cpu"), torch.float32), E.train_generator(cfg))
     vae = write_comfy_vae(out[FAMILIES[0]][0].base.path, tmp_path_factory.mktemp("vae") / VAE_NAME)
@@ -108,6 +110,46 @@ def test_template_edit_equals_trainer_edit(trained, server, family):
     p_zero, p_base = E.psnr(zero, ours), E.psnr(zero, base)
     print(f"{family}: strength 0 vs strength 1 PSNR {p_zero:.1f} dB; strength 0 vs trainer's strength 0 {p_base:.1f} dB")
     assert p_zero < 35 and p_base >= 40
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_chained_edits_equal_the_trainers_chained_edit(trained, server, family):
+    """The template with a second HY-WU edit chained on the same image (Condition Encode -> Generate LoRA with
+    include_shared off -> Apply on the first Apply's MODEL), the sampler prompted with the whole instruction = what
+    the trainer trains a row with `edits` on (trainer.edits.EditPlan, data.chain_shared: once)."""
+    from hywu_nodes.core import load_generator, lora_patched
+    from trainer.edits import EditPlan
+
+    runs, _ = trained
+    cfg, adapter, gen = runs[family]
+    srv, image, src, _ = server
+    edits, whole = ("make it brighter", "shift the image left"), "make it brighter and shift the image left"
+    generator, _ = load_generator(gen)
+    generator.eval()
+    assert generator.config.shared_rank == 2
+    plan = EditPlan.of({"instruction": [whole], "edits": [edits]}, shared_once=generator.config.shared_rank)
+    first_alone = EditPlan.of({"instruction": [whole], "edits": [edits[:1]]})
+
+    @torch.no_grad()
+    def trainer_chain(plan):
+        lora = plan.chain(generator(plan.image_condition(adapter, src)))
+        with lora_patched(adapter.denoiser, lora.to(adapter.device, adapter.dtype)):
+            return E.to_uint8(adapter.sample(src, [whole], STEPS, seed=SEED, **_options(family)))
+
+    ours, ours_first = trainer_chain(plan), trainer_chain(first_alone)
+    wf = _graph(family, cfg, gen, image, whole, "runtime")
+    first, apply = E.node_id(wf, "HYWUConditionEncode"), E.node_id(wf, "HYWUApplyGeneratedLoRA")
+    wf[first]["inputs"]["instruction"] = edits[0]  # the Primitive (the whole instruction) still prompts the sampler
+    wf["90"] = {"class_type": "HYWUConditionEncode", "inputs": {**wf[first]["inputs"], "instruction": edits[1]}}
+    wf["91"] = {"class_type": "HYWUGenerateLoRA", "inputs": {"generator": wf[first]["inputs"]["generator"],
+                                                             "hywu_cond": ["90", 0], "include_shared": False}}
+    wf["92"] = {"class_type": "HYWUApplyGeneratedLoRA", "inputs": {**wf[apply]["inputs"], "model": [apply, 0], "lora": ["91", 0]}}
+    E.set_inputs(wf, "KSampler", model=["92", 0])
+    theirs = E.run_images(srv, wf, f"qwen_{family}_chained")
+    p, p_first = E.psnr(theirs, ours), E.psnr(theirs, ours_first)
+    print(f"{family}: two chained edits in ComfyUI vs the trainer's chained edit PSNR {p:.1f} dB, "
+          f"vs the trainer's first edit alone {p_first:.1f} dB")
+    assert p >= 40 and p >= p_first + 5, (family, p, p_first)  # and the second edit changed the picture
 
 
 def test_edit_encode_twin_matches_the_core_nodes():
