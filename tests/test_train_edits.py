@@ -15,7 +15,7 @@ from hywu_nodes.core import GeneratedLoRA, HYWUGenerator
 from trainer import synthetic
 from trainer.data import BadRow, build_datasets, parse_edits
 from trainer.config import ConfigError, validate
-from trainer.edits import Chaining, EditPlan, problems
+from trainer.edits import Chaining, EditPlan
 from trainer.tiny_bases import tiny_config
 from trainer.train import run
 
@@ -91,18 +91,6 @@ def test_chaining_follows_the_config(tmp_path):
     cfg.data.chain_edits, cfg.data.chain_shared = True, "twice"
     with pytest.raises(ConfigError, match="data.chain_shared 'twice' is not one of once, per_edit"):
         validate(cfg)
-
-
-def test_refused_where_chaining_cannot_train(tmp_path):
-    cfg = tiny_config("sd15_ip2p", tmp_path, data={"tasks": ["brighten", COMBO], "n_train": 4})
-    ds, _ = build_datasets(cfg)
-    assert problems(cfg, ds, "hywu") == []
-    cfg.data.replay.distill = 1.0
-    (msg,) = problems(cfg, ds, "hywu")
-    assert "data.replay.distill" in msg and "data.chain_edits: false" in msg
-    assert problems(cfg, ds, "shared_lora") == []
-    cfg.data.chain_edits = False
-    assert problems(cfg, ds, "hywu") == []
 
 
 @pytest.fixture

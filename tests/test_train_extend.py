@@ -102,6 +102,26 @@ def test_distillation_keeps_the_parents_loras_on_replay_rows_only(parent):
     assert all(not p.requires_grad for p in d.parent.parameters())
 
 
+def test_distillation_with_chained_replay_rows_compares_each_edits_lora(parent, tmp_path, monkeypatch):
+    """Replay rows with `edits` (trainer/edits.py): the term compares the LoRA the generator writes for
+    each edit with the parent's for that edit (zero at lr 0), while the base trains on their sum."""
+    from hywu_nodes.core import HYWUGenerator
+
+    sizes = []
+    forward = HYWUGenerator.forward
+    monkeypatch.setattr(HYWUGenerator, "forward", lambda self, cond: sizes.append(cond.batch_size) or forward(self, cond))
+    replay = ["--data.replay.fraction=0.5",
+              "--data.replay.sources=[{source: synthetic, tasks: [brighten, brighten+shift_left], n_train: 8}]"]
+    cfg, _ = parse_args(_extend_args(parent, tmp_path / "c0", "--max-steps", "2", "--train.lr=0", *replay,
+                                     "--data.replay.distill=1.0", "--train.validate_every=0"))
+    summary = run(cfg, progress=False)
+    assert summary["replay_distill_last"] == 0.0 and summary["replay_distill_rows_seen"] > 0
+    assert any(n > cfg.train.batch_size for n in sizes), sizes  # a batch held a combination: more edits than rows
+    cfg, _ = parse_args(_extend_args(parent, tmp_path / "c1", "--max-steps", "3", "--train.lr=0.02", *replay,
+                                     "--data.replay.distill=1.0", "--train.validate_every=0"))
+    assert run(cfg, progress=False)["replay_distill_last"] > 0
+
+
 def test_extension_with_distillation_runs_and_is_refused_where_it_cannot_act(parent, tmp_path):
     replay = ["--data.replay.fraction=0.5", "--data.replay.sources=[{source: synthetic, tasks: [brighten, darken], n_train: 8}]"]
     from trainer.data import build_datasets

@@ -25,24 +25,6 @@ from hywu_nodes.core import Condition, GeneratedLoRA, concat_ranks, without_shar
 CHAIN_SHARED = ("once", "per_edit")
 
 
-def has_edits(dataset) -> bool:
-    """Whether any row of an EditDataset lists separate edits."""
-    from .data import EDITS_KEY
-
-    return any(row.get(EDITS_KEY) for row in dataset.rows)
-
-
-def problems(cfg, dataset, method_name: str) -> list[str]:
-    """Why chained-edit rows cannot train in this run ([] when they can, or when there are none)."""
-    if not (cfg.data.chain_edits and method_name == "hywu" and has_edits(dataset)):
-        return []
-    out = []
-    if cfg.data.replay.distill > 0:
-        out.append("rows with `edits` (chained edits) and data.replay.distill cannot be combined yet: the "
-                   "distillation term compares one LoRA per row. Set data.replay.distill: 0 or data.chain_edits: false")
-    return out
-
-
 def _rows(x, index: torch.Tensor):
     if isinstance(x, (tuple, list)):
         return tuple(_rows(t, index) for t in x)

@@ -46,17 +46,15 @@ class Method:
         self.name, self.module, self.family, self.tasks = name, module, family, tasks or []
         self.factory = factory  # builds a fresh module of the same shape (unsharded copies)
 
-    def lora(self, wrapped: nn.Module, cond, task_id: torch.Tensor, draws: int = 1,
-             edits=None) -> tuple[GeneratedLoRA, torch.Tensor | None]:
+    def lora(self, wrapped: nn.Module, cond, task_id: torch.Tensor, draws: int = 1) -> tuple[GeneratedLoRA, torch.Tensor | None]:
         """Call through ``wrapped`` (the DDP wrapper or the sharded module) so gradients are
         synchronised. ``draws``: samples per example in the base batch (draw-major, see
         FamilyAdapter.prepare_encoded); the generated / per-task LoRA of example j serves them all.
-        ``edits`` (a trainer.edits.EditPlan): ``cond`` holds one condition per edit, and each
-        example gets the sum of its edits' generated LoRAs."""
+        HY-WU: one LoRA per condition (rows with chained edits: trainer.edits.EditPlan.chain sums
+        them per row)."""
         inner = self.module
         if self.name == "hywu":
-            lora = wrapped(cond)
-            return (lora if edits is None else edits.chain(lora)), None
+            return wrapped(cond), None
         weights = wrapped()
         if self.name == "shared_lora":
             return GeneratedLoRA(weights, inner.scale), None

@@ -34,7 +34,6 @@ from .methods import build_method
 from .preflight import DataError, check_data, is_main_process, print_check
 from .distill import ReplayDistillation
 from .edits import Chaining
-from .edits import problems as edit_problems
 from .replay import is_replay, old_rows
 from .replay import mix as replay_mix
 from .report import ESTIMATE_AFTER, estimate_line, loss_curve, random_base_kind, random_base_note, summary_lines, tensorboard_note
@@ -306,9 +305,6 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
         accelerator.wait_for_everyone()
     train_ds, val_ds = build_datasets(cfg, data_check.train.usable, data_check.val.usable if data_check.val else None)
     train_ds = replay_mix(train_ds, cfg)  # data.replay: old rows in a set share
-    refused = edit_problems(cfg, train_ds, t.method)  # before the base loads
-    if refused:
-        raise ConfigError("; ".join(refused))
     adapter = load_family(cfg, device, weight_dtype)
     if t.base_gradient_checkpointing:
         adapter.enable_gradient_checkpointing()
@@ -524,16 +520,20 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
                 plan = chain.plan(batch) if chain else None
                 cond = (prep["condition"] if plan is None else plan.condition(adapter, enc, step)).to(device)
                 replay = is_replay(train_ds, batch["row"])
+                flags = replay if plan is None else replay[plan.owner]  # per generator condition (one per edit)
                 anchor = distill_batch(step, micro) if distill else None
                 if anchor is not None:  # one generator call for both (DDP / FSDP see one forward)
                     both = Condition.cat([cond, anchor])
                     lora, s2l = method.lora(wrapped, both, batch["task_id"].to(device), draws)
-                    replay = torch.cat([replay, torch.ones(anchor.batch_size, dtype=torch.bool)])
-                    kept = distill.loss(lora, both, replay, step)
+                    anchors = torch.ones(anchor.batch_size, dtype=torch.bool)
+                    replay, flags = torch.cat([replay, anchors]), torch.cat([flags, anchors])
+                    kept = distill.loss(lora, both, flags, step)
                     lora = lora.select(slice(0, cond.batch_size))  # the base batch's own LoRAs
                 else:
-                    lora, s2l = method.lora(wrapped, cond, batch["task_id"].to(device), draws, edits=plan)
-                    kept = distill.loss(lora, cond, replay, step) if distill else None
+                    lora, s2l = method.lora(wrapped, cond, batch["task_id"].to(device), draws)
+                    kept = distill.loss(lora, cond, flags, step) if distill else None
+                if plan is not None:  # the distillation term compares each edit's LoRA; the base sees their sum
+                    lora = plan.chain(lora)
                 # Backward inside the patch: activation checkpointing recomputes the hooked forward.
                 with lora_patched(adapter.denoiser, lora, sample_to_lora=s2l):
                     loss = adapter.loss(prep)

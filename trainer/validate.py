@@ -33,8 +33,8 @@ def validation_grid(adapter, method, val_batch: dict, steps: int, path: str, see
     try:
         plan = chain.plan(val_batch) if chain else None
         cond = plan.image_condition(adapter, src) if plan else adapter.encode_condition(src, text)
-        lora, s2l = method.lora(module, cond.to(adapter.device), val_batch["task_id"].clamp(min=0).to(adapter.device),
-                                edits=plan)
+        lora, s2l = method.lora(module, cond.to(adapter.device), val_batch["task_id"].clamp(min=0).to(adapter.device))
+        lora = plan.chain(lora) if plan else lora
         if s2l is not None:  # per-task LoRAs: gather each sample's own, then i % b covers CFG copies
             lora = GeneratedLoRA({k: (a[s2l], b[s2l]) for k, (a, b) in lora.weights.items()}, lora.scale)
         with lora_patched(adapter.denoiser, lora.to(adapter.device, adapter.dtype)):
@@ -130,8 +130,8 @@ class ValidationLoss:
                     loss = self.adapter.loss(prep)
                 else:
                     cond = prep["condition"] if plan is None else edit_cond
-                    lora, s2l = method.lora(module, cond.to(self.adapter.device), task_id.to(self.adapter.device),
-                                            VAL_DRAWS, edits=plan)
+                    lora, s2l = method.lora(module, cond.to(self.adapter.device), task_id.to(self.adapter.device), VAL_DRAWS)
+                    lora = plan.chain(lora) if plan else lora
                     with lora_patched(self.adapter.denoiser, lora, sample_to_lora=s2l):
                         loss = self.adapter.loss(prep)
             total += loss.float().sum().item()
