@@ -303,13 +303,13 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
 
             build_tiny_base(cfg.base.family, cfg.base.path, seed=0)
         accelerator.wait_for_everyone()
-    train_ds, val_ds = build_datasets(cfg, data_check.train.usable, data_check.val.usable if data_check.val else None)
-    train_ds = replay_mix(train_ds, cfg)  # data.replay: old rows in a set share
     adapter = load_family(cfg, device, weight_dtype)
     if t.base_gradient_checkpointing:
         adapter.enable_gradient_checkpointing()
 
     digests = {k: module_digest(m) for k, m in adapter.frozen_modules().items()} if check_frozen else None
+    train_ds, val_ds = build_datasets(cfg, data_check.train.usable, data_check.val.usable if data_check.val else None)
+    train_ds = replay_mix(train_ds, cfg)  # data.replay: old rows in a set share
     chain = Chaining.of(cfg, t.method)  # rows with `edits`: one LoRA per edit, summed (trainer/edits.py)
     rows = None
     if cfg.data.cache_mb > 0:

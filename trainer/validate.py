@@ -13,7 +13,6 @@ from PIL import Image, ImageDraw, ImageFont
 from hywu_nodes.core import GeneratedLoRA, lora_patched
 
 
-
 def to_pil_row(images: list[torch.Tensor]) -> Image.Image:
     row = torch.cat([im.detach().float().cpu().clamp(0, 1) for im in images], dim=-1)  # (3, H, k*W)
     return Image.fromarray((row.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
