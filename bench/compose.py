@@ -104,6 +104,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--per-task-rows", type=int, default=100, help="training rows per task or combination")
     ap.add_argument("--steps", type=int, default=300, help="steps of every run (demo.yaml: 600)")
     ap.add_argument("--grid", default=None, help="write a PNG grid, one row per held-out combination (first seed)")
+    ap.add_argument("--single-repeats", type=int, default=1,
+                    help="the chained HY-WU run lists each single task this many times (its share of the rows)")
     ap.add_argument("--ceiling", action="store_true",
                     help="also train a LoRA on each held-out combination itself (a ceiling; about 80 s more per seed)")
     ap.set_defaults(eval_per_task=16)  # keeps the default run (3 seeds, 300 steps) within 40 minutes
@@ -118,6 +120,9 @@ def main(argv=None) -> dict:
     singles, combos = list(SINGLES), list(S.COMPOSED_TRAIN)
     data_single = [W.tasks_arg(singles), f"--data.n_train={a.per_task_rows * len(singles)}"]
     data_combo = [W.tasks_arg(singles + combos), f"--data.n_train={a.per_task_rows * (len(singles) + len(combos))}"]
+    # the chained run: each single task listed k times (k x its rows; chosen on a dev split, see --single-repeats)
+    chained_tasks = singles * a.single_repeats + combos
+    data_chained = [W.tasks_arg(chained_tasks), f"--data.n_train={a.per_task_rows * len(chained_tasks)}"]
     heldout = list(S.COMPOSED_HELDOUT)
     data_ceiling = [W.tasks_arg(heldout), f"--data.n_train={a.per_task_rows * len(heldout)}"]
     world = D.World(base_dir, device)
@@ -130,7 +135,7 @@ def main(argv=None) -> dict:
             base_dir, models, seed, [(("per_task_lora", "hywu"), [*common, *data_single]),
                                      (("shared_lora",), [*common, *data_combo]),
                                      (("hywu",), [*common, *data_combo, "--data.chain_edits=false"]),
-                                     (("hywu",), [*common, *data_combo, "--data.chain_edits=true",
+                                     (("hywu",), [*common, *data_chained, "--data.chain_edits=true",
                                                                "--data.chain_shared=once"]),
                                      *([(("per_task_lora",), [*common, *data_ceiling])] if a.ceiling else [])],
             device, timer, a.force, inprocess=a.quick)
@@ -190,6 +195,7 @@ def main(argv=None) -> dict:
         "benchmark": "compose", "quick": a.quick, "seeds": [r["seed"] for r in runs_info], "singles": singles,
         "trained_combinations": combos, "heldout_combinations": groups["heldout_combos"],
         "sizes": {"rows_per_task": a.per_task_rows, "steps": a.steps, "eval_images_per_task": a.eval_per_task,
+                  "chained_single_repeats": a.single_repeats,
                   "sampler_steps": a.sample_steps},
         "trainer_overrides": common, "world": s.key(),
         "summary": {k: W.stats([p[k] for p in per_seed if k in p]) for k in keys},

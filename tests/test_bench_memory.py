@@ -116,6 +116,27 @@ def test_compose_quick(models, micro_base, tmp_path):
     assert ceiling["method"] == "per_task_lora" and ceiling["steps"] == single["steps"]
 
 
+def test_compose_dev_quick(models, micro_base, tmp_path):
+    """The dev split is carved from the trained combinations: disjoint from the held-out ones, left
+    out of the chained runs' training, every dev combination's tasks trained in other combinations."""
+    import compose_dev
+
+    r = _quick(compose_dev, models, micro_base, tmp_path)
+    dev, trained = set(r["dev_combinations"]), set(r["trained_combinations"])
+    S = compose_dev.S
+    assert dev <= set(S.COMPOSED_TRAIN) and not dev & trained and not dev & set(S.COMPOSED_HELDOUT)
+    assert {p for c in dev for p in S.parts(c)} == set(compose_dev.C.SINGLES)
+    assert all(any(p in S.parts(t) for t in trained) for c in dev for p in S.parts(c))
+    fig = r["per_seed"][0]
+    for g in ("dev_combos", "singles"):
+        for m in ("merged_pair", "chained_x1", "chained_x2"):
+            assert math.isfinite(fig[f"{g}/{m}"]), (g, m)
+    assert r["choice"] in (1, 2)
+    runs = r["runs"][0]["runs"]
+    x1, x2 = (load_file(str(Path(runs[f"chained_x{k}"]) / "hywu_demo.safetensors")) for k in (1, 2))
+    assert x1.keys() == x2.keys() and not all(torch.equal(x1[k], x2[k]) for k in x1)  # another share of the rows
+
+
 def check_clause_pair(compose, r):
     """hywu_single_pair: the single-task generator run on each part's own sentence, the two LoRAs
     summed; shared_once drops the second LoRA's shared rank."""
