@@ -15,7 +15,8 @@ rank and layers):
     instruction read as one edit (``hywu_combo``, data.chain_edits: false);
   * HY-WU trained on the same rows with chained edits (``hywu_chained``, trainer/edits.py: a
     combination trains with the sum of one generated LoRA per edit, the generator's shared rank
-    counted once, data.chain_shared: once; the base reads the whole instruction), and used that
+    counted once, data.chain_shared: once; each single task listed twice, --single-repeats, chosen
+    on a dev split by bench/compose_dev.py; the base reads the whole instruction), and used that
     way: two chained edits in ComfyUI, the second Generate LoRA with include_shared off (example
     workflow "HY-WU two edits in a row").
 Beside them, not competitors: the single-task generator run once per part of the instruction and
@@ -30,7 +31,8 @@ the trained combinations and single tasks are reported beside. The target of iss
 the held-out combinations, in every seed; checked for both HY-WU runs trained with combinations.
 Nothing is tuned on the held-out combinations.
 
-    python bench/compose.py                      # 3 seeds, 300 steps (2,388 s on a 2-core CPU)
+    python bench/compose.py                      # 3 seeds, 300 steps (2,388 s on a 2-core CPU, every run
+                                                 # retrained, with --single-repeats 1; 2 was not timed from scratch)
     python bench/compose.py --ceiling            # + the per-combination LoRA ceiling (about 45 min)
     python bench/compose.py --seeds 1 --steps 150                # a reduced run
     python bench/compose.py --quick --models /tmp/m --micro models/micro_sd15_ip2p   # shows it runs
@@ -104,8 +106,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--per-task-rows", type=int, default=100, help="training rows per task or combination")
     ap.add_argument("--steps", type=int, default=300, help="steps of every run (demo.yaml: 600)")
     ap.add_argument("--grid", default=None, help="write a PNG grid, one row per held-out combination (first seed)")
-    ap.add_argument("--single-repeats", type=int, default=1,
-                    help="the chained HY-WU run lists each single task this many times (its share of the rows)")
+    ap.add_argument("--single-repeats", type=int, default=2,
+                    help="the chained HY-WU run lists each single task this many times (its share of the rows; "
+                         "2 was chosen on a dev split of trained combinations, bench/compose_dev.py)")
     ap.add_argument("--ceiling", action="store_true",
                     help="also train a LoRA on each held-out combination itself (a ceiling; about 80 s more per seed)")
     ap.set_defaults(eval_per_task=16)  # keeps the default run (3 seeds, 300 steps) within 40 minutes
