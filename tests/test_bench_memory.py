@@ -107,7 +107,7 @@ def test_compose_quick(models, micro_base, tmp_path):
     combo = json.loads((Path(runs["combo/hywu"]) / "summary.json").read_text())
     chained = json.loads((Path(runs["chained/hywu"]) / "summary.json").read_text())
     assert single["steps"] == combo["steps"] == chained["steps"]  # one budget
-    # same rows, seed and budget; only the chaining differs, and it changed what was learnt
+    # same seed and budget; the chaining (and the single tasks' share) differs, and it changed what was learnt
     combo_w, chained_w = (load_file(str(Path(runs[k]) / "hywu_demo.safetensors")) for k in ("combo/hywu", "chained/hywu"))
     assert combo_w.keys() == chained_w.keys() and not all(torch.equal(combo_w[k], chained_w[k]) for k in combo_w)
     check_merged(compose, r)
