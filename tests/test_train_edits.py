@@ -159,7 +159,7 @@ def test_each_edits_condition_is_what_sampling_encodes_for_that_sentence(family,
     batch = collate([ds.load(i, cfg.base.resolution) for i in range(2)])
     plan = EditPlan.of(batch)
     assert plan.texts == [batch["instruction"][0], *batch["edits"][1]]
-    trained = plan.condition(adapter, adapter.encode(batch), step=0)
+    trained = plan.condition(adapter, adapter.encode(batch))
     sampled = plan.image_condition(adapter, batch["source"])
     assert trained.batch_size == 3 and trained.tokens.keys() == sampled.tokens.keys()
     for k in trained.tokens:
@@ -183,7 +183,8 @@ def test_qwen_image_edit_trains_chained_rows(tmp_path, generator_calls, cache_mb
 def test_the_row_cache_keeps_each_edits_text(family, tmp_path, monkeypatch):
     """EncodedRows encodes every edit's sentence once with the rows (per row where the text sees
     the image), so a chained row calls no text encoder per step, and the generator's condition
-    from it equals the one encoded per step; a cache file written without the edit sentences
+    from it equals the one encoded per step (only what the generator reads: for Qwen, one
+    Qwen2.5-VL pass per edit); a cache file written without the edit sentences
     falls back to encoding them per step."""
     import dataclasses
 
@@ -201,14 +202,19 @@ def test_the_row_cache_keeps_each_edits_text(family, tmp_path, monkeypatch):
     batch = rows.collate([rows.load(i) for i in range(4)], {})
     plan = EditPlan.of(batch)
     assert plan.text_items is not None and len(plan.text_items) == len(plan.texts) == 6
-    encoded = []
-    training_text = adapter.training_text
-    monkeypatch.setattr(adapter, "training_text", lambda texts, *images: encoded.append(texts) or training_text(texts, *images))
-    cached = plan.condition(adapter, batch["enc"], step=0)
-    assert encoded == []
+    encoded, passes = [], []
+    generator_text = adapter.generator_training_text
+    monkeypatch.setattr(adapter, "generator_training_text",
+                        lambda texts, *images: encoded.append(texts) or generator_text(texts, *images))
+    if adapter.text_sees_image:
+        adapter.text_encoder.register_forward_hook(lambda *_: passes.append(1))  # Qwen2.5-VL
+    cached = plan.condition(adapter, batch["enc"])
+    assert encoded == [] and passes == []
     sources = torch.stack([d["source"] for d in decoded])  # what a batch without the row cache carries
-    now = dataclasses.replace(plan, text_items=None, sources=sources).condition(adapter, batch["enc"], step=0)
+    now = dataclasses.replace(plan, text_items=None, sources=sources).condition(adapter, batch["enc"])
     assert encoded == [plan.texts] and cached.tokens.keys() == now.tokens.keys()
+    if adapter.text_sees_image:  # one Qwen2.5-VL pass per edit: no empty negative, which only the base reads
+        assert len(passes) == len(plan.texts)
     for k in cached.tokens:
         assert torch.allclose(cached.tokens[k], now.tokens[k], atol=1e-6), k
     for key in {rows._text_key(1, e) for e in ds.edits(1)} - {rows._text_key(i, d["instruction"]) for i, d in enumerate(decoded)}:

@@ -57,21 +57,20 @@ class EditPlan:
         return cls(texts, torch.tensor(owner, dtype=torch.long), counts, shared_once, batch.get("edit_text"),
                    batch.get("source"))
 
-    def condition(self, adapter, enc: dict, step: int) -> Condition:
+    def condition(self, adapter, enc: dict) -> Condition:
         """The generator's condition of every edit from a batch's encodings: the family's own
-        training condition (``prepare_encoded``) for the row's source and the edit's text (kept
-        from the row cache, else encoded now)."""
-        sub = {k: _rows(v, self.owner) for k, v in enc.items() if k != "text"}
+        training condition (``encoded_condition``) for the row's source and the edit's text (kept
+        from the row cache, else encoded now: only what the generator reads)."""
+        sub = {"source": _rows(enc["source"], self.owner)}
         if self.text_items is not None:
             sub["text"] = adapter.stack_text(self.text_items)
-        elif getattr(adapter, "text_sees_image", False):  # Qwen-Image-Edit: each edit read with its row's image
+        elif adapter.text_sees_image:  # Qwen-Image-Edit: each edit read with its row's image
             if self.sources is None:
                 raise ValueError("a chained batch without its source images or encoded edits")
-            images = self.sources[self.owner.to(self.sources.device)]
-            sub["text"] = adapter.stack_text(adapter.text_items(adapter.training_text(self.texts, images)))
+            sub["text"] = adapter.generator_training_text(self.texts, self.sources[self.owner.to(self.sources.device)])
         else:
-            sub["text"] = adapter.training_text(self.texts)
-        return adapter.prepare_encoded(sub, step, list(range(len(self.texts))))["condition"]
+            sub["text"] = adapter.generator_training_text(self.texts)
+        return adapter.encoded_condition(sub)
 
     def image_condition(self, adapter, source01: torch.Tensor) -> Condition:
         """The same from decoded source images (B, 3, H, W), as sampling encodes it."""

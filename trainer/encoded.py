@@ -116,7 +116,7 @@ class EncodedRows:
 
     def _text_key(self, i: int, sentence: str) -> str:
         # a text encoder that sees the source image (Qwen-Image-Edit) gives every row its own text
-        return f"{sentence}\x00{i}" if getattr(self.adapter, "text_sees_image", False) else sentence
+        return f"{sentence}\x00{i}" if self.adapter.text_sees_image else sentence
 
     def _store(self, idx: list[int], items: list[dict]) -> None:
         """Latents of the chunk's sources and targets; text items of the sentences not kept yet
@@ -133,7 +133,7 @@ class EncodedRows:
         if new:
             sentences = [t for t, _ in new.values()]
             text = (a.training_text(sentences, sources[[k for _, k in new.values()]])
-                    if getattr(a, "text_sees_image", False) else a.training_text(sentences))
+                    if a.text_sees_image else a.training_text(sentences))
             for key, item in zip(new, a.text_items(text)):
                 self.texts[key] = item
                 self.nbytes += _nbytes(item)

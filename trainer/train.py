@@ -199,7 +199,7 @@ def condition_stats(adapter, dataset, rows, cfg: TrainConfig, batch: int = 64) -
         for items in chunks():
             if rows:
                 enc = rows.collate(items, {})["enc"]
-                yield adapter.prepare_encoded(enc, 0, list(range(len(items))))["condition"].to("cpu")
+                yield adapter.encoded_condition(enc).to("cpu")
             else:
                 yield adapter.encode_condition(torch.stack([r["source"] for r in items]), [r["instruction"] for r in items]).to("cpu")
 
@@ -482,7 +482,7 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
         if batch is None:
             return None
         enc = batch["enc"] if "enc" in batch else adapter.encode(batch)
-        return adapter.prepare_encoded(enc, step, list(range(k)))["condition"].to(device)
+        return adapter.encoded_condition(enc).to(device)
 
     tb = _tensorboard(str(output), accelerator.is_main_process)
     if accelerator.is_main_process:
@@ -518,7 +518,7 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
                 module.set_requires_gradient_sync(last)  # reduce-scatter once per optimizer step
             with (nullcontext() if sharded else accelerator.accumulate(wrapped)), accelerator.autocast():
                 plan = chain.plan(batch) if chain else None
-                cond = (prep["condition"] if plan is None else plan.condition(adapter, enc, step)).to(device)
+                cond = (prep["condition"] if plan is None else plan.condition(adapter, enc)).to(device)
                 replay = is_replay(train_ds, batch["row"])
                 flags = replay if plan is None else replay[plan.owner]  # per generator condition (one per edit)
                 anchor = distill_batch(step, micro) if distill else None

@@ -107,7 +107,7 @@ class ValidationLoss:
                 task_id = torch.tensor([task_index.get(t, 0) for t in batch["task"]], dtype=torch.long)
                 prep = adapter.prepare_encoded(enc, VAL_STEP, keys)
                 plan = chain.plan(batch) if chain else None
-                self.preps.append((prep, task_id, plan, plan.condition(adapter, enc, VAL_STEP) if plan else None))
+                self.preps.append((prep, task_id, plan, plan.condition(adapter, enc) if plan else None))
                 self.rows += b
         finally:
             adapter.drop_text, adapter.drop_image = old

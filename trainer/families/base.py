@@ -162,6 +162,7 @@ class FamilyAdapter:
     name = ""
     default_drop = (0.0, 0.0)  # (text, image) CFG dropout the family's pipelines expect
     flow = True  # flow matching (else DDPM noise prediction)
+    text_sees_image = False  # the text encoder reads the source image too (Qwen2.5-VL): text per row
 
     def __init__(self, cfg, device: torch.device, dtype: torch.dtype):
         self.cfg, self.device, self.dtype = cfg, device, dtype
@@ -197,6 +198,11 @@ class FamilyAdapter:
         """The text encodings the trainer keeps per instruction (default: :meth:`encode_text`'s)."""
         return self.encode_text(texts)
 
+    def generator_training_text(self, texts: list[str], images01: torch.Tensor | None = None):
+        """Only what :meth:`encoded_condition` reads of each text (chained edits without the row
+        cache: an edit's text feeds the generator, never the base). Default: :meth:`training_text`."""
+        return self.training_text(texts)
+
     def text_items(self, text) -> list:
         """Split a :meth:`training_text` result into one item per instruction (for the cache)."""
         return split_batch(text)
@@ -211,6 +217,12 @@ class FamilyAdapter:
         ``len(keys)`` may be a multiple k x B: each example then gets k draws, laid out as
         [draw 0 of every example, draw 1 of every example, ...] so that sample ``i`` uses the
         example's LoRA ``i % B`` (core.lora_delta's default). ``condition`` has the B examples."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encoded_condition(self, enc: dict) -> Condition:
+        """The generator's condition from encodings (``source`` latents and ``text``): what
+        :meth:`prepare_encoded` puts under ``condition``, without the noise draws."""
         raise NotImplementedError
 
     @torch.no_grad()

@@ -116,9 +116,13 @@ class FluxKontext(FlowMatchingFamily):
         return self._empty
 
     @torch.no_grad()
+    def encoded_condition(self, enc):
+        return Condition({"text": enc["text"][0].float(), "image": patchify_latent(enc["source"], 2).float()})
+
+    @torch.no_grad()
     def prepare_encoded(self, enc, step, keys):
         gens = sample_generators(self.cfg.train.seed, step, keys)
-        cond = Condition({"text": enc["text"][0].float(), "image": patchify_latent(enc["source"], 2).float()})
+        cond = self.encoded_condition(enc)
         (seq, pooled), src, x0 = (repeat_draws(enc[k], len(keys)) for k in ("text", "source", "target"))
         ref = patchify_latent(src, 2)
         drop_t, drop_i = self.drop_masks(gens)

@@ -217,6 +217,15 @@ class QwenImageEdit(FlowMatchingFamily):
             items.append((hidden, torch.tensor([start], device=self.device), empty, r))  # model dtype: bf16 rows cache at half size
         return items
 
+    @torch.no_grad()
+    def generator_training_text(self, texts, images01=None):
+        """What the generator reads of each text, the first three of :meth:`stack_text`'s
+        (hidden states, mask, first token after the image): one Qwen2.5-VL pass per text; the
+        empty instruction (the base's negative) and the reference latent are left out."""
+        rows = [self.vl_hidden(text, image) for text, image in zip(texts, self.vl_image(images01))]
+        hidden, mask = _pad_rows([h for h, _ in rows])
+        return hidden, mask, torch.tensor([s for _, s in rows], device=self.device)
+
     def text_items(self, text):
         return list(text)
 
@@ -259,11 +268,15 @@ class QwenImageEdit(FlowMatchingFamily):
         return out[:, :n]
 
     @torch.no_grad()
-    def prepare_encoded(self, enc, step, keys):
-        gens = sample_generators(self.cfg.train.seed, step, keys)
+    def encoded_condition(self, enc):
         hidden, mask, start, *_ = enc["text"]
         gtext, gmask = self.generator_text(hidden, mask, start)
-        cond = Condition({"text": gtext.float(), "image": patchify_latent(enc["source"], 2).float()}, {"text": gmask})
+        return Condition({"text": gtext.float(), "image": patchify_latent(enc["source"], 2).float()}, {"text": gmask})
+
+    @torch.no_grad()
+    def prepare_encoded(self, enc, step, keys):
+        gens = sample_generators(self.cfg.train.seed, step, keys)
+        cond = self.encoded_condition(enc)
         (hidden, mask, _, empty, emask, ref), x0 = repeat_draws(enc["text"], len(keys)), repeat_draws(enc["target"], len(keys))
         drop_t, drop_i = self.drop_masks(gens)
         n = max(hidden.shape[1], empty.shape[1])

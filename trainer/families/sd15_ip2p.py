@@ -143,13 +143,17 @@ class SD15IP2P(FamilyAdapter):
         return self.vae_latent(images01)
 
     @torch.no_grad()
-    def prepare_encoded(self, enc, step, keys):
-        gens = sample_generators(self.cfg.train.seed, step, keys)
-        b = len(keys)
+    def encoded_condition(self, enc):
         ctx, *rest = enc["text"]
         gen_text, mask = (ctx, rest[0]) if len(rest) == 1 else rest
         masks = {"text": mask} if self.text_source.padding_mask else {}
-        cond = Condition({"text": gen_text.float(), "image": patchify_latent(enc["source"].float(), 2)}, masks)
+        return Condition({"text": gen_text.float(), "image": patchify_latent(enc["source"].float(), 2)}, masks)
+
+    @torch.no_grad()
+    def prepare_encoded(self, enc, step, keys):
+        gens = sample_generators(self.cfg.train.seed, step, keys)
+        b = len(keys)
+        cond, ctx = self.encoded_condition(enc), enc["text"][0]
         text, src_model, x0 = repeat_draws(ctx, b), repeat_draws(enc["source"], b), repeat_draws(enc["target"], b)
         src = src_model / SD15_LATENT_SCALE  # the IP2P concat, as ComfyUI builds it
         drop_t, drop_i = self.drop_masks(gens)
