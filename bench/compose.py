@@ -15,7 +15,7 @@ rank and layers):
     instruction read as one edit (``hywu_combo``, data.chain_edits: false);
   * HY-WU trained on the same rows with chained edits (``hywu_chained``, trainer/edits.py: a
     combination trains with the sum of one generated LoRA per edit, the generator's shared rank
-    counted once, data.chain_shared: once; each single task listed twice, --single-repeats, chosen
+    counted once, data.chain_shared: once; each single task listed 3 times, --single-repeats, chosen
     on a dev split by bench/compose_dev.py; the base reads the whole instruction), and used that
     way: two chained edits in ComfyUI, the second Generate LoRA with include_shared off (example
     workflow "HY-WU two edits in a row").
@@ -106,16 +106,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--per-task-rows", type=int, default=100, help="training rows per task or combination")
     ap.add_argument("--steps", type=int, default=300, help="steps of every run (demo.yaml: 600)")
     ap.add_argument("--grid", default=None, help="write a PNG grid, one row per held-out combination (first seed)")
-    ap.add_argument("--single-repeats", type=int, default=2,
+    ap.add_argument("--single-repeats", type=int, default=3,
                     help="the chained HY-WU run lists each single task this many times (its share of the rows; "
-                         "2 was chosen on a dev split of trained combinations, bench/compose_dev.py)")
+                         "3 was chosen on a dev split of trained combinations, bench/compose_dev.py)")
     ap.add_argument("--ceiling", action="store_true",
                     help="also train a LoRA on each held-out combination itself (a ceiling; about 80 s more per seed)")
-    ap.set_defaults(eval_per_task=16)  # keeps the default run (3 seeds, 300 steps) within 40 minutes
+    ap.add_argument("--eval-trained-per-combination", type=int, default=8,
+                    help="val images per trained combination (reported beside the held-out ones, not a target; "
+                         "18 combinations, so fewer images than --eval-per-task's)")
+    ap.set_defaults(eval_per_task=16)  # with the above, keeps the default run (3 seeds, 300 steps) within 40 minutes
     a = ap.parse_args(argv)
     clock, timer = W.Clock(), demo.Timer()
     if a.quick:
-        a.per_task_rows, a.steps, a.eval_per_task, a.sample_steps = 1, 1, 1, 2
+        a.per_task_rows, a.steps, a.eval_per_task, a.eval_trained_per_combination, a.sample_steps = 1, 1, 1, 1, 2
     s = W.settings(a.quick)
     models, device = Path(a.models), W.device_of(a.device)
     base_dir = W.ensure_base(s, models, a.micro)
@@ -130,18 +133,22 @@ def main(argv=None) -> dict:
     data_ceiling = [W.tasks_arg(heldout), f"--data.n_train={a.per_task_rows * len(heldout)}"]
     world = D.World(base_dir, device)
     groups = {"heldout_combos": heldout, "trained_combos": combos, "singles": singles}
-    splits = {g: D.make_split(world, "val", a.eval_per_task * len(ts), ts, 0, s.resolution) for g, ts in groups.items()}
+    per_group = {g: a.eval_trained_per_combination if g == "trained_combos" else a.eval_per_task for g in groups}
+    splits = {g: D.make_split(world, "val", per_group[g] * len(ts), ts, 0, s.resolution) for g, ts in groups.items()}
     clauses = {g: [clause_split(world, splits[g], k) for k in range(2)] for g in groups if g != "singles"}
     per_seed, runs_info = [], []
-    for seed in range(a.first_seed, a.first_seed + a.seeds):
-        single_runs, shared_runs, combo_runs, chained_runs, *ceiling = W.train_jobs(
-            base_dir, models, seed, [(("per_task_lora", "hywu"), [*common, *data_single]),
-                                     (("shared_lora",), [*common, *data_combo]),
-                                     (("hywu",), [*common, *data_combo, "--data.chain_edits=false"]),
-                                     (("hywu",), [*common, *data_chained, "--data.chain_edits=true",
-                                                               "--data.chain_shared=once"]),
-                                     *([(("per_task_lora",), [*common, *data_ceiling])] if a.ceiling else [])],
-            device, timer, a.force, inprocess=a.quick)
+    seeds = list(range(a.first_seed, a.first_seed + a.seeds))
+    # every seed's runs in one pool (W.train_seeds), a seed evaluated while the next ones train; within
+    # a seed the longest first: the chained run (the most rows to encode, two edits per combination)
+    # takes about as long as the others together; the whole-instruction run after the shared LoRA's,
+    # whose encoded rows (the same data) it reads from disk
+    trained = W.train_seeds(base_dir, models, seeds, [
+        (("hywu",), [*common, *data_chained, "--data.chain_edits=true", "--data.chain_shared=once"]),
+        (("shared_lora",), [*common, *data_combo]),
+        (("per_task_lora", "hywu"), [*common, *data_single]),
+        (("hywu",), [*common, *data_combo, "--data.chain_edits=false"]),
+        *([(("per_task_lora",), [*common, *data_ceiling])] if a.ceiling else [])], device, timer, a.force, inprocess=a.quick)
+    for seed, (chained_runs, shared_runs, single_runs, combo_runs, *ceiling) in trained:
         ceiling_runs = ceiling[0] if ceiling else None
         shared = D.load_methods(world, {"shared_lora": W.run_file(shared_runs["shared_lora"], "shared_lora")}, singles)
         gens = {name: D.load_methods(world, {"hywu": W.run_file(run["hywu"], "hywu")}, singles)["hywu"]
@@ -198,6 +205,7 @@ def main(argv=None) -> dict:
         "benchmark": "compose", "quick": a.quick, "seeds": [r["seed"] for r in runs_info], "singles": singles,
         "trained_combinations": combos, "heldout_combinations": groups["heldout_combos"],
         "sizes": {"rows_per_task": a.per_task_rows, "steps": a.steps, "eval_images_per_task": a.eval_per_task,
+                  "eval_images_per_trained_combination": a.eval_trained_per_combination,
                   "chained_single_repeats": a.single_repeats,
                   "sampler_steps": a.sample_steps},
         "trainer_overrides": common, "world": s.key(),

@@ -11,7 +11,7 @@ merged per-task pair (the same per-task LoRAs as compose.py's). The choice it in
 compose.py's ``--single-repeats``: the value whose chained run beats the merged pair by >= 0.5
 dB (issue 17's target) on the dev combinations in every seed, else the best mean.
 
-    python bench/compose_dev.py                          # 2 seeds, k = 1 and 2 (about 30 minutes)
+    python bench/compose_dev.py                          # 2 seeds, k = 1 to 4 (about 45 minutes)
     python bench/compose_dev.py --quick --models /tmp/m --micro models/micro_sd15_ip2p   # shows it runs
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
     W.add_world_args(ap)
     ap.add_argument("--per-task-rows", type=int, default=100, help="training rows per task or combination")
     ap.add_argument("--steps", type=int, default=300, help="steps of every run (as compose.py)")
-    ap.add_argument("--single-repeats", default="1,2", help="comma-separated k: each single task listed k times")
+    ap.add_argument("--single-repeats", default="1,2,3,4", help="comma-separated k: each single task listed k times")
     ap.set_defaults(seeds=2, eval_per_task=16)
     a = ap.parse_args(argv)
     clock, timer = W.Clock(), C.demo.Timer()

@@ -138,12 +138,24 @@ def train_jobs(base_dir: Path, models: Path, seed: int, jobs: list, device: str,
                workers: int | None = None, inprocess: bool = False) -> list[dict]:
     """Several :func:`train` calls, ``jobs`` = [(methods, extra), ...]; on a CPU two at a time
     (one thread each: these small models use two cores better as two processes)."""
+    return dict(train_seeds(base_dir, models, [seed], jobs, device, timer, force, workers, inprocess))[seed]
+
+
+def train_seeds(base_dir: Path, models: Path, seeds, jobs: list, device: str, timer, force: bool = False,
+                workers: int | None = None, inprocess: bool = False):
+    """:func:`train_jobs` for every seed in one pool, seed by seed in ``jobs`` order. Yields
+    (seed, runs) as soon as a seed's runs are done while the pool goes on with the next seeds',
+    so the caller evaluates a seed beside the rest of the training and no core waits."""
     from concurrent.futures import ThreadPoolExecutor
 
     if inprocess:
-        return [train(base_dir, models, seed, m, e, device, timer, force, inprocess=True) for m, e in jobs]
-    cpu = device == "cpu"
-    workers = workers or (2 if cpu else 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(train, base_dir, models, seed, m, e, device, timer, force) for m, e in jobs]
-        return [f.result() for f in futures]
+        for s in seeds:
+            yield s, [train(base_dir, models, s, m, e, device, timer, force, inprocess=True) for m, e in jobs]
+        return
+    pool = ThreadPoolExecutor(max_workers=workers or (2 if device == "cpu" else 1))
+    try:
+        futures = {s: [pool.submit(train, base_dir, models, s, m, e, device, timer, force) for m, e in jobs] for s in seeds}
+        for s, fs in futures.items():
+            yield s, [f.result() for f in fs]
+    finally:  # a failed run or evaluation: the queued runs are not started
+        pool.shutdown(wait=True, cancel_futures=True)

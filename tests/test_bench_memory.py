@@ -121,7 +121,7 @@ def test_compose_dev_quick(models, micro_base, tmp_path):
     out of the chained runs' training, every dev combination's tasks trained in other combinations."""
     import compose_dev
 
-    r = _quick(compose_dev, models, micro_base, tmp_path)
+    r = _quick(compose_dev, models, micro_base, tmp_path, "--single-repeats", "1,2")  # two k: the choice between them
     dev, trained = set(r["dev_combinations"]), set(r["trained_combinations"])
     S = compose_dev.S
     assert dev <= set(S.COMPOSED_TRAIN) and not dev & trained and not dev & set(S.COMPOSED_HELDOUT)
