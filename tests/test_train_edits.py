@@ -182,10 +182,10 @@ def test_qwen_image_edit_trains_chained_rows(tmp_path, generator_calls, cache_mb
 @pytest.mark.parametrize("family", ["sd15_ip2p", "flux_kontext", "qwen_image_edit"])
 def test_the_row_cache_keeps_each_edits_text(family, tmp_path, monkeypatch):
     """EncodedRows encodes every edit's sentence once with the rows (per row where the text sees
-    the image), so a chained row calls no text encoder per step, and the generator's condition
-    from it equals the one encoded per step (only what the generator reads: for Qwen, one
-    Qwen2.5-VL pass per edit); a cache file written without the edit sentences
-    falls back to encoding them per step."""
+    the image), only what the generator reads of it (for Qwen one Qwen2.5-VL pass per edit, no
+    negative, no reference latent), so a chained row calls no text encoder per step, and the
+    generator's condition from it equals the one encoded per step; the edits survive the disk
+    cache, and a cache file written without them falls back to encoding them per step."""
     import dataclasses
 
     from trainer.encoded import EncodedRows
@@ -195,19 +195,24 @@ def test_the_row_cache_keeps_each_edits_text(family, tmp_path, monkeypatch):
     cfg = tiny_config(family, tmp_path / "run", data={"tasks": ["brighten", COMBO], "n_train": 4, "n_val": 2})
     adapter = load_family(cfg, torch.device("cpu"), torch.float32)
     ds, _ = build_datasets(cfg)
-    rows = EncodedRows(adapter, ds, cfg.base.resolution, max_mb=64).fill()
+    passes = []
+    if adapter.text_sees_image:
+        adapter.text_encoder.register_forward_hook(lambda *_: passes.append(1))  # Qwen2.5-VL
+    rows = EncodedRows(adapter, ds, cfg.base.resolution, max_mb=64).fill(tmp_path / "rows.safetensors")
     decoded = [ds.load(i, cfg.base.resolution) for i in range(4)]
-    keys = {rows._text_key(i, t) for i in range(4) for t in (decoded[i]["instruction"], *ds.edits(i))}
-    assert rows.summary()["instructions"] == len(keys) > 4  # both combination rows' edits are kept
+    instructions = {rows._text_key(i, d["instruction"]) for i, d in enumerate(decoded)}
+    edits = {rows._text_key(i, e) for i in range(4) for e in ds.edits(i)} - instructions
+    assert rows.summary()["instructions"] == len(instructions) and rows.summary()["edits"] == len(edits) > 0
+    if adapter.text_sees_image:  # an instruction: itself and the empty negative; an edit: itself only
+        assert len(passes) == 2 * len(instructions) + len(edits)
+        assert all(len(item) == 2 for item in rows.edit_texts.values())
     batch = rows.collate([rows.load(i) for i in range(4)], {})
     plan = EditPlan.of(batch)
     assert plan.text_items is not None and len(plan.text_items) == len(plan.texts) == 6
-    encoded, passes = [], []
-    generator_text = adapter.generator_training_text
-    monkeypatch.setattr(adapter, "generator_training_text",
+    encoded, passes[:] = [], []
+    generator_text = adapter.generator_text_items
+    monkeypatch.setattr(adapter, "generator_text_items",
                         lambda texts, *images: encoded.append(texts) or generator_text(texts, *images))
-    if adapter.text_sees_image:
-        adapter.text_encoder.register_forward_hook(lambda *_: passes.append(1))  # Qwen2.5-VL
     cached = plan.condition(adapter, batch["enc"])
     assert encoded == [] and passes == []
     sources = torch.stack([d["source"] for d in decoded])  # what a batch without the row cache carries
@@ -217,6 +222,10 @@ def test_the_row_cache_keeps_each_edits_text(family, tmp_path, monkeypatch):
         assert len(passes) == len(plan.texts)
     for k in cached.tokens:
         assert torch.allclose(cached.tokens[k], now.tokens[k], atol=1e-6), k
-    for key in {rows._text_key(1, e) for e in ds.edits(1)} - {rows._text_key(i, d["instruction"]) for i, d in enumerate(decoded)}:
-        del rows.texts[key]  # an older cache file: the instructions only
+    again = EncodedRows(adapter, ds, cfg.base.resolution, max_mb=64).fill(tmp_path / "rows.safetensors")
+    assert again.source and again.edit_texts.keys() == rows.edit_texts.keys()
+    read = EditPlan.of(again.collate([again.load(i) for i in range(4)], {})).condition(adapter, batch["enc"])
+    for k in cached.tokens:
+        assert torch.equal(cached.tokens[k], read.tokens[k]), k
+    rows.edit_texts.clear()  # an older cache file: the instructions only
     assert rows.collate([rows.load(i) for i in range(4)], {})["edit_text"] is None

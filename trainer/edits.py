@@ -39,7 +39,7 @@ class EditPlan:
     owner: torch.Tensor  # (n_edits,) row index of each edit
     counts: list[int]  # edits per row
     shared_once: int = 0  # the generator's shared rank, left out of every edit after a row's first
-    text_items: list | None = None  # every edit's encoded text (trainer.encoded.EncodedRows), or None
+    text_items: list | None = None  # every edit's generator item (trainer.encoded.EncodedRows), or None
     sources: torch.Tensor | None = None  # the rows' decoded sources (B, 3, H, W): a text that sees the image
 
     @classmethod
@@ -62,14 +62,14 @@ class EditPlan:
         training condition (``encoded_condition``) for the row's source and the edit's text (kept
         from the row cache, else encoded now: only what the generator reads)."""
         sub = {"source": _rows(enc["source"], self.owner)}
-        if self.text_items is not None:
-            sub["text"] = adapter.stack_text(self.text_items)
-        elif adapter.text_sees_image:  # Qwen-Image-Edit: each edit read with its row's image
+        items = self.text_items
+        if items is None and adapter.text_sees_image:  # Qwen-Image-Edit: each edit read with its row's image
             if self.sources is None:
                 raise ValueError("a chained batch without its source images or encoded edits")
-            sub["text"] = adapter.generator_training_text(self.texts, self.sources[self.owner.to(self.sources.device)])
-        else:
-            sub["text"] = adapter.generator_training_text(self.texts)
+            items = adapter.generator_text_items(self.texts, self.sources[self.owner.to(self.sources.device)])
+        elif items is None:
+            items = adapter.generator_text_items(self.texts)
+        sub["text"] = adapter.stack_generator_text(items)
         return adapter.encoded_condition(sub)
 
     def image_condition(self, adapter, source01: torch.Tensor) -> Condition:

@@ -12,7 +12,9 @@ Memory is bounded (``data.cache_mb``): when the first chunk shows that the whole
 not fit, nothing is kept and the trainer encodes every batch as it comes (a partial cache would
 delay the first step and still encode most rows). Text features are kept once per distinct
 instruction, and once per distinct sentence of the rows' chained edits (trainer/edits.py), so a
-chained row costs no text encoding per step either.
+chained row costs no text encoding per step either; of an edit only what the generator reads
+(``adapter.generator_text_items``: for Qwen-Image-Edit one Qwen2.5-VL pass, no negative or
+reference latent, which only the base reads of the row's instruction).
 
 ``data.cache_dir`` also keeps them on disk (one safetensors file + JSON metadata, named by a
 key over the base's files, the data settings, resolution and dtype), so the next run on the
@@ -45,6 +47,7 @@ class EncodedRows:
         self.max_bytes = int(max_mb * 2**20)
         self.rows: dict[int, tuple] = {}  # index -> (source latent, target latent, instruction, task)
         self.texts: dict[str, object] = {}  # instruction -> text item (adapter.text_items)
+        self.edit_texts: dict[str, object] = {}  # edit sentence -> generator item, where not an instruction
         self.bad: dict[int, str] = {}  # index -> reason (counted by the stream when it reaches the row)
         self.nbytes, self.seconds, self.source = 0, 0.0, None
 
@@ -89,7 +92,12 @@ class EncodedRows:
         for i in rows:
             src, tgt, _, _ = self.rows[i]
             tensors[f"source.{i}"], tensors[f"target.{i}"] = src.cpu().contiguous(), tgt.cpu().contiguous()
+        edits = list(self.edit_texts)
+        for k, t in enumerate(edits):
+            for j, x in enumerate(_parts(self.edit_texts[t])):
+                tensors[f"edit.{k}.{j}"] = x.cpu().contiguous()
         meta = {"texts": texts, "tuple": isinstance(next(iter(self.texts.values()), None), tuple),
+                "edit_texts": edits, "edit_tuple": isinstance(next(iter(self.edit_texts.values()), None), tuple),
                 "rows": {str(i): [texts.index(self.rows[i][2]), self.rows[i][3]] for i in rows},
                 "bad": {str(i): r for i, r in self.bad.items()}}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,6 +117,9 @@ class EncodedRows:
         for k, text in enumerate(meta["texts"]):
             parts = [t[f"text.{k}.{j}"] for j in range(sum(1 for x in t if x.startswith(f"text.{k}.")))]
             self.texts[text] = tuple(parts) if meta["tuple"] else parts[0]
+        for k, text in enumerate(meta.get("edit_texts", ())):  # none in an older file: its edits are among the texts
+            parts = [t[f"edit.{k}.{j}"] for j in range(sum(1 for x in t if x.startswith(f"edit.{k}.")))]
+            self.edit_texts[text] = tuple(parts) if meta["edit_tuple"] else parts[0]
         for i, (k, task) in meta["rows"].items():
             self.rows[int(i)] = (t[f"source.{i}"], t[f"target.{i}"], meta["texts"][k], task)
         self.bad = {int(i): r for i, r in meta["bad"].items()}
@@ -119,27 +130,34 @@ class EncodedRows:
         return f"{sentence}\x00{i}" if self.adapter.text_sees_image else sentence
 
     def _store(self, idx: list[int], items: list[dict]) -> None:
-        """Latents of the chunk's sources and targets; text items of the sentences not kept yet
-        (each row's instruction and each of its edits; per row where the text sees the image)."""
+        """Latents of the chunk's sources and targets; text items of the instructions not kept
+        yet, then generator items of the edit sentences that are no instruction (per row where
+        the text sees the image)."""
         a = self.adapter
         sources = torch.stack([it["source"] for it in items])
         src, tgt = a.latent(sources), a.latent(torch.stack([it["target"] for it in items]))
-        new: dict[str, tuple[str, int]] = {}  # key -> (sentence, the row's place in the chunk)
-        for k, (i, it) in enumerate(zip(idx, items)):
-            for sentence in (it["instruction"], *it.get("edits", ())):
-                key = self._text_key(i, sentence)
-                if key not in self.texts and key not in new:
-                    new[key] = (sentence, k)
-        if new:
-            sentences = [t for t, _ in new.values()]
-            text = (a.training_text(sentences, sources[[k for _, k in new.values()]])
-                    if a.text_sees_image else a.training_text(sentences))
-            for key, item in zip(new, a.text_items(text)):
-                self.texts[key] = item
-                self.nbytes += _nbytes(item)
-        for k, (i, it) in enumerate(zip(idx, items)):
+        rows = list(enumerate(zip(idx, items)))
+        self._keep(self.texts, [(k, i, it["instruction"]) for k, (i, it) in rows], sources,
+                   lambda sentences, *images: a.text_items(a.training_text(sentences, *images)))
+        self._keep(self.edit_texts, [(k, i, e) for k, (i, it) in rows for e in it.get("edits", ())], sources,
+                   a.generator_text_items)
+        for k, (i, it) in rows:
             self.rows[i] = (src[k], tgt[k], self._text_key(i, it["instruction"]), it["task"])
         self.nbytes += _nbytes(src) + _nbytes(tgt)
+
+    def _keep(self, store: dict, sentences: list[tuple[int, int, str]], sources: torch.Tensor, encode) -> None:
+        """Encode, in one call, the sentences not kept yet, and keep them in ``store``
+        (``sentences``: (place in the chunk, row index, sentence))."""
+        new: dict[str, tuple[str, int]] = {}  # key -> (sentence, the row's place in the chunk)
+        for k, i, sentence in sentences:
+            key = self._text_key(i, sentence)
+            if key not in self.texts and key not in store and key not in new:
+                new[key] = (sentence, k)
+        if new:
+            images = (sources[[k for _, k in new.values()]],) if self.adapter.text_sees_image else ()
+            for key, item in zip(new, encode([t for t, _ in new.values()], *images)):
+                store[key] = item
+                self.nbytes += _nbytes(item)
 
     def load(self, i: int) -> dict:
         """Row ``i`` encoded; raises BadRow for a row the data could not give."""
@@ -147,9 +165,15 @@ class EncodedRows:
             raise BadRow(self.bad[i])
         src, tgt, text, task = self.rows[i]
         edits = self.ds.edits(i)
-        edit_text = [self.texts.get(self._text_key(i, e)) for e in edits] or [self.texts[text]]  # no edits: one edit
+        edit_text = [self._edit_item(self._text_key(i, e)) for e in edits] or [self._edit_item(text)]  # no edits: one edit
         return {"source": src, "target": tgt, "text": self.texts[text], "instruction": text.split("\x00")[0], "task": task,
                 "edits": edits, "edit_text": None if any(t is None for t in edit_text) else edit_text}
+
+    def _edit_item(self, key: str):
+        """What the generator reads of a sentence's text; None where it was not encoded."""
+        if key in self.edit_texts:
+            return self.edit_texts[key]
+        return self.adapter.generator_item(self.texts[key]) if key in self.texts else None
 
     def collate(self, items: list[dict], task_index: dict[str, int]) -> dict:
         """A batch as ``adapter.prepare_encoded`` takes it (``enc``), plus labels."""
@@ -160,13 +184,13 @@ class EncodedRows:
             "task": [it["task"] for it in items],
             "task_id": torch.tensor([task_index.get(it["task"], -1) for it in items], dtype=torch.long),
             "edits": [it["edits"] for it in items],
-            # every edit's text item, row by row (trainer.edits.EditPlan); None: some were not encoded
+            # every edit's generator item, row by row (trainer.edits.EditPlan); None: some were not encoded
             "edit_text": (None if any(it["edit_text"] is None for it in items)
                           else [t for it in items for t in it["edit_text"]]),
         }
 
     def summary(self) -> dict:
-        return {"rows": len(self.rows), "bad_rows": len(self.bad), "instructions": len(self.texts),
+        return {"rows": len(self.rows), "bad_rows": len(self.bad), "instructions": len(self.texts), "edits": len(self.edit_texts),
                 "mb": round(self.nbytes / 2**20, 1), "seconds": round(self.seconds, 2), "from_disk": self.source}
 
 

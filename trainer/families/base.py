@@ -198,11 +198,6 @@ class FamilyAdapter:
         """The text encodings the trainer keeps per instruction (default: :meth:`encode_text`'s)."""
         return self.encode_text(texts)
 
-    def generator_training_text(self, texts: list[str], images01: torch.Tensor | None = None):
-        """Only what :meth:`encoded_condition` reads of each text (chained edits without the row
-        cache: an edit's text feeds the generator, never the base). Default: :meth:`training_text`."""
-        return self.training_text(texts)
-
     def text_items(self, text) -> list:
         """Split a :meth:`training_text` result into one item per instruction (for the cache)."""
         return split_batch(text)
@@ -210,6 +205,21 @@ class FamilyAdapter:
     def stack_text(self, items: list):
         """Inverse of :meth:`text_items`."""
         return stack_batch(items)
+
+    # chained edits (trainer/edits.py): an edit's text feeds the generator, never the base, so only
+    # what encoded_condition reads of it is encoded and kept; by default that is the whole text item
+    def generator_text_items(self, texts: list[str], images01: torch.Tensor | None = None) -> list:
+        """One item per text of what :meth:`encoded_condition` reads (``images01``: the rows'
+        sources, for a text encoder that sees the image)."""
+        return self.text_items(self.training_text(texts))
+
+    def generator_item(self, item):
+        """The part of a :meth:`text_items` item that :meth:`encoded_condition` reads."""
+        return item
+
+    def stack_generator_text(self, items: list):
+        """Generator items stacked as :meth:`encoded_condition` takes ``text``."""
+        return self.stack_text(items)
 
     @torch.no_grad()
     def prepare_encoded(self, enc: dict, step: int, keys: list[int]) -> dict:

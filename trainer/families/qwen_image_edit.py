@@ -208,31 +208,34 @@ class QwenImageEdit(FlowMatchingFamily):
     def training_text(self, texts, images01=None):
         """Per edit (the text sees its image): (hidden states, first token after the image, the empty
         instruction's hidden states with the same image (the negative), reference latent)."""
-        vl = self.vl_image(images01)
         ref = self.latent(self.reference_image(images01))
-        items = []
-        for text, image, r in zip(texts, vl, ref):
-            hidden, start = self.vl_hidden(text, image)
-            empty, _ = self.vl_hidden("", image)
-            items.append((hidden, torch.tensor([start], device=self.device), empty, r))  # model dtype: bf16 rows cache at half size
-        return items
+        # model dtype: bf16 rows cache at half size
+        return [(*item, self.vl_hidden("", image)[0], r)
+                for item, image, r in zip(self.generator_text_items(texts, images01), self.vl_image(images01), ref)]
 
     @torch.no_grad()
-    def generator_training_text(self, texts, images01=None):
-        """What the generator reads of each text, the first three of :meth:`stack_text`'s
-        (hidden states, mask, first token after the image): one Qwen2.5-VL pass per text; the
-        empty instruction (the base's negative) and the reference latent are left out."""
-        rows = [self.vl_hidden(text, image) for text, image in zip(texts, self.vl_image(images01))]
-        hidden, mask = _pad_rows([h for h, _ in rows])
-        return hidden, mask, torch.tensor([s for _, s in rows], device=self.device)
+    def generator_text_items(self, texts, images01=None):
+        """(hidden states, first token after the image) per text, the first and second of
+        :meth:`training_text`'s: one Qwen2.5-VL pass per text; the empty instruction (the base's
+        negative) and the reference latent, which only the base reads, are left out."""
+        return [(hidden, torch.tensor([start], device=self.device))
+                for hidden, start in (self.vl_hidden(t, image) for t, image in zip(texts, self.vl_image(images01)))]
+
+    def generator_item(self, item):
+        return item[:2]
+
+    def stack_generator_text(self, items):
+        """The first three of :meth:`stack_text`'s (hidden states, mask, first token after the image)."""
+        hidden, mask = _pad_rows([it[0] for it in items])
+        return hidden, mask, torch.cat([it[1] for it in items])
 
     def text_items(self, text):
         return list(text)
 
     def stack_text(self, items):
-        hidden, mask = _pad_rows([it[0] for it in items])
+        hidden, mask, start = self.stack_generator_text(items)
         empty, emask = _pad_rows([it[2] for it in items])
-        return hidden, mask, torch.cat([it[1] for it in items]), empty, emask, torch.stack([it[3] for it in items])
+        return hidden, mask, start, empty, emask, torch.stack([it[3] for it in items])
 
     def generator_text(self, hidden, mask, start):
         """What the generator reads: the tokens after the image, at most ``text_tokens``, padded + mask."""
