@@ -31,8 +31,8 @@ the trained combinations and single tasks are reported beside. The target of iss
 the held-out combinations, in every seed; checked for both HY-WU runs trained with combinations.
 Nothing is tuned on the held-out combinations.
 
-    python bench/compose.py                      # 3 seeds, 300 steps (2,388 s on a 2-core CPU, every run
-                                                 # retrained, with --single-repeats 1; 2 was not timed from scratch)
+    python bench/compose.py                      # 3 seeds, 300 steps (2,378 s on a 2-core CPU from empty
+                                                 # runs and encodings folders, the demo base built)
     python bench/compose.py --ceiling            # + the per-combination LoRA ceiling (about 45 min)
     python bench/compose.py --seeds 1 --steps 150                # a reduced run
     python bench/compose.py --quick --models /tmp/m --micro models/micro_sd15_ip2p   # shows it runs
