@@ -63,12 +63,13 @@ class EditPlan:
         from the row cache, else encoded now: only what the generator reads)."""
         sub = {"source": _rows(enc["source"], self.owner)}
         items = self.text_items
-        if items is None and adapter.text_sees_image:  # Qwen-Image-Edit: each edit read with its row's image
-            if self.sources is None:
-                raise ValueError("a chained batch without its source images or encoded edits")
-            items = adapter.generator_text_items(self.texts, self.sources[self.owner.to(self.sources.device)])
-        elif items is None:
-            items = adapter.generator_text_items(self.texts)
+        if items is None:
+            images = ()
+            if adapter.text_sees_image:  # Qwen-Image-Edit: each edit read with its row's image
+                if self.sources is None:
+                    raise ValueError("a chained batch without its source images or encoded edits")
+                images = (self.sources[self.owner.to(self.sources.device)],)
+            items = adapter.generator_text_items(self.texts, *images)
         sub["text"] = adapter.stack_generator_text(items)
         return adapter.encoded_condition(sub)
 
