@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What HY-WU costs inside ComfyUI, measured side by side in one run. Prints one JSON object.
 
-micro base (a headless ComfyUI 0.3.75 server, the seeded micro SD1.5-InstructPix2Pix checkpoint
+micro base (a headless ComfyUI server, the newest `make test` runs on, the seeded micro SD1.5-InstructPix2Pix checkpoint
 and seeded test generator, 64 px, euler, ``--steps`` (20) at cfg ``--cfg`` (7)):
   * ``edit``: one HY-WU edit (runtime mode, and patch mode) against the same graph with a static
     LoRA file through core LoraLoaderModelOnly, on a first run (after POST /free: caches empty,
@@ -281,6 +281,12 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
+def _comfy_version() -> str:
+    import comfy_harness
+
+    return ".".join(map(str, comfy_harness.comfyui_version()))
+
+
 def full_prepare() -> dict:
     """Build (once) the seeded full-size UNet in ComfyUI's LDM keys and a seeded 'small' generator
     for its 160 default target layers."""
@@ -494,7 +500,7 @@ def main(argv=None):
     t0 = time.time()
     out = {"setup": {"machine": f"{os.cpu_count()} CPU cores, shared with other jobs; load average (1 min) at start "
                                 f"{os.getloadavg()[0]:.2f}", "device": "cpu", "torch_threads": a.threads,
-                     "server": "ComfyUI 0.3.75 main.py --cpu", "sampler": "euler / normal",
+                     "server": f"ComfyUI {_comfy_version()} main.py --cpu", "sampler": "euler / normal",
                      "micro": {"model": "micro SD1.5-InstructPix2Pix (seeded)", "generator": "hywu_micro_seeded "
                                "(tiny preset, rank 4, 40 targets)", "image": "64x64", "steps": a.steps, "cfg": a.cfg,
                                "repeats": a.repeats},

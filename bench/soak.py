@@ -116,7 +116,7 @@ def main(argv=None):
     out = {
         "setup": {"model": "micro SD1.5-InstructPix2Pix (seeded), seeded HY-WU generator", "image": "32x32 demo input",
                   "graph": "example_workflows/api/hywu_demo.json with the test pair", "steps": a.steps,
-                  "prompts": a.prompts, "plain_baseline_prompts": len(plain), "server": "ComfyUI 0.3.75 main.py --cpu",
+                  "prompts": a.prompts, "plain_baseline_prompts": len(plain), "server": f"ComfyUI {'.'.join(map(str, comfy_harness.comfyui_version()))} main.py --cpu",
                   "cpu_threads": os.cpu_count(), "load_average_1m_start": round(load0, 2),
                   "load_average_1m_end": round(os.getloadavg()[0], 2), "seconds": round(time.time() - t_start, 1),
                   "note": "exec_s = execution_start..execution_success on the server; timings are noisy on a shared "

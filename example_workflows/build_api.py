@@ -133,7 +133,7 @@ def qwen_image_edit(instruction="replace the sky with a sunset", steps=20, seed=
               "_meta": {"title": "Load VAE"}},
         "4": {"class_type": "LoadImage", "inputs": {"image": EXAMPLE_IMAGE}, "_meta": {"title": "Source image"}},
         "5": {"class_type": "ImageScaleToTotalPixels", "inputs": {"image": ["4", 0], "upscale_method": "lanczos",
-                                                                  "megapixels": 1.0},
+                                                                  "megapixels": 1.0, "resolution_steps": 1},
               "_meta": {"title": "ImageScaleToTotalPixels"}},
         "6": {"class_type": "PrimitiveStringMultiline", "inputs": {"value": instruction},
               "_meta": {"title": "Instruction"}},
@@ -181,7 +181,8 @@ def qwen_image_edit_plus(instruction="replace the sky with a sunset", steps=20, 
         wf[k] = {"class_type": "TextEncodeQwenImageEditPlus",
                  "inputs": {"clip": inputs["clip"], "prompt": inputs["prompt"], "vae": inputs["vae"], "image1": inputs["image"]},
                  "_meta": {"title": f"TextEncodeQwenImageEditPlus ({sign})"}}
-    wf["18"] = {"class_type": "CFGNorm", "inputs": {"model": ["11", 0], "strength": 1.0}, "_meta": {"title": "CFGNorm"}}
+    wf["18"] = {"class_type": "CFGNorm", "inputs": {"model": ["11", 0], "strength": 1.0, "pre_cfg": False},
+                "_meta": {"title": "CFGNorm"}}
     wf["15"]["inputs"]["model"] = ["18", 0]
     wf["17"]["inputs"]["filename_prefix"] = "hywu_qwen_edit_plus"
     return wf

@@ -36,7 +36,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "models" / "diffusion_models"
-FORMAT = "hywu-full-width-dit/1"  # bump when the fill rule changes: cached files are then rebuilt
+FORMAT = "hywu-full-width-dit/2"  # bump when the fill rule or layout changes: cached files are then rebuilt
 
 # ComfyUI unet_config of each file (what comfy.model_detection reads back from the tensors).
 CONFIGS = {
@@ -78,9 +78,13 @@ def _meta_network(kind: str, comfyui_path=None):
     ops = comfy.ops.disable_weight_init  # no init work: shapes only
     cfg = dict(CONFIGS[kind])
     if kind == "flux_kontext":
+        import dataclasses
+
         import comfy.ldm.flux.model as flux
 
         cfg.pop("image_model")
+        if "txt_ids_dims" in {f.name for f in dataclasses.fields(flux.FluxParams)}:
+            cfg["txt_ids_dims"] = []  # newer ComfyUI (0.28+): its detection sets [] for FLUX.1
         return flux.Flux(**cfg, image_model="flux", dtype=torch.bfloat16, device="meta", operations=ops)
     import comfy.ldm.qwen_image.model as qwen
 
@@ -111,6 +115,14 @@ def seeded_tensor(name: str, shape, seed: int, chunk_elems: int = 1 << 24) -> to
     return out
 
 
+def released_key(kind: str, name: str) -> str:
+    """The key the released file has: FLUX's q/k RMSNorm scales are `.scale` there (ComfyUI 0.3.75's
+    module names), where ComfyUI 0.28+ names the parameter `.weight` (and still loads `.scale`)."""
+    if kind == "flux_kontext" and name.endswith(("query_norm.weight", "key_norm.weight")):
+        return name[: -len("weight")] + "scale"
+    return name
+
+
 def cached_ok(path: Path, kind: str, seed: int) -> bool:
     if not path.is_file():
         return False
@@ -130,7 +142,7 @@ def build(kind: str, path: Path, seed: int = 0, comfyui_path=None) -> dict:
 
     t0 = time.perf_counter()
     net = _meta_network(kind, comfyui_path)
-    sd = {name: seeded_tensor(name, p.shape, seed) for name, p in net.state_dict().items()}
+    sd = {released_key(kind, name): seeded_tensor(name, p.shape, seed) for name, p in net.state_dict().items()}
     del net
     params = sum(t.numel() for t in sd.values())
     tmp = path.with_suffix(".tmp")

@@ -1,6 +1,8 @@
-"""Helpers to run a real ComfyUI (0.3.75) in tests. Not a test module.
+"""Helpers to run a real ComfyUI (the newest tree, or the 0.3.75 floor) in tests. Not a test module.
 
-    comfyui_path() -> Path                       # $COMFYUI_PATH, else <repo>/.cache/comfyui
+    comfyui_path() -> Path                       # the ComfyUI under test (see its docstring)
+    newest_comfyui_path() / floor_comfyui_path() -> Path   # the two `make test` runs on
+    comfyui_version(path=None) -> (0, 30, 0)
     import_comfy(path=None, extra_modules=(...), cpu=True) -> module   # in-process `comfy`
     load_comfy_nodes(path=None, cpu=True) -> dict  # in-process nodes + comfy_extras (no custom nodes)
     torchvision_stub_needed() -> bool
@@ -28,11 +30,13 @@ next to the pack, e.g. tests/comfy_test_nodes). It runs in its own process group
 is always killed on exit. stdout/stderr go to ``<tmp>/comfyui.log``; its tail is attached
 to every error raised here.
 
-torchvision: ComfyUI imports it at module level (Cascade/Cosmos/ACE model files), but the
-only torchvision wheels reachable here are CUDA builds that cannot load against the CPU
-torch. When no working torchvision is importable, ``tests/stubs/torchvision`` (import-only,
-raises if used) stands in: on the server's PYTHONPATH, and in-process only while `comfy` is
-imported (then removed from sys.modules so transformers/diffusers never see it).
+torchvision, torchaudio: ComfyUI imports them at module level (model files no family here
+runs), but no wheel of either matches the CPU torch here. When one cannot be imported, its
+import-only stand-in in ``tests/stubs`` (raises if used) takes its place: on the server's
+PYTHONPATH, and in-process only while `comfy` is imported (then removed from sys.modules so
+transformers/diffusers never see it).
+
+Each server gets the frontend its ComfyUI pins (``--front-end-root`` when the venv has another).
 """
 from __future__ import annotations
 
@@ -57,49 +61,109 @@ STUBS = REPO / "tests" / "stubs"
 PACK_NAME = "ComfyUI-HY-WU"
 
 
-def comfyui_path() -> Path:
-    """ComfyUI checkout: env COMFYUI_PATH, else <repo>/.cache/comfyui (scripts/setup_comfyui.sh)."""
-    p = os.environ.get("COMFYUI_PATH") or str(REPO / ".cache" / "comfyui")
+FLOOR_VERSION = "0.3.75"  # pyproject's requires-comfyui
+
+
+def _checkout(p) -> Path:
     p = Path(p).resolve()
     if not (p / "main.py").is_file():
         raise FileNotFoundError(f"ComfyUI not found at {p}: run scripts/setup_comfyui.sh or set COMFYUI_PATH")
     return p
 
 
-_TV_OK = None
+def floor_comfyui_path() -> Path:
+    """ComfyUI 0.3.75, the floor: <repo>/.cache/comfyui (scripts/setup_comfyui.sh)."""
+    return _checkout(REPO / ".cache" / "comfyui")
+
+
+def newest_comfyui_path() -> Path:
+    """$COMFYUI_PATH, else the newest tree scripts/setup_comfyui.sh set up (<repo>/.cache/comfyui-newest,
+    a copy of ../shared/comfyui/0.30.0), else the floor."""
+    if os.environ.get("COMFYUI_PATH"):
+        return _checkout(os.environ["COMFYUI_PATH"])
+    newest = REPO / ".cache" / "comfyui-newest"
+    return _checkout(newest) if (newest / "main.py").is_file() else floor_comfyui_path()
+
+
+def comfyui_path() -> Path:
+    """The ComfyUI the tests run on: the floor when HYWU_COMFYUI=floor (`make test`'s second pass),
+    else the newest."""
+    return floor_comfyui_path() if os.environ.get("HYWU_COMFYUI") == "floor" else newest_comfyui_path()
+
+
+def comfyui_version(path=None) -> tuple[int, ...]:
+    """(0, 30, 0) for a checkout (its comfyui_version.py)."""
+    text = (Path(path or comfyui_path()) / "comfyui_version.py").read_text()
+    return tuple(int(x) for x in text.split('__version__ = "', 1)[1].split('"', 1)[0].split("."))
+
+
+def frontend_root(path) -> Path | None:
+    """The static files of the frontend a checkout pins when the venv has another version
+    (scripts/setup_comfyui.sh unpacks it into .cache/frontends/<version>), else None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pin = next((line.split("==", 1)[1].strip() for line in (Path(path) / "requirements.txt").read_text().splitlines()
+                if line.startswith("comfyui-frontend-package==")), None)
+    try:
+        installed = version("comfyui-frontend-package")
+    except PackageNotFoundError:
+        installed = None
+    root = REPO / ".cache" / "frontends" / str(pin)
+    return root if pin and pin != installed and (root / "index.html").is_file() else None
+
+
+STUBBED = ("torchvision", "torchaudio")
+_IMPORTABLE: dict[str, bool] = {}
+
+
+def stubs_needed() -> list[str]:
+    """The packages of STUBBED that cannot be imported here (each checked in a subprocess once):
+    tests/stubs stands in for them."""
+    for name in STUBBED:
+        if name not in _IMPORTABLE:
+            _IMPORTABLE[name] = importlib.util.find_spec(name) is not None and subprocess.run(
+                [sys.executable, "-c", f"import {name}"], capture_output=True).returncode == 0
+    return [n for n in STUBBED if not _IMPORTABLE[n]]
 
 
 def torchvision_stub_needed() -> bool:
-    """True when no working torchvision can be imported (checked in a subprocess once)."""
-    global _TV_OK
-    if _TV_OK is None:
-        if importlib.util.find_spec("torchvision") is None:
-            _TV_OK = False
-        else:
-            r = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True)
-            _TV_OK = r.returncode == 0
-    return not _TV_OK
+    return "torchvision" in stubs_needed()
+
+
+_STUB_DIR = None
+
+
+def stub_dir() -> Path | None:
+    """A folder holding only the stubs this venv needs (a real package is never shadowed), for
+    sys.path / PYTHONPATH; None when none is needed."""
+    global _STUB_DIR
+    names = stubs_needed()
+    if names and _STUB_DIR is None:
+        d = Path(tempfile.mkdtemp(prefix="hywu_stubs_"))
+        for name in (*names, "hywu_import_only.py"):
+            (d / name).symlink_to(STUBS / name)
+        _STUB_DIR = d
+    return _STUB_DIR if names else None
 
 
 @contextlib.contextmanager
-def _torchvision_stub_in_sys_modules():
-    if not torchvision_stub_needed() or "torchvision" in sys.modules:
+def _stubs_in_sys_modules():
+    names = [n for n in stubs_needed() if n not in sys.modules]
+    if not names:
         yield
         return
-    # Settle transformers'/diffusers' availability checks before the stub is visible.
+    # Settle transformers'/diffusers' availability checks before the stubs are visible.
     for mod in ("transformers", "diffusers"):
         with contextlib.suppress(Exception):
             importlib.import_module(mod + ".utils.import_utils")
-    spec = importlib.util.spec_from_file_location(
-        "torchvision", STUBS / "torchvision" / "__init__.py",
-        submodule_search_locations=[str(STUBS / "torchvision")])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["torchvision"] = mod
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, str(stub_dir()))
     try:
+        for name in names:
+            importlib.import_module(name)
         yield
     finally:
-        for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
+        sys.path.remove(str(stub_dir()))
+        for k in [k for k in sys.modules if k.split(".")[0] in (*names, "hywu_import_only")]:
             del sys.modules[k]
 
 
@@ -124,7 +188,7 @@ def import_comfy(path: str | os.PathLike | None = None, extra_modules=("comfy.sd
 
     if cpu or not torch.cuda.is_available():
         comfy.cli_args.args.cpu = True
-    with _torchvision_stub_in_sys_modules():
+    with _stubs_in_sys_modules():
         for m in extra_modules:
             importlib.import_module(m)
     return sys.modules["comfy"]
@@ -140,7 +204,7 @@ def load_comfy_nodes(path: str | os.PathLike | None = None, cpu: bool = True) ->
     import nodes
 
     if not getattr(nodes, "_hywu_extras_loaded", False):
-        with _torchvision_stub_in_sys_modules():
+        with _stubs_in_sys_modules():
             asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
         nodes._hywu_extras_loaded = True
     return nodes.NODE_CLASS_MAPPINGS
@@ -255,9 +319,11 @@ class ComfyServer:
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env.update(self.env)
         env["PYTHONUNBUFFERED"] = "1"
-        if torchvision_stub_needed():
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(STUBS), env.get("PYTHONPATH")]))
+        if stub_dir():
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(stub_dir()), env.get("PYTHONPATH")]))
+        fe = frontend_root(self.comfy_path)
         cmd = [sys.executable, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
+               *(["--front-end-root", str(fe)] if fe else []),
                "--base-directory", str(self.base_dir), "--disable-auto-launch",
                "--database-url", f"sqlite:///{self.base_dir / 'user' / 'comfyui.db'}",
                *self.extra_args]
@@ -431,3 +497,11 @@ class ComfyServer:
             name = name or src.name
             shutil.copyfile(src, self.input_dir / name)
         return name
+
+
+if __name__ == "__main__":  # for the Makefile: `python tests/comfy_harness.py newest|floor|floor-version`
+    what = sys.argv[1] if len(sys.argv) > 1 else "newest"
+    if what == "floor-version":
+        print(".".join(map(str, comfyui_version(floor_comfyui_path()))))
+    else:
+        print(floor_comfyui_path() if what == "floor" else newest_comfyui_path())

@@ -5,7 +5,7 @@
         returns {"seconds": float, "title": str, "node_count": int, "console_errors": [...]}
     load_workflow(server_url, workflow, screenshot_path=None, timeout_ms=60000) -> list[dict]
         loads a UI-format workflow (dict or path) with app.loadGraphData(json) and returns one
-        dict per node: {"id", "type", "title", "has_errors", "missing"} ("missing": the node
+        dict per node: {"id" (a string), "type", "title", "has_errors", "missing"} ("missing": the node
         type is not registered in the frontend, i.e. ComfyUI could not load its class).
     chromium_path() -> str | None
 """
@@ -84,8 +84,9 @@ def open_frontend(server_url, screenshot_path=None, timeout_ms=60000) -> dict:
         }
 
 
+# ids as strings: the frontend of ComfyUI 0.30 keeps them as strings, 0.3.75's as numbers
 _NODE_STATE_JS = """() => window.app.graph._nodes.map(n => ({
-    id: n.id,
+    id: String(n.id),
     type: n.type,
     title: n.title,
     has_errors: !!(n.has_errors || (n.flags && n.flags.has_errors)),

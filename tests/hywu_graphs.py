@@ -82,7 +82,7 @@ def with_core_lora_loader(wf: dict, strength=1.0, save_prefix=None) -> dict:
     generated LoRA with core 'Save LoRA Weights' (SaveLoRA)."""
     wf = copy.deepcopy(wf)
     wf["6"] = {"class_type": "LoraModelLoader", "inputs": {"model": ["1", 0], "lora": ["5", 0],
-                                                           "strength_model": strength}}
+                                                           "strength_model": strength, "bypass": False}}
     if save_prefix:
         wf["13"] = {"class_type": "SaveLoRA", "inputs": {"lora": ["5", 0], "prefix": save_prefix}}
     return wf

@@ -1,4 +1,4 @@
-"""Bad input through the real server (ComfyUI 0.3.75, --cpu): every crafted generator file
+"""Bad input through the real server (ComfyUI 0.30 and 0.3.75, --cpu): every crafted generator file
 (tests/crafted_files.py), wrong or empty generator names, images, instructions, batch indices,
 float and combo inputs. Each case must be refused with a message that says what is wrong and what to do, log
 at most one traceback, keep the server's memory bounded, and leave the server able to run the
@@ -14,6 +14,8 @@ import requests
 
 import crafted_files
 import hywu_graphs as g
+
+pytestmark = pytest.mark.floor  # also on ComfyUI 0.3.75, the requires-comfyui floor (Makefile)
 
 MB = 1024 * 1024
 _seeds = itertools.count(5000)

@@ -1,4 +1,4 @@
-"""Real-ComfyUI infrastructure tests: the seeded micro SD1.5-IP2P base loads in ComfyUI 0.3.75,
+"""Real-ComfyUI infrastructure tests: the seeded micro SD1.5-IP2P base loads in the ComfyUI under test,
 matches diffusers numerically, runs end to end through POST /prompt, and the frontend opens."""
 import os
 import time
@@ -218,8 +218,8 @@ def test_frontend_opens(comfy_server, tmp_path):
             {"id": 2, "type": "HYWUNoSuchNode", "pos": [400, 0], "size": [200, 100], "flags": {}, "order": 1,
              "mode": 0, "properties": {}, "widgets_values": []}]})
     by_id = {n["id"]: n for n in nodes}
-    assert by_id[1]["type"] == "CheckpointLoaderSimple" and not by_id[1]["missing"]
-    assert by_id[2]["missing"]
+    assert by_id["1"]["type"] == "CheckpointLoaderSimple" and not by_id["1"]["missing"]
+    assert by_id["2"]["missing"]
 
 
 def test_object_info_lora_model_nodes(comfy_server):

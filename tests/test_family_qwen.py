@@ -29,6 +29,8 @@ import torch
 import comfy_harness
 import family_e2e as E
 
+pytestmark = pytest.mark.floor  # also on ComfyUI 0.3.75, the requires-comfyui floor (Makefile)
+
 STEPS, SEED, CFG, SHIFT = 3, 0, 2.5, 3.0
 FAMILIES = ("qwen_image_edit", "qwen_image_edit_plus")
 VAE_NAME = "hywu_test_tiny_qwen_vae.safetensors"

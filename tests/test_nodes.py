@@ -1,4 +1,4 @@
-"""HY-WU nodes in a real ComfyUI (0.3.75, --cpu): registration, the LoRA acts, core LoRA nodes
+"""HY-WU nodes in a real ComfyUI (0.30 and 0.3.75, --cpu): registration, the LoRA acts, core LoRA nodes
 accept it (user errors: tests/test_bad_inputs.py).
 
 Uses the session server (conftest `comfy_server`, `hywu_env`): the micro SD1.5-InstructPix2Pix
@@ -13,6 +13,8 @@ import pytest
 from safetensors.torch import load_file
 
 import hywu_graphs as g
+
+pytestmark = pytest.mark.floor  # also on ComfyUI 0.3.75, the requires-comfyui floor (Makefile)
 
 
 def _run(srv, wf, timeout=300):

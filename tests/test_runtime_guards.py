@@ -1,5 +1,6 @@
-"""Runtime mode on newer ComfyUI (issue 15 item 6), checked with ComfyUI 0.3.75's real ModelPatcher
-(the micro SD1.5-IP2P checkpoint) and subclasses that behave as newer releases do where it matters:
+"""Runtime mode on newer ComfyUI (issue 15 item 6), checked with the real ModelPatcher of the ComfyUI
+under test (the micro SD1.5-IP2P checkpoint; on 0.30 its own deepclone_multigpu makes the copies) and
+subclasses that behave as newer releases do where it matters on a CPU:
 
 * ``ModelPatcherDynamic`` (dynamic VRAM, the default on GPUs): ``is_dynamic()``; its loader still
   applies object patches, so runtime mode stays; its non-dynamic delegate
@@ -74,16 +75,21 @@ def _runtime_wrappers(patcher):
 
 def _on_copy(patcher, deep_object_patches=False):
     """A clone of ``patcher`` on its own copy of the model, as newer ComfyUI makes for multi-GPU work
-    units and non-dynamic delegates (a deep copy stands in for the fresh load from cached_patcher_init);
-    object patches and wrappers copied as its clone() does (or deep-copied, as some releases did)."""
+    units and non-dynamic delegates: its own ``deepclone_multigpu`` (0.28+: a fresh load from
+    cached_patcher_init, then clone(), which copies object patches and wrappers), or on 0.3.75 a
+    deep copy of the model in its place; object patches and wrappers optionally deep-copied, as some
+    releases did."""
     import comfy.model_management as mm
     import comfy.model_patcher
 
     mm.unload_all_models()  # no object patch applied to the modules while they are copied
-    n = comfy.model_patcher.ModelPatcher.clone(patcher)
+    if hasattr(patcher, "deepclone_multigpu"):
+        n = patcher.deepclone_multigpu()
+    else:
+        n = comfy.model_patcher.ModelPatcher.clone(patcher)
+        n.model = copy.deepcopy(patcher.model)
+        n.backup, n.object_patches_backup = {}, {}
     n.__class__ = comfy.model_patcher.ModelPatcher
-    n.model = copy.deepcopy(patcher.model)
-    n.backup, n.object_patches_backup = {}, {}
     if deep_object_patches:
         n.object_patches = copy.deepcopy(patcher.object_patches)
         n.wrappers = copy.deepcopy(patcher.wrappers)
@@ -120,7 +126,7 @@ def test_runtime_problem_names_multigpu_and_missing_extension_points(comfy_model
 
     from hywu_nodes.nodes.runtime_lora import runtime_problem
 
-    assert runtime_problem(comfy_model) is None  # ComfyUI 0.3.75's own ModelPatcher
+    assert runtime_problem(comfy_model) is None  # the ComfyUI's own ModelPatcher
     assert runtime_problem(_dynamic_like(comfy_model)) is None  # dynamic VRAM alone keeps runtime mode
     assert "1 multi-GPU clone" in runtime_problem(_multigpu(comfy_model))
     opts = comfy_model.clone()

@@ -1,4 +1,4 @@
-"""Runtime (per-sample) LoRAs in a real ComfyUI (0.3.75, --cpu), through POST /prompt:
+"""Runtime (per-sample) LoRAs in a real ComfyUI (0.30 and 0.3.75, --cpu), through POST /prompt:
 runtime mode equals patch mode for one LoRA, N edits in one sampler batch equal N separate
 one-edit runs (CFG > 1, and with an area cond that ComfyUI runs in separate model calls),
 strength 0 is the unpatched model, the input MODEL is not changed, and a model from core Load
@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 import hywu_graphs as g
+
+pytestmark = pytest.mark.floor  # also on ComfyUI 0.3.75, the requires-comfyui floor (Makefile)
 
 EDITS = ["make it a snowy winter scene", "turn it into an oil painting", "make it night"]
 CFG = 7.5  # > 1: ComfyUI batches cond and uncond into one model call
@@ -153,7 +155,7 @@ def test_runtime_lora_on_a_model_from_core_load_lora_model(hywu_env, plain_laten
     def stacked(mode):
         wf = _with_second_edit(g.demo(instruction=EDITS[0], seed=5, cfg=CFG, mode=mode, batch_index=0), EDITS[2])
         wf["42"] = {"class_type": "LoraModelLoader", "inputs": {"model": ["1", 0], "lora": ["41", 0],
-                                                                "strength_model": 1.0}}
+                                                                "strength_model": 1.0, "bypass": False}}
         wf["6"]["inputs"]["model"] = ["42", 0]
         return wf
 

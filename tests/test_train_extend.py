@@ -115,11 +115,13 @@ def test_distillation_with_chained_replay_rows_compares_each_edits_lora(parent, 
     cfg, _ = parse_args(_extend_args(parent, tmp_path / "c0", "--max-steps", "2", "--train.lr=0", *replay,
                                      "--data.replay.distill=1.0", "--train.validate_every=0"))
     summary = run(cfg, progress=False)
-    assert summary["replay_distill_last"] == 0.0 and summary["replay_distill_rows_seen"] > 0
+    # zero up to float rounding: parent and child write the same LoRAs, in batches of other sizes (some
+    # CPUs' matmul kernels then round the last bits differently: 2e-14 seen)
+    assert summary["replay_distill_last"] == pytest.approx(0.0, abs=1e-9) and summary["replay_distill_rows_seen"] > 0
     assert any(n > cfg.train.batch_size for n in sizes), sizes  # a batch held a combination: more edits than rows
     cfg, _ = parse_args(_extend_args(parent, tmp_path / "c1", "--max-steps", "3", "--train.lr=0.02", *replay,
                                      "--data.replay.distill=1.0", "--train.validate_every=0"))
-    assert run(cfg, progress=False)["replay_distill_last"] > 0
+    assert run(cfg, progress=False)["replay_distill_last"] > 1e-6
 
 
 def test_extension_with_distillation_runs_and_is_refused_where_it_cannot_act(parent, tmp_path):
@@ -131,11 +133,12 @@ def test_extension_with_distillation_runs_and_is_refused_where_it_cannot_act(par
                                      "--data.replay.distill=1.0"))
     mixed = mix(build_datasets(cfg)[0], cfg)
     assert is_replay(mixed, torch.arange(len(mixed))).tolist() == [False] * 8 + [True] * 8
-    assert run(cfg, progress=False)["replay_distill_last"] == 0.0  # lr 0: the generator is its parent
+    # lr 0: the generator is its parent (zero up to float rounding, see above)
+    assert run(cfg, progress=False)["replay_distill_last"] == pytest.approx(0.0, abs=1e-9)
     cfg, _ = parse_args(_extend_args(parent, tmp_path / "d1", "--max-steps", "3", "--train.lr=0.02", *replay,
                                      "--data.replay.distill=1.0"))
     drifted = run(cfg, progress=False)
-    assert drifted["replay_distill_last"] > 0  # it drifted, and the term saw it
+    assert drifted["replay_distill_last"] > 1e-6  # it drifted, and the term saw it
     seen = drifted["replay_distill_rows_seen"]
     assert seen > 0
     # data.replay.distill_rows: the same run, the same diffusion batches, 5 more replay rows per step for the term

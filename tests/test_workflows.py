@@ -19,6 +19,8 @@ import pytest
 import comfy_harness
 import hywu_graphs as g
 
+pytestmark = pytest.mark.floor  # also on ComfyUI 0.3.75, the requires-comfyui floor (Makefile)
+
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 sys.path.insert(0, str(g.WORKFLOWS))
 import build_api  # noqa: E402  (example_workflows/build_api.py)
@@ -75,15 +77,26 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     return api
 
 
-def normalise(api: dict) -> dict:
-    """Comparable form: numbers as floats, _meta dropped when absent on either side."""
+def normalise(api: dict, object_info: dict) -> dict:
+    """Comparable form: numbers as floats; inputs this ComfyUI does not have dropped (a server
+    ignores them: the API twins carry what the newest ComfyUI requires); a title that is only the
+    node's name (its type, or the display name newer ComfyUI gives core nodes) as None."""
     def norm(v):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return v
         return float(v)
 
-    return {k: {"class_type": n["class_type"], "title": n.get("_meta", {}).get("title"),
-                "inputs": {ik: (iv if isinstance(iv, list) else norm(iv)) for ik, iv in n["inputs"].items()}}
+    def known(class_type):
+        spec = object_info[class_type]["input"]
+        return {name for section in ("required", "optional") for name in spec.get(section, {})}
+
+    def title(n):
+        t = n.get("_meta", {}).get("title")
+        return None if t in (n["class_type"], object_info[n["class_type"]].get("display_name")) else t
+
+    return {k: {"class_type": n["class_type"], "title": title(n),
+                "inputs": {ik: (iv if isinstance(iv, list) else norm(iv)) for ik, iv in n["inputs"].items()
+                           if ik in known(n["class_type"])}}
             for k, n in api.items()}
 
 
@@ -163,7 +176,29 @@ def test_ui_and_api_twins_agree(hywu_env, name):
     ui = load_ui(name)
     assert ui.get("version") and ui["nodes"] and ui["links"], "not a UI-format workflow"
     assert all(n["type"] in object_info for n in ui["nodes"]), "a node type is not registered"
-    assert normalise(ui_to_api(ui, object_info)) == normalise(g.load_api(name))
+    assert normalise(ui_to_api(ui, object_info), object_info) == normalise(g.load_api(name), object_info)
+
+
+MODEL_FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "vae_name", "lora_name",
+                     "generator_name"}
+# how a server says a model file is not installed: not among a combo's options, or HY-WU Load
+# Generator's own check (ComfyUI 0.30 validates V3 combos through the node's validate_inputs)
+MISSING_FILE_ERRORS = {"value_not_in_list", "custom_validation_failed"}
+
+
+@pytest.mark.parametrize("name", sorted(set(UI_NAMES) - set(build_api.RUNNABLE)))
+def test_api_template_as_shipped_validates_but_for_its_model_files(hywu_env, name):
+    """POST /prompt of a shipped API twin whose model files the test server lacks: refused only
+    because those files are not installed. A required input the server's ComfyUI added (e.g.
+    ImageScaleToTotalPixels' resolution_steps in 0.30) fails it. (The runnable twins run below.)"""
+    with pytest.raises(comfy_harness.PromptRejected) as e:
+        hywu_env.server.queue(g.load_api(name))
+    data = e.value.response
+    problems = [(node_id, err.get("type"), (err.get("extra_info") or {}).get("input_name"))
+                for node_id, node in (data.get("node_errors") or {}).items() for err in node.get("errors", [])]
+    assert problems, data
+    wrong = [p for p in problems if p[1] not in MISSING_FILE_ERRORS or p[2] not in MODEL_FILE_INPUTS]
+    assert not wrong, f"{name}: refused for more than missing model files: {wrong}"
 
 
 @pytest.mark.parametrize("name", build_api.RUNNABLE)

@@ -13,6 +13,7 @@ tests/test_full_width_loaders.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -51,7 +52,11 @@ def tiny_dit_patcher(folder):
     cfg = unet_config(json.loads((folder / "config.json").read_text()))
     sd = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
     if cfg["image_model"] == "flux":
+        import comfy.ldm.flux.model
+
         sd = comfy.model_detection.convert_diffusers_mmdit(sd, "")
+        if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+            cfg["txt_ids_dims"] = []  # newer ComfyUI (0.28+): its detection sets [] for FLUX.1
         model_config = (comfy.supported_models.Flux if cfg["guidance_embed"] else comfy.supported_models.FluxSchnell)(cfg)
     else:
         model_config = comfy.supported_models.QwenImage(cfg)
