@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: venv comfyui chromium test test-core demo bench clean
+.PHONY: venv comfyui chromium test test-core demo docs bench clean
 
 venv: $(VENV)/.stamp
 
@@ -44,6 +44,11 @@ test-core: venv
 
 demo: venv comfyui
 	$(PY) scripts/hywu_demo.py
+
+# The pictures of README.md and docs/: template screenshots in the real frontend, the trainer's
+# loss plot and sample grid (tests/test_docs.py checks the screenshots are current).
+docs: venv comfyui chromium
+	OMP_WAIT_POLICY=PASSIVE $(PY) scripts/make_docs_images.py
 
 bench: venv
 	$(PY) bench/generator.py

@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
     if a.quick:
         a.per_task_rows, a.steps, a.eval_per_task, a.eval_trained_per_combination, a.sample_steps = 1, 1, 1, 1, 2
     s = W.settings(a.quick)
-    models, device = Path(a.models), W.device_of(a.device)
+    models, device = W.models_dir(a), W.device_of(a.device)
     base_dir = W.ensure_base(s, models, a.micro)
     common = (W.QUICK_TRAIN if a.quick else []) + list(a.train) + [f"--max-steps={a.steps}"]
     singles, combos = list(SINGLES), list(S.COMPOSED_TRAIN)

@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
         a.per_task_rows, a.steps, a.eval_per_task, a.sample_steps = 1, 1, 1, 2
     repeats = [int(k) for k in a.single_repeats.split(",")]
     s = W.settings(a.quick)
-    models, device = Path(a.models), W.device_of(a.device)
+    models, device = W.models_dir(a), W.device_of(a.device)
     base_dir = W.ensure_base(s, models, a.micro)
     common = (W.QUICK_TRAIN if a.quick else []) + list(a.train) + [f"--max-steps={a.steps}"]
     singles, dev = list(C.SINGLES), list(DEV)

@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--train", action="append", default=[], metavar="--SECTION.KEY=VALUE",
                     help="extra override for every trainer run")
     ap.add_argument("--splits", default=",".join(SPLITS), help="comma-separated synthetic.SPLITS to score")
-    ap.add_argument("--models", default=str(REPO / "models"))
+    ap.add_argument("--models", default=None, help="models folder (default models/; with --quick models/quick/)")
     ap.add_argument("--micro", default=None, help="an existing seeded micro base folder")
     ap.add_argument("--quick", action="store_true", help="the demo's --quick sizes (tests): figures meaningless")
     ap.add_argument("--out", default=None, help="also write the JSON here")
@@ -147,7 +147,7 @@ def main(argv=None) -> dict:
                     help="override a demo-base setting (WorldSettings), e.g. --set text_sparse=false")
     a = ap.parse_args(argv)
     t0 = time.time()
-    models = Path(a.models)
+    models = demo.models_folder(a.models, a.quick)
     methods = [m for m in a.methods.split(",") if m]
     split_names = [s for s in a.splits.split(",") if s]
     unknown = [s for s in split_names if s not in synthetic.SPLITS or s == "train"]

@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
     if a.quick:
         a.per_task_rows, a.steps, a.extend_steps, a.eval_per_task, a.sample_steps = 3, 2, 1, 1, 2
     s = W.settings(a.quick)
-    models, device = Path(a.models), W.device_of(a.device)
+    models, device = W.models_dir(a), W.device_of(a.device)
     base_dir = W.ensure_base(s, models, a.micro)
     common = (W.QUICK_TRAIN if a.quick else []) + list(a.train)
     rows = lambda tasks: f"--data.n_train={a.per_task_rows * len(tasks)}"  # noqa: E731

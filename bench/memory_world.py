@@ -32,7 +32,7 @@ def add_world_args(ap) -> None:
     ap.add_argument("--eval-per-task", type=int, default=32)
     ap.add_argument("--sample-steps", type=int, default=8)
     ap.add_argument("--train", action="append", default=[], metavar="--SECTION.KEY=VALUE", help="extra trainer override")
-    ap.add_argument("--models", default=str(REPO / "models"))
+    ap.add_argument("--models", default=None, help="models folder (default models/; with --quick models/quick/)")
     ap.add_argument("--micro", default=None, help="an existing seeded micro base folder")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--force", action="store_true", help="retrain every run")
@@ -50,15 +50,21 @@ def settings(quick: bool, sets=()) -> D.WorldSettings:
     return (D.WorldSettings(**demo.QUICK_WORLD) if quick else D.WorldSettings()).with_overrides(sets)
 
 
+def models_dir(a) -> Path:
+    """--models, else models/ (models/quick/ with --quick: a quick run never replaces a full one's files)."""
+    return demo.models_folder(a.models, a.quick)
+
+
 def ensure_base(s: D.WorldSettings, models: Path, micro: str | None, show: bool = False) -> Path:
-    """The frozen demo base (built when missing or stale); no ComfyUI export: the benches do not need it."""
+    """The frozen demo base of settings ``s`` (built when missing or stale, in its own folder:
+    D.base_dir_for); no ComfyUI export: the benches do not need it."""
     import build_micro_base as bmb
 
     micro_dir = Path(micro) if micro else models / "micro_sd15_ip2p"
     if not micro:
         bmb.ensure_micro_base(micro_dir, models / "checkpoints" / "hywu_micro_sd15_ip2p.safetensors",
                               comfyui_path=bmb.find_comfyui(None))
-    base_dir = models / "demo" / "base"
+    base_dir = D.base_dir_for(models, s)
     if not D.world_is_current(base_dir, s):
         D.log(f"building the demo base in {base_dir} (VAE, text encoder, IP2P UNet)")
         D.build_world(micro_dir, base_dir, s, show=show)

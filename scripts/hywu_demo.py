@@ -124,20 +124,23 @@ def ensure_world(settings: D.WorldSettings, models: Path, force: bool, timer: Ti
         had = (micro_dir / "model_index.json").is_file() and (models / "checkpoints" / "hywu_micro_sd15_ip2p.safetensors").is_file()
         with timer.stage("micro base (seeded, build or reuse)", cached=had):
             bmb.ensure_micro_base(micro_dir, models / "checkpoints" / "hywu_micro_sd15_ip2p.safetensors", comfyui_path=comfy)
-    base_dir = models / "demo" / "base"
+    base_dir = D.base_dir_for(models, settings)
     ckpt = models / "checkpoints" / DEMO_CKPT_NAME
     if force or not D.world_is_current(base_dir, settings):
         with timer.stage("build the demo base (VAE, text encoder, IP2P UNet on the base tasks)"):
             info = D.build_world(micro_dir, base_dir, settings, show=show)
             D.log(f"   VAE ceiling {info['vae_ceiling_psnr_val']:.2f} dB, UNet loss {info['unet_final_loss']:.4f}, "
                   f"stages {info['seconds']}")
-        if ckpt.exists():
-            ckpt.unlink()
     else:
         timer.cached("build the demo base", base_dir)
-    if not ckpt.is_file():
+    # the checkpoint is exported from this base (a run with other settings exported its own base)
+    source = ckpt.with_name(ckpt.name + ".base")
+    made_from = f"{base_dir.resolve()} {settings.key()}"
+    if not ckpt.is_file() or not source.is_file() or source.read_text() != made_from \
+            or ckpt.stat().st_mtime < (base_dir / "hywu_demo_base.json").stat().st_mtime:
         with timer.stage("export the ComfyUI checkpoint"):
             bmb.export_comfy_checkpoint(base_dir, ckpt, comfy)
+            source.write_text(made_from)
     return base_dir, ckpt
 
 
@@ -298,11 +301,19 @@ def inprocess_edit(world: D.World, val: D.Split, i: int, text: str, method: D.Me
     return world.decode(lat)[0]
 
 
+def models_folder(given: str | None, quick: bool) -> Path:
+    """The models folder of a run: the one given, else models/, or models/quick/ for a --quick run
+    (a quick run never replaces what a full `make demo` or bench run built there)."""
+    return Path(given) if given else REPO / "models" / ("quick" if quick else "")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description="make demo: HY-WU in a miniature world")
     ap.add_argument("--quick", action="store_true", help="tiny step counts (tests); numbers are meaningless")
-    ap.add_argument("--out", default=str(REPO / "output" / "demo"))
-    ap.add_argument("--models", default=str(REPO / "models"), help="cache folder for built artefacts")
+    ap.add_argument("--out", default=None, help="results (default output/demo; with --quick output/demo-quick)")
+    ap.add_argument("--models", default=None,
+                    help="cache folder for built artefacts (default models/; with --quick models/quick/, so that a "
+                         "quick run never replaces what a full one built)")
     ap.add_argument("--force", action="store_true", help="rebuild every cached stage")
     ap.add_argument("--micro", default=None, help="use this existing seeded micro base folder")
     ap.add_argument("--seed", type=int, default=0, help="seed of the three trainer runs (the base is built with seed 0)")
@@ -320,6 +331,8 @@ def main(argv=None) -> dict:
                     help="extra override for the three trainer runs, e.g. --train=--max-steps=200")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    a.models = str(models_folder(a.models, a.quick))
+    a.out = a.out or str(REPO / "output" / ("demo-quick" if a.quick else "demo"))
     show = not a.no_progress  # bars on a terminal only, ETA lines otherwise (D.progress)
     if not sys.stdout.isatty():
         quiet_progress_bars()

@@ -536,6 +536,13 @@ def build_world(micro_dir: Path, out_dir: Path, s: WorldSettings, show: bool = T
     return info
 
 
+def base_dir_for(models: Path, s: WorldSettings) -> Path:
+    """Where the frozen base of settings ``s`` lives: models/demo/base for `make demo`'s own
+    settings (trainer/configs/demo.yaml reads it there), models/demo/base-<settings key> for any
+    other (--quick, --set): a quick or reduced run never replaces the base a full run built."""
+    return models / "demo" / ("base" if s.key() == WorldSettings().key() else f"base-{s.key()}")
+
+
 def world_is_current(out_dir: Path, s: WorldSettings) -> bool:
     f = out_dir / "hywu_demo_base.json"
     try:

@@ -7,6 +7,8 @@
         loads a UI-format workflow (dict or path) with app.loadGraphData(json) and returns one
         dict per node: {"id" (a string), "type", "title", "has_errors", "missing"} ("missing": the node
         type is not registered in the frontend, i.e. ComfyUI could not load its class).
+    fit_and_screenshot(page, path)
+        fits the loaded graph into a 2200x1000 view (or width, height) and saves a screenshot
     chromium_path() -> str | None
 """
 from __future__ import annotations
@@ -105,3 +107,23 @@ def load_workflow(server_url, workflow, screenshot_path=None, timeout_ms=60000) 
             Path(screenshot_path).parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(screenshot_path))
         return page.evaluate(_NODE_STATE_JS)
+
+
+def fit_and_screenshot(page, path, width=2200, height=1000):
+    """Fit the loaded graph into a width x height view (titles and widgets drawn) and screenshot the page."""
+    page.set_viewport_size({"width": width, "height": height})
+    page.wait_for_timeout(300)
+    page.evaluate("""async () => {
+        // draw titles and widgets also when zoomed out
+        try { await window.app.extensionManager.setting.set('LiteGraph.Canvas.MinFontSizeForLOD', 1); } catch (e) {}
+        // close the 'Nodes 2.0' banner / toasts if present, then fit the graph into view
+        for (const b of document.querySelectorAll('button')) {
+            const r = b.getBoundingClientRect();
+            if (r.top < 45 && r.right > window.innerWidth - 60) b.click();
+        }
+        try { window.app.extensionManager.command.execute('Comfy.Canvas.FitView'); } catch (e) {}
+        window.app.graph.setDirtyCanvas(true, true);
+    }""")
+    page.wait_for_timeout(600)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path))

@@ -22,18 +22,33 @@ def models():
     the runs are trained anew every time."""
     import shutil
 
+    import hywu_demo_core as D
+
     root = REPO / "models" / "bench_quick"
     shutil.rmtree(root / "demo" / "runs", ignore_errors=True)
     shutil.rmtree(root / "demo" / "encoded", ignore_errors=True)
+    # where `make demo`'s base lives, a stand-in of it (its settings key is make demo's): a quick
+    # bench must build its own base beside it, never replace it (issue 36)
+    full = root / "demo" / "base"
+    shutil.rmtree(full, ignore_errors=True)
+    full.mkdir(parents=True)
+    (full / "hywu_demo_base.json").write_text(json.dumps({"settings_key": D.WorldSettings().key(), "stand_in": 1}))
     return root
+
+
+def _full_base(models) -> dict:
+    return {p.name: p.read_bytes() for p in (models / "demo" / "base").iterdir()}
 
 
 def _quick(module, models, micro_base, tmp_path, *extra):
     torch.set_num_threads(1)  # OpenMP threads spin on shared cores (torch is imported before OMP_WAIT_POLICY is set)
     out = tmp_path / f"{module.__name__}.json"
+    full = _full_base(models)
     result = module.main(["--quick", "--seeds", "1", "--models", str(models), "--micro", str(micro_base.diffusers_dir),
                           "--out", str(out), *extra])
     assert json.loads(out.read_text()) == result  # strict JSON (NaN written as null)
+    assert _full_base(models) == full, "a quick run changed the full run's base (models/demo/base)"
+    assert list((models / "demo").glob("base-*/hywu_demo_base.json")), "the quick base is not in its own folder"
     return result
 
 
@@ -145,7 +160,10 @@ def check_clause_pair(compose, r):
     from hywu_nodes.core import load_generator
 
     runs = r["runs"][0]["runs"]
-    world = D.World(Path(runs["single/hywu"]).parents[1] / "base", "cpu")
+    import memory_world as W
+
+    models = Path(runs["single/hywu"]).parents[2]  # <models>/demo/runs/<run>
+    world = D.World(D.base_dir_for(models, W.settings(True)), "cpu")
     gen, _ = load_generator(str(Path(runs["single/hywu"]) / "hywu_demo.safetensors"))
     combos = list(compose.S.COMPOSED_HELDOUT)
     data = D.make_split(world, "val", len(combos), combos, 0, 32)
@@ -176,7 +194,10 @@ def check_merged(compose, r):
     from hywu_nodes.core import build_target_spec, from_lora_state_dict
 
     runs = r["runs"][0]["runs"]
-    world = D.World(Path(runs["single/hywu"]).parents[1] / "base", "cpu")
+    import memory_world as W
+
+    models = Path(runs["single/hywu"]).parents[2]  # <models>/demo/runs/<run>
+    world = D.World(D.base_dir_for(models, W.settings(True)), "cpu")
     files = {t: Path(runs["single/per_task_lora"]) / f"hywu_demo-{t}.safetensors" for t in compose.SINGLES}
     combo = compose.S.COMPOSED_HELDOUT[0]
     merged = compose.merged_pairs(world, files, [combo]).lora

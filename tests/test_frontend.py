@@ -18,25 +18,6 @@ pytestmark = pytest.mark.floor  # also on ComfyUI 0.3.75, the requires-comfyui f
 SHOTS = g.REPO / "output" / "test_frontend"
 
 
-def _fit_and_shoot(page, path):
-    page.set_viewport_size({"width": 2200, "height": 1000})
-    page.wait_for_timeout(300)
-    page.evaluate("""async () => {
-        // draw titles and widgets also when zoomed out
-        try { await window.app.extensionManager.setting.set('LiteGraph.Canvas.MinFontSizeForLOD', 1); } catch (e) {}
-        // close the 'Nodes 2.0' banner / toasts if present, then fit the graph into view
-        for (const b of document.querySelectorAll('button')) {
-            const r = b.getBoundingClientRect();
-            if (r.top < 45 && r.right > window.innerWidth - 60) b.click();
-        }
-        try { window.app.extensionManager.command.execute('Comfy.Canvas.FitView'); } catch (e) {}
-        window.app.graph.setDirtyCanvas(true, true);
-    }""")
-    page.wait_for_timeout(600)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(path))
-
-
 def _wait_new_history(srv, before: set, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -97,6 +78,6 @@ def test_frontend_loads_converts_and_queues(hywu_env, name):
             red = [n["type"] for n in page.evaluate(frontend._NODE_STATE_JS) if n["has_errors"]]
             assert not red, f"nodes red after the run: {red}"
         shot = SHOTS / f"{name}.png"
-        _fit_and_shoot(page, shot)
+        frontend.fit_and_screenshot(page, shot)
     assert shot.stat().st_size > 10_000
     print(f"screenshot: {shot}")
