@@ -174,7 +174,7 @@ def main(argv=None):
     ap.add_argument("--kind", choices=(*KINDS, "all"), default="all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (ComfyUI's models/diffusion_models)")
-    ap.add_argument("--comfyui", default=None, help="ComfyUI path (default: $COMFYUI_PATH or .cache/comfyui)")
+    ap.add_argument("--comfyui", default=None, help="ComfyUI path (default: $COMFYUI_PATH, else .cache/comfyui-newest, else .cache/comfyui)")
     ap.add_argument("--force", action="store_true", help="rebuild even when a matching file exists")
     a = ap.parse_args(argv)
     t0 = time.time()

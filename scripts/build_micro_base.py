@@ -127,8 +127,11 @@ SCHEDULER_CONFIG = dict(
 
 
 def find_comfyui(explicit: str | os.PathLike | None = None) -> Path:
-    """ComfyUI checkout: explicit arg, else env COMFYUI_PATH, else <repo>/.cache/comfyui."""
-    for cand in (explicit, os.environ.get("COMFYUI_PATH"), REPO / ".cache" / "comfyui"):
+    """ComfyUI checkout: explicit arg, else env COMFYUI_PATH, else the newest tree
+    scripts/setup_comfyui.sh set up (<repo>/.cache/comfyui-newest, ComfyUI 0.30), else 0.3.75
+    (<repo>/.cache/comfyui): the order of tests/comfy_harness.py's newest_comfyui_path()."""
+    for cand in (explicit, os.environ.get("COMFYUI_PATH"), REPO / ".cache" / "comfyui-newest",
+                 REPO / ".cache" / "comfyui"):
         if cand and (Path(cand) / "main.py").is_file():
             return Path(cand).resolve()
     raise FileNotFoundError(
@@ -333,7 +336,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="diffusers output folder")
     ap.add_argument("--checkpoint", default=str(DEFAULT_CKPT), help="ComfyUI checkpoint path")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--comfyui", default=None, help="ComfyUI path (default: $COMFYUI_PATH or .cache/comfyui)")
+    ap.add_argument("--comfyui", default=None, help="ComfyUI path (default: $COMFYUI_PATH, else .cache/comfyui-newest, else .cache/comfyui)")
     ap.add_argument("--force", action="store_true", help="rebuild even when outputs exist")
     a = ap.parse_args(argv)
     t0 = time.time()

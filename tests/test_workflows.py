@@ -201,6 +201,19 @@ def test_api_template_as_shipped_validates_but_for_its_model_files(hywu_env, nam
     assert not wrong, f"{name}: refused for more than missing model files: {wrong}"
 
 
+def test_templates_use_no_deprecated_or_replaced_node(hywu_env):
+    """Newer ComfyUI deprecates core nodes and rewrites old ones into new ones (GET /node_replacements,
+    0.28+); a template built on either would change under the user. 0.3.75 has neither."""
+    import requests
+
+    srv = hywu_env.server
+    info = srv.object_info()
+    r = requests.get(srv.url + "/node_replacements", timeout=30)
+    replaced = set(r.json()) if r.ok and r.headers.get("content-type", "").startswith("application/json") else set()
+    used = {n["class_type"] for wf in build_api.WORKFLOWS.values() for n in wf.values()}
+    assert not sorted(t for t in used if info[t].get("deprecated") or t in replaced)
+
+
 @pytest.mark.parametrize("name", build_api.RUNNABLE)
 def test_runnable_workflow_runs_and_saves_an_image(hywu_env, name):
     """As shipped (shipped input image, instruction, steps), with the test pair for the demo's files."""

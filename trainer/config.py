@@ -16,7 +16,9 @@ from .edits import CHAIN_SHARED
 from .replay import ReplayConfig, replay_problems
 
 METHODS = ("hywu", "shared_lora", "per_task_lora")
-SOURCES = ("synthetic", "manifest", "parquet")
+SOURCES = ("synthetic", "manifest", "parquet", "folders")
+# other trainers' key names accepted in a config (ai-toolkit's dataset keys)
+ALIASES = {"data.folder_path": "data.path"}
 PRECISIONS = ("no", "fp16", "bf16")
 
 
@@ -38,12 +40,14 @@ class BaseConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | manifest (JSONL/CSV) | parquet (folder)
-    path: str = ""  # manifest file or parquet folder
+    source: str = "synthetic"  # synthetic | manifest (JSONL/CSV) | parquet (folder) | folders (target + control images)
+    path: str = ""  # manifest file, parquet folder, or folders: the targets (or a folder with target/ and control/)
+    control_path: str = ""  # folders: the source images, named as their targets (ai-toolkit's control_path)
+    caption_ext: str = "txt"  # folders: the instruction of target X.png is in X.<caption_ext>
     n_train: int | None = None  # training rows: the first n usable ones (null: all rows; synthetic: 64 examples)
     n_val: int = 4  # held-out rows shown in the PNG grid (the validation loss uses up to 64 held-out rows)
-    val_fraction: float = 0.05  # manifest/parquet: share of the usable rows held out for validation (0 = none)
-    val_path: str = ""  # manifest/parquet: a separate validation manifest or parquet folder (then nothing is held out)
+    val_fraction: float = 0.05  # manifest/parquet/folders: share of the usable rows held out for validation (0 = none)
+    val_path: str = ""  # a separate validation manifest, parquet folder or folders dataset (then nothing is held out)
     tasks: list[str] | None = None  # synthetic: restrict to these tasks
     cache_mb: float = 2048.0  # memory for pre-encoded rows (latents + text features); 0 = encode every batch
     cache_dir: str = ""  # also keep the encodings on disk here, for the next run on the same base and data
@@ -139,6 +143,9 @@ def apply(cfg: TrainConfig, data: dict, prefix: str = "") -> None:
     """Merge a nested dict into ``cfg``; unknown keys are errors naming the known ones."""
     for key, value in data.items():
         full = f"{prefix}{key}"
+        if full in ALIASES:
+            full = ALIASES[full]
+            key = full.rsplit(".", 1)[-1]
         target = cfg
         if not hasattr(target, key):
             known = ", ".join(f.name for f in dataclasses.fields(target))
@@ -201,7 +208,9 @@ def validate(cfg: TrainConfig) -> None:
     if d.source not in SOURCES:
         problems.append(f"data.source '{d.source}' is not one of {', '.join(SOURCES)}")
     if d.source != "synthetic" and not d.path:
-        problems.append(f"data.path is empty: data.source={d.source} needs a {'manifest file' if d.source == 'manifest' else 'folder of .parquet files'}")
+        needs = {"manifest": "manifest file", "parquet": "folder of .parquet files",
+                 "folders": "folder of target images with same-name .txt instructions"}[d.source] if d.source in SOURCES else "path"
+        problems.append(f"data.path is empty: data.source={d.source} needs a {needs}")
     if d.chain_shared not in CHAIN_SHARED:
         problems.append(f"data.chain_shared '{d.chain_shared}' is not one of {', '.join(CHAIN_SHARED)}")
     if g.preset not in PRESETS:
@@ -265,7 +274,7 @@ def validate(cfg: TrainConfig) -> None:
     if not 0 <= d.val_fraction < 1:
         problems.append(f"data.val_fraction must be in [0, 1) (a share of the usable rows), got {d.val_fraction}")
     if d.val_path and d.source == "synthetic":
-        problems.append("data.val_path applies to manifest/parquet data; the synthetic world has its own held-out split (data.n_val)")
+        problems.append("data.val_path applies to manifest/parquet/folders data; the synthetic world has its own held-out split (data.n_val)")
     if d.cache_mb < 0:
         problems.append("data.cache_mb must be >= 0 (0 turns the cache of encodings off)")
     if problems:

@@ -6,6 +6,8 @@ Sources:
   * ``parquet``: a folder of ``.parquet`` files in the Hugging Face edit-dataset layout (image
     columns hold ``{"bytes": ..., "path": ...}`` structs or raw bytes), e.g. InstructPix2Pix's
     ``original_image``/``edited_image``/``edit_prompt`` or MagicBrush's ``source_img``/``target_img``/``instruction``;
+  * ``folders``: target images with same-name ``.txt`` instructions and a folder of source
+    (control) images with the same names, as ai-toolkit and musubi-tuner lay edit data out;
   * ``synthetic``: :mod:`trainer.synthetic`'s edit world (exact targets, conflicting tasks).
 
 A row with a missing field or an image that does not decode is skipped and counted by reason;
@@ -13,7 +15,7 @@ the pre-flight (:mod:`trainer.preflight`) finds them all before any model loads,
 and the trainer trains on the usable rows only. A run never stops on bad data.
 
 Splits and sizes mean the same for every source: ``data.n_train`` rows train (the first usable
-rows; null = all of a manifest/parquet, 64 synthetic examples), held out from them are
+rows; null = all of a manifest/parquet/folders, 64 synthetic examples), held out from them are
 ``data.val_fraction`` of the usable rows (or the rows of ``data.val_path``); the synthetic world
 has its own held-out split.
 """
@@ -206,7 +208,63 @@ def synthetic_dataset(split: str, n: int, seed: int, resolution: int, tasks=None
     return EditDataset(rows)
 
 
-def read_source(source: str, path: str) -> EditDataset:
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def folder_pair(path, control_path: str = "") -> tuple[Path, Path | None]:
+    """(targets, controls) of a `folders` dataset: ``path`` holding ``target/`` and ``control/``, or
+    ``path`` the targets and ``control_path`` the sources (ai-toolkit's folder_path / control_path)."""
+    p = Path(path)
+    if not control_path and (p / "target").is_dir():
+        return p / "target", p / "control"
+    return p, (Path(control_path) if control_path else None)
+
+
+def read_folders(path, control_path: str = "", caption_ext: str = "txt") -> EditDataset:
+    """A folder of target images, each with a same-name caption file (the instruction), and a folder
+    of source (control) images with the same names, as ai-toolkit and musubi-tuner lay edit data out.
+    A target without its caption or its source is a bad row (counted and named, not trained)."""
+    targets, controls = folder_pair(path, control_path)
+    if controls is None:
+        raise FileNotFoundError(f"data.source folders: {targets} has no target/ and control/ subfolders, and "
+                                "data.control_path is empty: give the folder of source images there")
+    for what, d in (("target", targets), ("control (source)", controls)):
+        if not d.is_dir():
+            raise FileNotFoundError(f"data.source folders: the {what} folder {d} does not exist")
+    by_stem: dict[str, list[Path]] = {}
+    for f in sorted(controls.iterdir()):
+        if f.suffix.lower() in IMAGE_SUFFIXES:
+            by_stem.setdefault(f.stem, []).append(f)
+    rows: list[dict] = []
+    where: list[str] = []
+    for target in sorted(f for f in targets.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES):
+        where.append(f"{targets.name}/{target.name}")
+        caption = target.with_suffix("." + caption_ext.lstrip("."))
+        sources = by_stem.get(target.stem, [])
+        source = next((c for c in sources if c.name == target.name), sources[0] if sources else None)
+        text = caption.read_text(errors="replace").strip() if caption.is_file() else None
+        if text is None:
+            rows.append({"_error": f"no instruction file (.{caption_ext.lstrip('.')}) beside the target image"})
+        elif not text:
+            rows.append({"_error": "empty instruction file"})
+        elif source is None:
+            rows.append({"_error": "no source image of the same name in the control folder"})
+        else:
+            rows.append({"source": str(source), "target": str(target), "instruction": text})
+    if not rows:
+        raise FileNotFoundError(f"data.source folders: no images ({', '.join(IMAGE_SUFFIXES)}) in {targets}")
+    return EditDataset(rows, locations=where)
+
+
+def source_kind(path) -> str:
+    """The source a data.val_path (or another path given without one) is: folders, parquet or manifest."""
+    p = Path(path)
+    return "folders" if (p / "target").is_dir() else "parquet" if p.is_dir() else "manifest"
+
+
+def read_source(source: str, path: str, control_path: str = "", caption_ext: str = "txt") -> EditDataset:
+    if source == "folders":
+        return read_folders(path, control_path, caption_ext)
     return read_manifest(path) if source == "manifest" else read_parquet_folder(path)
 
 
@@ -228,10 +286,10 @@ def build_datasets(cfg, usable: list[int] | None = None, val_usable: list[int] |
         train = synthetic_dataset("train", d.n_train or SYNTHETIC_N_TRAIN, cfg.train.seed, r, d.tasks)
         val = synthetic_dataset("val", d.n_val, cfg.train.seed, r, d.tasks)
         return train, val
-    everything = read_source(d.source, d.path)
+    everything = read_source(d.source, d.path, d.control_path, d.caption_ext)
     good = everything.subset(usable if usable is not None else range(len(everything)))
     if d.val_path:
-        val = read_source("parquet" if Path(d.val_path).is_dir() else "manifest", d.val_path)
+        val = read_source(source_kind(d.val_path), d.val_path, caption_ext=d.caption_ext)
         val = val.subset(val_usable) if val_usable is not None else val
         train = good
     else:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import (SOURCE_KEYS, SYNTHETIC_N_TRAIN, TARGET_KEYS, TASK_KEYS, TEXT_KEYS, BadRow, EditDataset, _pick,
-                   read_source, synthetic_dataset, val_split)
+                   read_source, source_kind, synthetic_dataset, val_split)
 
 SHOW_ROWS = 5  # row numbers listed per reason
 # (tokenizer folder, default text length) of each family's text condition (trainer/families)
@@ -222,14 +222,14 @@ def check_data(cfg, progress: bool = False, synthetic: bool = False) -> DataChec
             train = DataReport("training data", where, rows=n, usable=list(range(n)))
         return DataCheck(train, None, [f"validation: {d.n_val} examples of the synthetic world's held-out split"])
     count = _tokenizer(cfg)
-    ds = read_source(d.source, d.path)
+    ds = read_source(d.source, d.path, d.control_path, d.caption_ext)
     train = scan(ds, "training data", str(d.path), cfg, count, progress)
     if not train.usable:
         raise DataError(_no_rows(train))
     val, notes = None, []
     n_good = len(train.usable)
     if d.val_path:
-        vds = read_source("parquet" if Path(d.val_path).is_dir() else "manifest", d.val_path)
+        vds = read_source(source_kind(d.val_path), d.val_path, caption_ext=d.caption_ext)
         val = scan(vds, "validation data", str(d.val_path), cfg, count, progress)
         n_val, n_tr = len(val.usable), n_good
         notes.append(f"validation: {n_val} usable rows of data.val_path")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SOURCE_KEYS = {"source", "path", "tasks", "n_train"}
+SOURCE_KEYS = {"source", "path", "control_path", "tasks", "n_train"}
 
 
 @dataclass
@@ -62,8 +62,10 @@ def replay_problems(r: ReplayConfig) -> list[str]:
         if unknown:
             out.append(f"data.replay.sources[{i}] has unknown key(s) {sorted(unknown)}; known: {sorted(SOURCE_KEYS)}")
         kind = s.get("source", "synthetic")
-        if kind not in ("synthetic", "manifest", "parquet"):
-            out.append(f"data.replay.sources[{i}].source '{kind}' is not one of synthetic, manifest, parquet")
+        from .config import SOURCES  # config imports this module
+
+        if kind not in SOURCES:
+            out.append(f"data.replay.sources[{i}].source '{kind}' is not one of {', '.join(SOURCES)}")
         elif kind != "synthetic" and not s.get("path"):
             out.append(f"data.replay.sources[{i}] (source {kind}) needs a path")
     return out
@@ -79,13 +81,13 @@ def replay_rows_wanted(n_new: int, fraction: float) -> int:
 
 
 def _source_dataset(s: dict, cfg):
-    from .data import read_manifest, read_parquet_folder, synthetic_dataset
+    from .data import read_source, synthetic_dataset
 
     kind = s.get("source", "synthetic")
     if kind == "synthetic":
         return synthetic_dataset("train", int(s.get("n_train") or cfg.data.n_train or 64), cfg.train.seed, cfg.base.resolution,
                                  s.get("tasks"))
-    return read_manifest(s["path"]) if kind == "manifest" else read_parquet_folder(s["path"])
+    return read_source(kind, s["path"], s.get("control_path", ""), cfg.data.caption_ext)
 
 
 def mix(train, cfg):

@@ -61,8 +61,11 @@ config keys (YAML sections; override any with --section.key=value):
   base.vl_pixels, base.reference_pixels   qwen families: image area shown to Qwen2.5-VL / of
                      the reference latent (default: TextEncodeQwenImageEdit(Plus)'s 1024^2 / 384^2, 1024^2)
   base.targets       list of regexes of adapted linear layers (default: attention + FFN)
-  data.source        synthetic | manifest (.jsonl/.csv) | parquet (folder)
-  data.path          manifest file or parquet folder; data.tasks (synthetic: which tasks)
+  data.source        synthetic | manifest (.jsonl/.csv) | parquet (folder) | folders (target
+                     images with same-name .txt instructions + control images of the same names)
+  data.path          manifest file, parquet folder, or folders: a folder with target/ and control/
+                     (or the targets, with data.control_path the sources; ai-toolkit's folder_path);
+                     data.tasks (synthetic: which tasks)
   data.n_train       training rows: the first n usable rows (null: all; synthetic: 64 examples)
   data.val_fraction  share of the usable rows held out for validation (default 0.05), or
   data.val_path      a separate validation manifest / parquet folder; data.n_val: rows in the grid
@@ -71,7 +74,7 @@ config keys (YAML sections; override any with --section.key=value):
   data.cache_dir     also keep those encodings on disk there (next run on the same base/data
                      loads them instead of encoding again)
   data.replay.fraction, data.replay.sources   old data mixed into every epoch in this share
-                     (sources: [{{source: synthetic|manifest|parquet, path, tasks, n_train}}])
+                     (sources: [{{source: synthetic|manifest|parquet|folders, path, tasks, n_train}}])
   data.replay.distill  with --init-from a generator: weight of a loss that keeps the LoRAs it
                      writes for the replay rows the file's own (default 0: off);
                      data.replay.distill_rows: that many rows of all the sources' data per batch
