@@ -141,17 +141,24 @@ def test_folders_dataset_pairs_targets_captions_and_sources(tmp_path):
     """data.source folders: a target folder with same-name .txt instructions and a control folder of
     sources with the same names (another image format counts); what is missing is a named bad row."""
     root = tmp_path / "edits"
-    _folders(root, [("a.png", "make it red\n"), ("b.jpg", "make it blue"), ("c.png", None), ("d.png", "x"),
-                    ("e.png", "  ")], ["a.png", "b.png", "c.png", "e.png"])
+    _folders(root, [("a.png", "make it red and blue\n"), ("b.jpg", "make it blue"), ("c.png", None), ("d.png", "x"),
+                    ("e.png", "  "), ("f.png", "y")], ["a.png", "b.png", "c.png", "e.png", "f.png", "z.png"])
+    # optional sidecars: a.json carries the task label and the chained edits; f.json is not an object
+    (root / "target" / "a.json").write_text(json.dumps({"task": "recolour", "edits": ["make it red", "make it blue"]}))
+    (root / "target" / "f.json").write_text("[1, 2]")
     check = check_data(_cfg(tmp_path, root, source="folders", val_fraction=0))
     rep = check.train
-    assert rep.rows == 5 and len(rep.usable) == 2
+    assert rep.rows == 7 and len(rep.usable) == 2
     assert rep.counts() == {"no instruction file (.txt) beside the target image": 1, "empty instruction file": 1,
-                            "no source image of the same name in the control folder": 1}
-    assert "target/c.png" in "\n".join(check.lines(32))  # the bad row is named by its file
+                            "no source image of the same name in the control folder": 1,
+                            "sidecar .json is not a JSON object": 1,
+                            "source image without a target of the same name": 1}
+    report = "\n".join(check.lines(32))
+    assert "target/c.png" in report and "control/z.png" in report  # rows are named by their files
     train, _ = build_datasets(_cfg(tmp_path, root, source="folders", val_fraction=0), usable=rep.usable)
     rows = [train.load(i, 32) for i in range(len(train))]
-    assert [r["instruction"] for r in rows] == ["make it red", "make it blue"]
+    assert [r["instruction"] for r in rows] == ["make it red and blue", "make it blue"]
+    assert rows[0]["edits"] == ("make it red", "make it blue") and rows[0]["task"] == "recolour" and rows[1]["edits"] == ()
     assert all(r["source"].shape == r["target"].shape == (3, 32, 32) for r in rows)
     assert not torch.equal(rows[0]["source"], rows[0]["target"])
     # the other layout: targets in data.path, sources in data.control_path (ai-toolkit's folder_path /
@@ -164,7 +171,7 @@ def test_folders_dataset_pairs_targets_captions_and_sources(tmp_path):
     r = subprocess.run([sys.executable, "-m", "trainer.train", "--config", str(cfg), "--check-data"], cwd=REPO, env=ENV,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "5 rows, 2 usable" in r.stdout, r.stdout
+    assert "7 rows, 2 usable" in r.stdout, r.stdout
     with pytest.raises(FileNotFoundError, match="data.control_path is empty"):
         check_data(_cfg(tmp_path, root / "target", source="folders"))
 

@@ -250,10 +250,30 @@ def read_folders(path, control_path: str = "", caption_ext: str = "txt") -> Edit
         elif source is None:
             rows.append({"_error": "no source image of the same name in the control folder"})
         else:
-            rows.append({"source": str(source), "target": str(target), "instruction": text})
+            rows.append({"source": str(source), "target": str(target), "instruction": text, **_sidecar(target)})
+    matched = {t.stem for t in targets.iterdir() if t.suffix.lower() in IMAGE_SUFFIXES}
+    for stem in sorted(set(by_stem) - matched):  # reported, as the other sources report unusable rows
+        for f in by_stem[stem]:
+            rows.append({"_error": "source image without a target of the same name"})
+            where.append(f"{controls.name}/{f.name}")
     if not rows:
         raise FileNotFoundError(f"data.source folders: no images ({', '.join(IMAGE_SUFFIXES)}) in {targets}")
     return EditDataset(rows, locations=where)
+
+
+def _sidecar(target: Path) -> dict:
+    """The optional ``<stem>.json`` beside a target: its ``task`` label and ``edits`` list (chained
+    edits, as in a manifest row). A file that is not a JSON object is a bad row."""
+    f = target.with_suffix(".json")
+    if not f.is_file():
+        return {}
+    try:
+        extra = json.loads(f.read_text())
+    except (OSError, ValueError):
+        extra = None
+    if not isinstance(extra, dict):
+        return {"_error": f"sidecar {f.suffix} is not a JSON object"}
+    return {k: extra[k] for k in ("task", EDITS_KEY) if k in extra}
 
 
 def source_kind(path) -> str:
