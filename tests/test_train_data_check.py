@@ -176,13 +176,18 @@ def test_folders_dataset_pairs_targets_captions_and_sources(tmp_path):
         check_data(_cfg(tmp_path, root / "target", source="folders"))
 
 
-def test_folders_dataset_trains(tmp_path):
-    """Two steps of `python -m trainer.train` on a folders dataset: it trains and writes the generator."""
+def test_folders_dataset_trains_with_previews_on_your_images(tmp_path):
+    """Two steps of `python -m trainer.train` on a folders dataset with train.samples (ai-toolkit's
+    ctrl_img / prompt names accepted): it trains, writes the generator, and a preview grid of the
+    user's own images (your image | base | generated LoRA, one row each)."""
     root = tmp_path / "edits"
     _folders(root, [(f"{i}.png", f"edit number {i}") for i in range(6)], [f"{i}.png" for i in range(6)])
+    Image.new("RGB", (40, 64), (10, 200, 60)).save(tmp_path / "mine.png")  # not a dataset image, not square
     cfg = tmp_path / "c.yaml"
     data = _cfg(tmp_path, root, source="folders").to_dict()
-    data["train"].update(max_steps=2, batch_size=2, validate_every=0)
+    data["train"].update(max_steps=2, batch_size=2, validate_every=0, samples=[
+        {"image": str(tmp_path / "mine.png"), "instruction": "make it purple"},
+        {"ctrl_img": str(root / "control" / "0.png"), "prompt": "make it darker"}])
     data["data"].update(n_val=1)
     cfg.write_text(yaml.safe_dump(data))
     r = subprocess.run([sys.executable, "-m", "trainer.train", "--config", str(cfg)], cwd=REPO, env=ENV,
@@ -190,3 +195,8 @@ def test_folders_dataset_trains(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 and (tmp_path / "run" / f"{data['name']}.safetensors").is_file()
+    preview = Image.open(summary["previews"])
+    assert preview.size == (3 * 128, 16 + 2 * (128 + 16))  # 3 columns of 32 px cells shown at 128 px, 2 rows
+    assert "previews on your images" in r.stdout
+    with pytest.raises(ConfigError, match=r"train.samples\[0\].image: no such image file"):
+        tiny_config("sd15_ip2p", tmp_path / "s", train={"samples": [{"image": "nope.png", "instruction": "x"}]})

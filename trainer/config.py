@@ -93,6 +93,7 @@ class TrainSection:
     keep_checkpoints: int = 2
     validate_every: int = 0  # steps between PNG grids (0 = only at the end)
     validate_steps: int = 4  # sampler steps of the validation edits
+    samples: list | None = None  # previews on your own images at each validation: [{image: path, instruction: text}]
     log_every: int = 1
     draws_per_example: int = 1  # noise/timestep draws per example: one generated LoRA serves them all
     max_nonfinite: int = 5  # consecutive non-finite (NaN/inf) steps that stop the run
@@ -194,6 +195,30 @@ def read_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
     return cfg
 
 
+SAMPLE_KEYS = {"image": ("image", "ctrl_img", "control", "source"), "instruction": ("instruction", "prompt")}
+
+
+def sample_fields(item: dict) -> tuple:
+    """(image path, instruction) of a train.samples entry (ai-toolkit's ctrl_img / prompt accepted)."""
+    return tuple(next((item[k] for k in keys if k in item), None) for keys in SAMPLE_KEYS.values())
+
+
+def sample_problems(samples) -> list[str]:
+    if samples is None:
+        return []
+    if not isinstance(samples, list):
+        return [f"train.samples must be a list of {{image: path, instruction: text}}, got {samples!r}"]
+    out = []
+    for i, item in enumerate(samples):
+        image, text = sample_fields(item) if isinstance(item, dict) else (None, None)
+        if not isinstance(item, dict) or not isinstance(text, str) or not text.strip():
+            out.append(f"train.samples[{i}] must be a mapping {{image: path, instruction: text}} with a non-empty "
+                       f"instruction, got {item!r}")
+        elif not isinstance(image, str) or not os.path.isfile(image):
+            out.append(f"train.samples[{i}].image: no such image file {image!r}")
+    return out
+
+
 def validate(cfg: TrainConfig) -> None:
     b, d, g, t = cfg.base, cfg.data, cfg.generator, cfg.train
     problems = []
@@ -245,6 +270,7 @@ def validate(cfg: TrainConfig) -> None:
     elif t.snr_gamma > 0 and b.family != "sd15_ip2p":
         problems.append(f"train.snr_gamma weights the noise-prediction loss of sd15_ip2p; {b.family} trains with "
                         "flow matching (use train.timestep_sampling there)")
+    problems += sample_problems(t.samples)
     if t.device not in ("auto", "cpu", "cuda"):
         problems.append(f"train.device '{t.device}' is not auto, cpu or cuda")
     for k in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "validate_steps", "log_every", "draws_per_example",

@@ -288,6 +288,19 @@ def read_source(source: str, path: str, control_path: str = "", caption_ext: str
     return read_manifest(path) if source == "manifest" else read_parquet_folder(path)
 
 
+def preview_rows(cfg, task_index: dict | None = None) -> dict | None:
+    """train.samples as one batch: the user's images, square-resized as training rows are, with their
+    instructions (no target: the preview grid shows source | base | generated LoRA); None without."""
+    from .config import sample_fields
+
+    if not cfg.train.samples:
+        return None
+    rows = [{"source": image, "target": image, "instruction": text}
+            for image, text in map(sample_fields, cfg.train.samples)]
+    ds = EditDataset(rows)
+    return collate([ds.load(i, cfg.base.resolution) for i in range(len(ds))], task_index)
+
+
 def val_split(n: int, fraction: float) -> list[int]:
     """Indices (of ``n`` usable rows) held out for validation: a fixed random choice, at least one
     row when there are two or more and ``fraction`` > 0."""

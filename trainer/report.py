@@ -147,6 +147,8 @@ def summary_lines(s: dict) -> list[str]:
         out.append(f"  use it in ComfyUI: cp {' '.join(json.dumps(f) if ' ' in f else f for f in files)} {folder}")
     if s.get("samples"):
         out.append(f"  samples: {s['samples']}")
+    if s.get("previews"):
+        out.append(f"  previews on your images: {s['previews']}")
     if s.get("loss_curve"):
         out.append(f"  loss curve: {s['loss_curve']}")
     if s.get("skipped_total"):

@@ -25,7 +25,7 @@ import torch
 from hywu_nodes.core import Condition, build_target_spec, condition_statistics, describe, lora_patched
 
 from .config import ConfigError, TrainConfig, load_config
-from .data import BadRow, BatchStream, build_datasets, collate
+from .data import BadRow, BatchStream, build_datasets, collate, preview_rows
 from .encoded import EncodedRows, cache_key
 from .families import BaseFolderError, check_base, load_family, module_digest
 from .families.libraries import LibraryVersionError, check_libraries
@@ -92,6 +92,8 @@ config keys (YAML sections; override any with --section.key=value):
   train.drop_text / train.drop_image (CFG dropout; default per family),
   train.timestep_sampling (logit_normal|uniform, flow families), train.snr_gamma (min-SNR, sd15_ip2p), train.save_every,
   train.keep_checkpoints, train.validate_every, train.validate_steps, train.log_every,
+  train.samples      previews on your own images at each validation, with and without the LoRA:
+                     [{{image: path, instruction: text}}] (ai-toolkit's ctrl_img / prompt accepted)
   train.draws_per_example (noise/timestep draws per example; one generated LoRA serves them),
   train.max_nonfinite (NaN/inf steps in a row that stop the run; each one is skipped),
   train.fsdp / train.fsdp_shard_base (FSDP2: shard the generator / also the frozen base)
@@ -102,6 +104,7 @@ outputs (in --output):
   <name>.safetensors       the generator (what "HY-WU Load Generator" reads), or the LoRA(s)
   checkpoints/step-*/      resumable training state (sharded runs: one shard per process; resumes
                            in any process count); checkpoints/latest points at the newest
+  samples/preview-*.png    train.samples: your image | base edit | edit with the generated LoRA
   samples/step-*.png       held-out rows: source | target | base edit | edit with the generated
                            LoRA, labelled, with the instruction
   loss.png                 train loss per step, validation loss, the base's validation loss
@@ -398,6 +401,7 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
                           f"the LoRA and for the base without it, " + (f"every {t.validate_every} steps and " if t.validate_every
                                                                         else "") + "at the end", flush=True)
     val_batch = collate(val_items[:cfg.data.n_val], task_index) if val_items[:cfg.data.n_val] else None
+    preview_batch = preview_rows(cfg, task_index)
     val_history: list = [tuple(x) for x in history.get("val", [])]
     loss_history: list = list(history.get("losses", []))
     saved_at = [None]
@@ -457,14 +461,17 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
                 tb.add_scalar("val/loss", v, step)
                 tb.add_scalar("val/base_loss", val_loss.base, step)
             curve()
-        if val_batch is None:
-            return
-        if sharded or accelerator.is_main_process:  # a sharded generator needs every process for its forward
-            from .validate import validation_grid
+        grids = [(val_batch, f"step-{step:08d}.png", True), (preview_batch, f"preview-{step:08d}.png", False)]
+        for batch, name, with_target in grids:
+            if batch is None:
+                continue
+            if sharded or accelerator.is_main_process:  # a sharded generator needs every process for its forward
+                from .validate import validation_grid
 
-            validation_grid(adapter, method, val_batch, t.validate_steps, str(output / "samples" / f"step-{step:08d}.png"),
-                            seed=t.seed, write=accelerator.is_main_process, chain=chain)
-        accelerator.wait_for_everyone()
+                validation_grid(adapter, method, batch, t.validate_steps, str(output / "samples" / name), seed=t.seed,
+                                write=accelerator.is_main_process, chain=chain if with_target else None,
+                                with_target=with_target)
+            accelerator.wait_for_everyone()
 
     old_stream = None
     if distill and cfg.data.replay.distill_rows > 0:  # every row of the replay sources, encoded once
@@ -641,6 +648,7 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
         "data_check": data_check.summary(), "deterministic": t.deterministic, "threads": torch.get_num_threads(),
         "loss_curve": str((output / "loss.png").resolve()),
         "samples": str((output / "samples" / f"step-{t.max_steps:08d}.png").resolve()) if val_batch is not None else None,
+        "previews": str((output / "samples" / f"preview-{t.max_steps:08d}.png").resolve()) if preview_batch else None,
     }
     if digests is not None:
         after = {k: module_digest(m) for k, m in adapter.frozen_modules().items()}

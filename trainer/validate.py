@@ -1,6 +1,6 @@
 """Validation on held-out rows: the loss with and without the trained LoRA, and a labelled grid
 (one row per example: source | target | base edit | edit with the generated LoRA, the
-instruction under it)."""
+instruction under it); previews on the user's own images (train.samples) without the target."""
 from __future__ import annotations
 
 import os
@@ -20,10 +20,11 @@ def to_pil_row(images: list[torch.Tensor]) -> Image.Image:
 
 @torch.no_grad()
 def validation_grid(adapter, method, val_batch: dict, steps: int, path: str, seed: int = 0, write: bool = True,
-                    chain=None) -> str:
+                    chain=None, with_target: bool = True) -> str:
     """Sample the grid; ``write=False`` on the other processes of a sharded run (they take part
     in the generator's forward but write nothing). ``chain`` (a trainer.edits.Chaining, HY-WU runs
-    only): rows with edits get the sum of their edits' LoRAs."""
+    only): rows with edits get the sum of their edits' LoRAs. ``with_target=False``: previews on
+    images without a target (train.samples): source | base | generated LoRA."""
     src, tgt, text = val_batch["source"], val_batch["target"], val_batch["instruction"]
     base = adapter.sample(src, text, steps, seed=seed)
     module = method.module
@@ -42,7 +43,10 @@ def validation_grid(adapter, method, val_batch: dict, steps: int, path: str, see
         module.train(was_training)
     if not write:
         return path
-    grid = labelled_grid([[s, t, b, e] for s, t, b, e in zip(src, tgt, base, edited)], text, COLUMNS)
+    if with_target:
+        grid = labelled_grid([[s, t, b, e] for s, t, b, e in zip(src, tgt, base, edited)], text, COLUMNS)
+    else:
+        grid = labelled_grid([[s, b, e] for s, b, e in zip(src, base, edited)], text, PREVIEW_COLUMNS)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     grid.save(path)
     from .state import publish
@@ -52,6 +56,7 @@ def validation_grid(adapter, method, val_batch: dict, steps: int, path: str, see
 
 
 COLUMNS = ("source", "target", "base (no LoRA)", "generated LoRA")
+PREVIEW_COLUMNS = ("your image", "base (no LoRA)", "generated LoRA")
 MIN_CELL = 128  # small training images are enlarged (nearest) so the labels fit
 
 
