@@ -10,8 +10,8 @@ output, so its effect follows the bf16 one up to what the quantized weights chan
 merges ``W + BA`` and stores the sum back in the file's format (ComfyUI rounds it to fp8 / int8),
 which costs the LoRA's effect more. Figures are printed as one JSON line per run.
 
-Runtime mode also equals core "Load LoRA (Bypass, Model Only)" (newer ComfyUI) on the saved
-generated LoRA.
+Runtime mode also equals core "Load LoRA (Bypass, Model Only)" on the saved generated LoRA and
+core "Load LoRA Model" with bypass on (newer ComfyUI).
 """
 from __future__ import annotations
 
@@ -146,8 +146,15 @@ def test_runtime_mode_equals_core_bypass_lora(hywu_env, unet_files, fmt):
                 "inputs": {"model": ["20", 0], "lora_name": saved.name, "strength_model": 1.0}}
     wf["9"]["inputs"]["model"] = ["21", 0]
     core = _sample(srv, wf)
+    # core Load LoRA Model with bypass on, fed by Generate LoRA directly (no file)
+    wf = _on_unet(g.with_core_lora_loader(g.demo(instruction=EDIT, seed=SEED, cfg=CFG)), unet, "default",
+                  ("6", "model"))
+    wf["6"]["inputs"]["bypass"] = True
+    core_node = _sample(srv, wf)
     effect = float((ours - plain).abs().max())
-    diff = float((ours - core).abs().max())
-    print(f"{fmt}: HY-WU runtime vs core bypass LoRA: max |latent diff| {diff:.2e}, LoRA effect {effect:.3g}")
-    assert effect > 0.1
-    assert diff <= 1e-3 * effect
+    for what, other in (("Load LoRA (Bypass, Model Only) on the saved file", core),
+                        ("Load LoRA Model, bypass on", core_node)):
+        diff = float((ours - other).abs().max())
+        print(f"{fmt}: HY-WU runtime vs core {what}: max |latent diff| {diff:.2e}, LoRA effect {effect:.3g}")
+        assert effect > 0.1
+        assert diff <= 1e-3 * effect, what
