@@ -76,7 +76,8 @@ fi
 
 # ---- the newest: a writable copy of the shared tree -------------------------------------------
 if [[ "$NEWEST" == "$CACHE/comfyui-newest" ]]; then
-  SRC_STAMP="$(version_of "$SHARED_NEWEST");$(cd "$SHARED_NEWEST" && find . -type f -newer comfyui_version.py | wc -l);$(du -s "$SHARED_NEWEST" | cut -f1)"
+  # the copy is made again when the shared tree changes (its version or its size in bytes)
+  SRC_STAMP="$(version_of "$SHARED_NEWEST");$(du -sb "$SHARED_NEWEST" | cut -f1)"
   if [[ ! -f "$NEWEST/.hywu_copied_from" || "$(cat "$NEWEST/.hywu_copied_from")" != "$SRC_STAMP" ]]; then
     echo "Copying ComfyUI $(version_of "$SHARED_NEWEST") from $SHARED_NEWEST..." >&2
     rm -rf "$NEWEST"
