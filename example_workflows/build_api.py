@@ -219,6 +219,10 @@ TITLES = {
 }
 # Workflows whose models exist in the test environment (the tests queue them through /prompt,
 # with the demo's file names swapped for the seeded test pair: tests/hywu_graphs.py).
+# the templates' (and core loaders') model-file inputs -> the ComfyUI model folder they list
+MODEL_FILE_FOLDERS = {"ckpt_name": "checkpoints", "unet_name": "diffusion_models", "clip_name": "text_encoders",
+                      "clip_name1": "text_encoders", "clip_name2": "text_encoders", "vae_name": "vae",
+                      "lora_name": "loras", "generator_name": "hywu"}
 RUNNABLE = ("hywu_demo", "hywu_demo_two_edits")
 
 

@@ -31,18 +31,14 @@ import build_api  # noqa: E402
 import comfy_harness  # noqa: E402
 import frontend  # noqa: E402
 
-# the model-file inputs of the templates' loaders -> ComfyUI's model folder
-FOLDERS = {"ckpt_name": "checkpoints", "unet_name": "diffusion_models", "clip_name": "text_encoders",
-           "clip_name1": "text_encoders", "clip_name2": "text_encoders", "vae_name": "vae", "generator_name": "hywu"}
-
 
 def _model_files() -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for wf in build_api.WORKFLOWS.values():
         for node in wf.values():
             for key, value in node["inputs"].items():
-                if key in FOLDERS and isinstance(value, str):
-                    out.setdefault(FOLDERS[key], set()).add(value)
+                if key in build_api.MODEL_FILE_FOLDERS and isinstance(value, str):
+                    out.setdefault(build_api.MODEL_FILE_FOLDERS[key], set()).add(value)
     return out
 
 

@@ -5,7 +5,7 @@
     comfyui_version(path=None) -> (0, 30, 0)
     import_comfy(path=None, extra_modules=(...), cpu=True) -> module   # in-process `comfy`
     load_comfy_nodes(path=None, cpu=True) -> dict  # in-process nodes + comfy_extras (no custom nodes)
-    torchvision_stub_needed() -> bool
+    stubs_needed() -> list[str]                  # torchvision / torchaudio stand-ins this venv needs
     with ComfyServer(checkpoints=[...], loras=[...], extra_models={"hywu": [...]}, custom_nodes=[...]) as srv:
         srv.url                                  # http://127.0.0.1:<port>
         srv.base_dir / srv.input_dir / srv.output_dir / srv.models_dir
@@ -59,9 +59,6 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 STUBS = REPO / "tests" / "stubs"
 PACK_NAME = "ComfyUI-HY-WU"
-
-
-FLOOR_VERSION = "0.3.75"  # pyproject's requires-comfyui
 
 
 def _checkout(p) -> Path:
@@ -124,10 +121,6 @@ def stubs_needed() -> list[str]:
             _IMPORTABLE[name] = importlib.util.find_spec(name) is not None and subprocess.run(
                 [sys.executable, "-c", f"import {name}"], capture_output=True).returncode == 0
     return [n for n in STUBBED if not _IMPORTABLE[n]]
-
-
-def torchvision_stub_needed() -> bool:
-    return "torchvision" in stubs_needed()
 
 
 _STUB_DIR = None

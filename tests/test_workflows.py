@@ -179,8 +179,7 @@ def test_ui_and_api_twins_agree(hywu_env, name):
     assert normalise(ui_to_api(ui, object_info), object_info) == normalise(g.load_api(name), object_info)
 
 
-MODEL_FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "vae_name", "lora_name",
-                     "generator_name"}
+MODEL_FILE_INPUTS = set(build_api.MODEL_FILE_FOLDERS)
 # how a server says a model file is not installed: not among a combo's options, or HY-WU Load
 # Generator's own check (ComfyUI 0.30 validates V3 combos through the node's validate_inputs)
 MISSING_FILE_ERRORS = {"value_not_in_list", "custom_validation_failed"}
