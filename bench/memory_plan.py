@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 GIB = 2**30
-FAMILIES = ("sd15_ip2p", "flux_kontext", "qwen_image_edit", "qwen_image_edit_plus")
+# shipped configs (trainer/configs/<name>.yaml), one per base; klein has one per size
+FAMILIES = ("sd15_ip2p", "flux_kontext", "qwen_image_edit", "qwen_image_edit_plus", "flux2_klein_4b", "flux2_klein_9b")
 PRESETS = ("small", "medium", "large")
 
 
@@ -106,7 +107,7 @@ def activations(adapter, cfg, preset: str, checkpointing: bool) -> dict:
     cfg.generator.preset, cfg.generator.gradient_checkpointing = preset, checkpointing
     with torch.device("meta"):
         gen = build_method(cfg, spec, adapter.condition_spec, []).module.to(device=meta, dtype=torch.bfloat16)
-    lat_c, side = adapter.latent_channels, r // 8
+    lat_c, side = adapter.latent_channels, r // adapter.condition_spec["image"].options.get("vae_scale", 8)
     text = _meta_text(adapter, b)
     enc = {"source": torch.empty(b, lat_c, side, side, device=meta, dtype=torch.bfloat16),
            "target": torch.empty(b, lat_c, side, side, device=meta, dtype=torch.bfloat16), "text": text}
@@ -145,6 +146,8 @@ def _meta_text(adapter, b: int):
     n = adapter.text_tokens
     if name == "sd15_ip2p":  # (UNet context, prompt mask)
         return torch.empty(b, n, width, device=meta, dtype=bf), torch.ones(b, n, dtype=torch.bool, device=meta)
+    if name == "flux2_klein":  # the taps of all 512 tokens, no mask
+        return torch.empty(b, n, width, device=meta, dtype=bf)
     if name == "flux_kontext":
         return (torch.empty(b, n, width, device=meta, dtype=bf),
                 torch.empty(b, adapter.clip.config.hidden_size, device=meta, dtype=bf))
@@ -176,7 +179,7 @@ def plan(family: str, presets, gpus: int) -> dict:
            "parameters": parts, "base_bf16_gib": base_bf16 / GIB, "largest_base_block_parameters": base_unit, "presets": {}}
     for preset in presets:
         act = {ck: activations(adapter, family_config(family), preset, ck) for ck in (False, True)}
-        spec = build_target_spec(adapter.denoiser, family, include=cfg.base.targets)
+        spec = build_target_spec(adapter.denoiser, cfg.base.family, include=cfg.base.targets)
         gcfg = GeneratorConfig.from_preset(preset, rank=cfg.generator.rank, alpha=cfg.generator.alpha)
         with torch.device("meta"):
             gen = HYWUGenerator(gcfg, spec, adapter.condition_spec)

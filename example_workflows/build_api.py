@@ -188,6 +188,58 @@ def qwen_image_edit_plus(instruction="replace the sky with a sunset", steps=20, 
     return wf
 
 
+def flux2_klein(instruction=INSTRUCTION, steps=20, seed=0):
+    """FLUX.2 [klein] 4B base as in ComfyUI's own klein edit template (source scaled to 1 MP, ReferenceLatent on the
+    positive and on the empty negative, Flux2Scheduler for the image's size, CFGGuider cfg 5, euler). The latent's
+    batch follows Condition Encode's images, so one edit per line gives one image per line. For 9B: the 9B file
+    and qwen_3_8b; for the distilled models: their file, 4 steps, cfg 1."""
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux-2-klein-base-4b-fp8.safetensors",
+                                                      "weight_dtype": "default"}, "_meta": {"title": "Load Diffusion Model"}},
+        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": "qwen_3_4b.safetensors", "type": "flux2",
+                                                      "device": "default"}, "_meta": {"title": "Load CLIP"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": "full_encoder_small_decoder.safetensors"},
+              "_meta": {"title": "Load VAE"}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": EXAMPLE_IMAGE}, "_meta": {"title": "Source image"}},
+        "5": {"class_type": "ImageScaleToTotalPixels", "inputs": {"image": ["4", 0], "upscale_method": "nearest-exact",
+                                                                  "megapixels": 1.0, "resolution_steps": 1},
+              "_meta": {"title": "ImageScaleToTotalPixels"}},
+        "7": {"class_type": "HYWULoadGenerator", "inputs": {"generator_name": "hywu_flux2_klein.safetensors"},
+              "_meta": {"title": "HY-WU Load Generator"}},
+        "8": {"class_type": "HYWUConditionEncode",
+              "inputs": {"image": ["5", 0], "instruction": instruction, "one_edit_per_line": False, "clip": ["2", 0],
+                         "generator": ["7", 0], "vae": ["3", 0]}, "_meta": {"title": "HY-WU Condition Encode"}},
+        "9": {"class_type": "HYWUGenerateLoRA", "inputs": {"generator": ["7", 0], "hywu_cond": ["8", 0],
+                                                        "include_shared": True},
+              "_meta": {"title": "HY-WU Generate LoRA"}},
+        "10": {"class_type": "HYWUApplyGeneratedLoRA",
+               "inputs": {"model": ["1", 0], "lora": ["9", 0], "strength": 1.0, "batch_index": -1, "mode": "runtime"},
+               "_meta": {"title": "HY-WU Apply Generated LoRA"}},
+        "11": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 0]}, "_meta": {"title": "Negative prompt"}},
+        "12": {"class_type": "VAEEncode", "inputs": {"pixels": ["8", 2], "vae": ["3", 0]}, "_meta": {"title": "VAE Encode"}},
+        "13": {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["8", 1], "latent": ["12", 0]},
+               "_meta": {"title": "ReferenceLatent (positive)"}},
+        "14": {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["11", 0], "latent": ["12", 0]},
+               "_meta": {"title": "ReferenceLatent (negative)"}},
+        "15": {"class_type": "GetImageSize", "inputs": {"image": ["8", 2]}, "_meta": {"title": "Get Image Size"}},
+        "16": {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": ["15", 0], "height": ["15", 1],
+                                                                 "batch_size": ["15", 2]},
+               "_meta": {"title": "Empty Flux 2 Latent"}},
+        "17": {"class_type": "Flux2Scheduler", "inputs": {"steps": steps, "width": ["15", 0], "height": ["15", 1]},
+               "_meta": {"title": "Flux2Scheduler"}},
+        "18": {"class_type": "CFGGuider", "inputs": {"model": ["10", 0], "positive": ["13", 0], "negative": ["14", 0],
+                                                     "cfg": 5.0}, "_meta": {"title": "CFGGuider"}},
+        "19": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}, "_meta": {"title": "KSamplerSelect"}},
+        "20": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}, "_meta": {"title": "RandomNoise"}},
+        "21": {"class_type": "SamplerCustomAdvanced",
+               "inputs": {"noise": ["20", 0], "guider": ["18", 0], "sampler": ["19", 0], "sigmas": ["17", 0],
+                          "latent_image": ["16", 0]}, "_meta": {"title": "SamplerCustomAdvanced"}},
+        "22": {"class_type": "VAEDecode", "inputs": {"samples": ["21", 0], "vae": ["3", 0]}, "_meta": {"title": "VAE Decode"}},
+        "23": {"class_type": "SaveImage", "inputs": {"filename_prefix": "hywu_flux2_klein", "images": ["22", 0]},
+               "_meta": {"title": "Save Image"}},
+    }
+
+
 WORKFLOWS = {
     # Real use: an SD1.5 InstructPix2Pix checkpoint (timbrooks/instruct-pix2pix) + a user-trained generator.
     "hywu_edit_sd15_ip2p": sd15_ip2p("instruct-pix2pix-00-22000.safetensors", "hywu_sd15_ip2p.safetensors",
@@ -198,6 +250,8 @@ WORKFLOWS = {
     "hywu_edit_qwen_image_edit": qwen_image_edit(),
     # Qwen-Image-Edit-2509 / 2511: TextEncodeQwenImageEditPlus (the image named "Picture 1" in the prompt) + CFGNorm.
     "hywu_edit_qwen_image_edit_plus": qwen_image_edit_plus(),
+    # FLUX.2 [klein] 4B base: ReferenceLatent on both CFG branches, Flux2Scheduler, CFGGuider (ComfyUI 0.30+ only).
+    "hywu_edit_flux2_klein": flux2_klein(),
     # The same SD1.5 graph on the checkpoint and generator `make demo` trains (runs on a CPU in seconds).
     # Its sampler settings are the demo's (scripts/hywu_demo.py: 8 euler steps, simple schedule, cfg 1).
     "hywu_demo": sd15_ip2p(DEMO_CKPT, DEMO_GENERATOR, DEMO_IMAGE, instruction=DEMO_INSTRUCTION, steps=8, cfg=1.0,
@@ -214,6 +268,7 @@ TITLES = {
     "hywu_edit_flux_kontext": "HY-WU edit - FLUX.1 Kontext dev",
     "hywu_edit_qwen_image_edit": "HY-WU edit - Qwen-Image-Edit",
     "hywu_edit_qwen_image_edit_plus": "HY-WU edit - Qwen-Image-Edit-2509 and 2511",
+    "hywu_edit_flux2_klein": "HY-WU edit - FLUX.2 klein 4B",
     "hywu_demo": "HY-WU demo - micro SD1.5 (run make demo first)",
     "hywu_demo_two_edits": "HY-WU two edits in a row - micro SD1.5 (run make demo first)",
 }

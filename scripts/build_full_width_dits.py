@@ -1,15 +1,19 @@
 #!/usr/bin/env python
 """Build the seeded full-width one-block FLUX.1 Kontext and Qwen-Image diffusion-model files (no downloads).
 
-ComfyUI's model detection fixes the widths of FLUX (24 heads, axes [16, 56, 56], so hidden 3072) and
-Qwen-Image (3072 wide, text 3584), so the core UNETLoader refuses the trainer's tiny bases. The smallest
+ComfyUI's model detection fixes the widths of FLUX (24 heads, axes [16, 56, 56], so hidden 3072),
+Qwen-Image (3072 wide, text 3584) and FLUX.2 (128-wide heads), so the core UNETLoader refuses the trainer's
+tiny bases. The smallest
 files it detects and loads keep those widths and shrink only the depth:
 
 * ``models/diffusion_models/hywu_fullwidth_flux_kontext.safetensors``: FLUX.1 [dev] / Kontext layout
   (guidance_embed, 16 latent channels, T5 context 4096, CLIP-L pooled 768), 1 double + 1 single block,
   545.5M params, 1.09 GB bf16;
 * ``models/diffusion_models/hywu_fullwidth_qwen_image.safetensors``: Qwen-Image(-Edit) layout, 1 layer,
-  380M params, 0.76 GB bf16.
+  380M params, 0.76 GB bf16;
+* ``models/diffusion_models/hywu_fullwidth_flux2_klein.safetensors``: FLUX.2 [klein] 4B layout (128 latent
+  channels, Qwen3-4B context 7680, no guidance embedding, shared modulations), 1 double + 1 single block,
+  563.1M params, 1.13 GB bf16.
 
 Tensor names and shapes come from ComfyUI's own model classes built on the meta device (the single-file
 layout UNETLoader reads). Values are seeded: matrices ``randn / sqrt(fan_in)`` (one generator per tensor,
@@ -19,7 +23,7 @@ copy of the model. The file's metadata records the config and seed; a file whose
 
 CLI::
 
-    python scripts/build_full_width_dits.py [--kind flux_kontext|qwen_image|all] [--seed 0]
+    python scripts/build_full_width_dits.py [--kind flux_kontext|qwen_image|flux2_klein|all] [--seed 0]
         [--out models/diffusion_models] [--comfyui PATH] [--force]
 """
 from __future__ import annotations
@@ -45,6 +49,12 @@ CONFIGS = {
                          axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, guidance_embed=True, patch_size=2),
     "qwen_image": dict(image_model="qwen_image", in_channels=64, out_channels=16, num_layers=1, attention_head_dim=128,
                        num_attention_heads=24, joint_attention_dim=3584, patch_size=2),
+    # FLUX.2 [klein] 4B's widths (Qwen3-4B text 3 x 2560, 128 latent channels), 1 double + 1 single block
+    "flux2_klein": dict(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=7680,
+                        hidden_size=3072, mlp_ratio=3.0, num_heads=24, depth=1, depth_single_blocks=1,
+                        axes_dim=[32, 32, 32, 32], theta=2000, qkv_bias=False, guidance_embed=False, patch_size=1,
+                        global_modulation=True, mlp_silu_act=True, ops_bias=False, default_ref_method="index",
+                        ref_index_scale=10.0, txt_ids_dims=[3]),
 }
 # The matching diffusers transformer configs (for target specs: tests/test_full_width_loaders.py).
 DIFFUSERS_CONFIGS = {
@@ -53,6 +63,9 @@ DIFFUSERS_CONFIGS = {
                          guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
     "qwen_image": dict(patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=128,
                        num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)),
+    "flux2_klein": dict(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=7680, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+                        rope_theta=2000, guidance_embeds=False),
 }
 KINDS = tuple(CONFIGS)
 
@@ -77,15 +90,17 @@ def _meta_network(kind: str, comfyui_path=None):
 
     ops = comfy.ops.disable_weight_init  # no init work: shapes only
     cfg = dict(CONFIGS[kind])
-    if kind == "flux_kontext":
+    if kind in ("flux_kontext", "flux2_klein"):
         import dataclasses
 
         import comfy.ldm.flux.model as flux
 
-        cfg.pop("image_model")
-        if "txt_ids_dims" in {f.name for f in dataclasses.fields(flux.FluxParams)}:
+        image_model = cfg.pop("image_model")
+        fields = {f.name for f in dataclasses.fields(flux.FluxParams)}
+        if kind == "flux_kontext" and "txt_ids_dims" in fields:
             cfg["txt_ids_dims"] = []  # newer ComfyUI (0.28+): its detection sets [] for FLUX.1
-        return flux.Flux(**cfg, image_model="flux", dtype=torch.bfloat16, device="meta", operations=ops)
+        cfg = {k: v for k, v in cfg.items() if k in fields}  # an older ComfyUI's FLUX.2 has fewer options
+        return flux.Flux(**cfg, image_model=image_model, dtype=torch.bfloat16, device="meta", operations=ops)
     import comfy.ldm.qwen_image.model as qwen
 
     return qwen.QwenImageTransformer2DModel(
@@ -118,7 +133,7 @@ def seeded_tensor(name: str, shape, seed: int, chunk_elems: int = 1 << 24) -> to
 def released_key(kind: str, name: str) -> str:
     """The key the released file has: FLUX's q/k RMSNorm scales are `.scale` there (ComfyUI 0.3.75's
     module names), where ComfyUI 0.28+ names the parameter `.weight` (and still loads `.scale`)."""
-    if kind == "flux_kontext" and name.endswith(("query_norm.weight", "key_norm.weight")):
+    if kind in ("flux_kontext", "flux2_klein") and name.endswith(("query_norm.weight", "key_norm.weight")):
         return name[: -len("weight")] + "scale"
     return name
 

@@ -37,6 +37,7 @@ BASES = {  # what the thumbnail says each workflow needs
     "hywu_edit_flux_kontext": "FLUX.1 Kontext [dev] + a HY-WU generator",
     "hywu_edit_qwen_image_edit": "Qwen-Image-Edit + a HY-WU generator",
     "hywu_edit_qwen_image_edit_plus": "Qwen-Image-Edit-2509 / 2511 + a HY-WU generator",
+    "hywu_edit_flux2_klein": "FLUX.2 [klein] 4B (base) + a HY-WU generator",
 }
 
 

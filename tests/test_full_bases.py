@@ -11,9 +11,11 @@ from trainer.full_bases import build_component, parameter_counts
 REPO = Path(__file__).resolve().parent.parent
 
 # Published sizes (parameters): SD1.5 UNet 859.52 M + the IP2P input layer, CLIP-L text 123.06 M,
-# SD VAE 83.65 M, FLUX.1 transformer 11.90 B, Qwen-Image transformer 20.43 B.
+# SD VAE 83.65 M, FLUX.1 transformer 11.90 B, Qwen-Image transformer 20.43 B, Qwen3-4B 4.02 B (tied embeddings),
+# Qwen3-8B 8.19 B with its LM head (151936 x 4096, which FLUX.2 [klein] 9B does not load).
 PUBLISHED = {("sd15_ip2p", "unet"): 859.53e6, ("sd15_ip2p", "text_encoder"): 123.06e6, ("sd15_ip2p", "vae"): 83.65e6,
-             ("flux_kontext", "transformer"): 11.90e9, ("qwen_image_edit", "transformer"): 20.43e9}
+             ("flux_kontext", "transformer"): 11.90e9, ("qwen_image_edit", "transformer"): 20.43e9,
+             ("flux2_klein", "text_encoder"): 4.02e9, ("flux2_klein_9b", "text_encoder"): 8.19e9 - 151936 * 4096}
 
 
 @pytest.mark.parametrize("family,component", sorted(PUBLISHED))

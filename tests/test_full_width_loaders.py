@@ -1,9 +1,10 @@
-"""Full-width one-block FLUX.1 Kontext and Qwen-Image files through ComfyUI's real UNETLoader (issue 15
-item 1): model detection and the pack's key map at the real widths, which the tiny test models
+"""Full-width one-block FLUX.1 Kontext, Qwen-Image and FLUX.2 [klein] 4B files through ComfyUI's real UNETLoader
+(issue 15 item 1; klein on a ComfyUI that runs klein only): model detection and the pack's key map at the real widths, which the tiny test models
 (tests/comfy_test_nodes/tiny_dit.py) cannot show because ComfyUI's detection fixes those widths.
 
 The files are seeded and cached under models/diffusion_models by scripts/build_full_width_dits.py
-(built on first use, about 20 s here; FLUX 545.5M params / 1.09 GB bf16, Qwen 380.4M / 0.76 GB).
+(built on first use, about 20 s here; FLUX 545.5M params / 1.09 GB bf16, Qwen 380.4M / 0.76 GB, klein 4B
+563.1M / 1.13 GB).
 In-process: ``nodes.UNETLoader`` detects each file as its supported model, and every target name of
 the family's target spec (built from the matching diffusers transformer on the meta device) is in
 ComfyUI's key map with the shape of its weight (or fused slice); HY-WU Apply matches all of them in
@@ -30,7 +31,23 @@ FAMILIES = {
                          text_width=4096, pooled=768),
     "qwen_image_edit": dict(kind="qwen_image", config="QwenImage", targets=12, fused=0, runtime_layers=12,
                             text_width=3584, pooled=0),
+    # klein 4B's widths; ComfyUI 0.3.75 detects FLUX.2 [dev] only (48 heads fixed), so this one needs 0.30
+    "flux2_klein": dict(kind="flux2_klein", config="Flux2", targets=14, fused=6, runtime_layers=10,
+                        text_width=7680, pooled=0, latent="EmptyFlux2LatentImage"),
 }
+
+
+def _families():
+    """The families the ComfyUI under test can load (klein: one whose text encoders include klein's)."""
+    import comfy.text_encoders.flux
+
+    return [f for f in FAMILIES if f != "flux2_klein" or hasattr(comfy.text_encoders.flux, "KleinTokenizer")]
+
+
+def _skip_without(family):
+    comfy_harness.import_comfy(extra_modules=("comfy.text_encoders.flux",))
+    if family not in _families():
+        pytest.skip(f"{family}: the ComfyUI under test ({comfy_harness.comfyui_version()}) cannot load it")
 
 
 def _builder():
@@ -53,7 +70,8 @@ def _target_spec(family):
 
     from hywu_nodes.core.targets import build_target_spec
 
-    cls = diffusers.FluxTransformer2DModel if family == "flux_kontext" else diffusers.QwenImageTransformer2DModel
+    cls = {"flux_kontext": diffusers.FluxTransformer2DModel, "qwen_image_edit": diffusers.QwenImageTransformer2DModel,
+           "flux2_klein": diffusers.Flux2Transformer2DModel}[family]
     with torch.device("meta"):
         model = cls(**_builder().DIFFUSERS_CONFIGS[FAMILIES[family]["kind"]])
     return build_target_spec(model, family)
@@ -93,6 +111,7 @@ def test_cached_files_are_reused_only_when_their_record_matches(full_width_files
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_unetloader_detects_the_file_and_the_key_map_covers_every_target(family, full_width_files, tmp_path):
+    _skip_without(family)
     comfy_harness.import_comfy(extra_modules=("comfy.sd", "comfy.utils", "comfy.model_management", "comfy.lora",
                                               "folder_paths", "nodes", "comfy_api.latest"))
     import comfy.lora
@@ -114,6 +133,10 @@ def test_unetloader_detects_the_file_and_the_key_map_covers_every_target(family,
     if family == "flux_kontext":
         assert (unet["hidden_size"], unet["num_heads"], unet["depth"], unet["depth_single_blocks"]) == (3072, 24, 1, 1)
         assert unet["guidance_embed"] is True and unet["context_in_dim"] == 4096 and unet["vec_in_dim"] == 768
+    elif family == "flux2_klein":  # heads from the width (128 each), no guidance embedding, Qwen3-4B's text width
+        assert (unet["image_model"], unet["hidden_size"], unet["num_heads"], unet["depth"], unet["depth_single_blocks"]) \
+            == ("flux2", 3072, 24, 1, 1)
+        assert unet["guidance_embed"] is False and unet["context_in_dim"] == 7680 and unet["in_channels"] == 128
     else:  # detection reads depth and input channels; widths are the model's fixed 3072 / text 3584
         assert (unet["image_model"], unet["in_channels"], unet["num_layers"]) == ("qwen_image", 64, 1)
         assert tuple(model.model.diffusion_model.txt_in.weight.shape) == (3072, 3584)
@@ -133,6 +156,11 @@ def test_unetloader_detects_the_file_and_the_key_map_covers_every_target(family,
         assert (rows, w.shape[1]) == (t.d_out, t.d_in), (key, weight_key, offset, tuple(w.shape))
         fused += offset is not None
     assert fused == fam["fused"]
+    if family == "flux2_klein":  # its single block's fused projections are whole ComfyUI weights
+        single = {t.name.rsplit(".", 1)[-1]: key_map[lora_module_key(family, t.name)] for t in spec.targets
+                  if t.name.startswith("single_")}
+        assert single == {"to_qkv_mlp_proj": "diffusion_model.single_blocks.0.linear1.weight",
+                          "to_out": "diffusion_model.single_blocks.0.linear2.weight"}
     if family == "flux_kontext":  # the single block's fused linear1 (q, k, v, mlp) and linear2
         single = {t.name.rsplit(".", 1)[-1]: key_map[lora_module_key(family, t.name)] for t in spec.targets
                   if t.name.startswith("single_")}
@@ -156,7 +184,7 @@ def _graph(family, unet_name, lora_path, strength, mode):
                                                                   "strength": strength, "batch_index": -1, "mode": mode}},
         "4": {"class_type": "HYWUTestConditioning", "inputs": {"tokens": 8, "width": fam["text_width"],
                                                                 "pooled": fam["pooled"], "seed": 0}},
-        "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "5": {"class_type": fam.get("latent", "EmptySD3LatentImage"), "inputs": {"width": 128, "height": 128, "batch_size": 1}},
         "6": {"class_type": "KSampler", "inputs": {"model": ["3", 0], "seed": 0, "steps": 1, "cfg": 1.0,
                                                    "sampler_name": "euler", "scheduler": "simple", "positive": ["4", 0],
                                                    "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}},
@@ -166,12 +194,13 @@ def _graph(family, unet_name, lora_path, strength, mode):
 
 
 def test_real_server_unetloader_apply_and_sample(full_width_files, tmp_path):
-    """UNETLoader -> HY-WU Apply Generated LoRA -> KSampler in a real server, both families: runtime mode
-    equals patch mode, and the LoRA changes the sample (against strength 0)."""
+    """UNETLoader -> HY-WU Apply Generated LoRA -> KSampler in a real server, every family the ComfyUI loads:
+    runtime mode equals patch mode, and the LoRA changes the sample (against strength 0)."""
     import requests
     from safetensors.torch import load_file
 
-    files = {f: Path(full_width_files[FAMILIES[f]["kind"]]) for f in FAMILIES}
+    comfy_harness.import_comfy(extra_modules=("comfy.text_encoders.flux",))
+    files = {f: Path(full_width_files[FAMILIES[f]["kind"]]) for f in _families()}
     with comfy_harness.ComfyServer(extra_models={"diffusion_models": list(files.values())},
                                    custom_nodes=[NODES_DIR]) as srv:
         names = srv.object_info("UNETLoader")["UNETLoader"]["input"]["required"]["unet_name"][0]

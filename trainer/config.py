@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -28,6 +29,7 @@ class BaseConfig:
     path: str = ""  # local diffusers folder (or, for sd15_ip2p, a single-file checkpoint)
     tiny: bool = False  # build a seeded tiny base into `path` if it is missing (tests/demo only)
     synthetic_full: bool = False  # full-size architecture with seeded RANDOM weights instead of `path` (benchmarks only)
+    architecture: str = ""  # synthetic_full: which shipped architecture (trainer/architectures/); "" = the family's own
     resolution: int = 32  # training/condition resolution (square bucket, multiple of 16)
     text_tokens: int | None = None  # text condition length; None = family default (77 / 512 / 1024)
     targets: list[str] | None = None  # regexes of adapted linear layers; None = family default
@@ -226,6 +228,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"base.family '{b.family}' is not one of {', '.join(BASE_FAMILIES)}")
     if not b.path and not b.synthetic_full:
         problems.append("base.path is empty: give the local diffusers folder of the frozen base")
+    if b.architecture and not (Path(__file__).parent / "architectures" / b.architecture).is_dir():
+        problems.append(f"base.architecture '{b.architecture}' is not one of the shipped architectures in trainer/architectures/")
     if b.synthetic_full and b.tiny:
         problems.append("base.tiny and base.synthetic_full exclude each other: pick the seeded tiny base or the full-size random one")
     if b.resolution % 16 or b.resolution < 16:

@@ -20,6 +20,7 @@ _TRANSFORMERS_CONFIGS = {
     "CLIPTextModel": "CLIPTextConfig",
     "T5EncoderModel": "T5Config",
     "Qwen2_5_VLModel": "Qwen2_5_VLConfig",
+    "Qwen3Model": "Qwen3Config",
 }
 
 

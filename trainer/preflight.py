@@ -31,7 +31,8 @@ from .data import (SOURCE_KEYS, SYNTHETIC_N_TRAIN, TARGET_KEYS, TASK_KEYS, TEXT_
 SHOW_ROWS = 5  # row numbers listed per reason
 # (tokenizer folder, default text length) of each family's text condition (trainer/families)
 TEXT_ENCODERS = {"sd15_ip2p": ("tokenizer", 77), "flux_kontext": ("tokenizer_2", 256),
-                 "qwen_image_edit": ("tokenizer", 1024), "qwen_image_edit_plus": ("tokenizer", 1024)}
+                 "qwen_image_edit": ("tokenizer", 1024), "qwen_image_edit_plus": ("tokenizer", 1024),
+                 "flux2_klein": ("tokenizer", 512)}
 ROLES = (("source", SOURCE_KEYS), ("target", TARGET_KEYS), ("instruction", TEXT_KEYS), ("task", TASK_KEYS))
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("sd15_ip2p", "flux_kontext", "qwen_image_edit", "qwen_image_edit_plus")
+FAMILIES = ("sd15_ip2p", "flux_kontext", "qwen_image_edit", "qwen_image_edit_plus", "flux2_klein")
 VOCAB = 514  # 256 byte chars + 256 end-of-word chars + 2 specials
 
 
@@ -161,8 +161,11 @@ QWEN_VL_VISION = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2
 
 
 def comfyui_checkout(comfyui: str | os.PathLike | None = None) -> Path:
-    """A ComfyUI checkout (its tokenizer files): ``comfyui``, else $COMFYUI_PATH, else <repo>/.cache/comfyui."""
-    p = Path(comfyui or os.environ.get("COMFYUI_PATH") or REPO / ".cache" / "comfyui")
+    """A ComfyUI checkout (its tokenizer files): ``comfyui``, else $COMFYUI_PATH, else the newest tree
+    scripts/setup_comfyui.sh set up (<repo>/.cache/comfyui-newest, whose Qwen files have klein's <think> tokens),
+    else <repo>/.cache/comfyui."""
+    newest = REPO / ".cache" / "comfyui-newest"
+    p = Path(comfyui or os.environ.get("COMFYUI_PATH") or (newest if newest.is_dir() else REPO / ".cache" / "comfyui"))
     if not (p / "comfy" / "text_encoders").is_dir():
         raise FileNotFoundError(f"no ComfyUI checkout at {p} (the tiny Qwen base takes ComfyUI's qwen25 tokenizer files): "
                                 "run scripts/setup_comfyui.sh or set COMFYUI_PATH")
@@ -192,12 +195,50 @@ def build_qwen(folder: Path, comfyui: Path | None = None) -> None:
     _save_scheduler(folder, flow=True)
 
 
-_BUILDERS = {"sd15_ip2p": build_sd15, "flux_kontext": build_flux, "qwen_image_edit": build_qwen, "qwen_image_edit_plus": build_qwen, "sd15_bench": build_sd15_bench}
+# Qwen3 at a tiny width; 30 layers, so that the hidden states entering layer 27 exist (klein reads 9, 18, 27)
+# and the layers past the last tap, which the adapter drops, are there too. head_dim 128 is ComfyUI's fixed value.
+QWEN3_TEXT = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=30, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0,
+                  rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def build_flux2_klein(folder: Path, comfyui: Path | None = None) -> None:
+    """FLUX.2 [klein]-shaped tiny parts that ComfyUI's own classes load too (tests/comfy_test_nodes/tiny_flux2.py):
+    Qwen3 (ComfyUI's shipped Qwen tokenizer, which klein's KleinTokenizer uses), the FLUX.2 VAE layout (32 latent
+    channels, 2x2 patches and batch-norm statistics, here seeded so the normalisation is not the identity; widths
+    ComfyUI's GroupNorm(32) takes), and a Flux2 DiT on its 128-channel latents with ComfyUI's fixed rope theta."""
+    import shutil
+
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    Flux2Transformer2DModel(
+        patch_size=1, in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=3 * QWEN3_TEXT["hidden_size"], mlp_ratio=3.0, axes_dims_rope=(4, 4, 4, 4), rope_theta=2000,
+        guidance_embeds=False,
+    ).save_pretrained(folder / "transformer")
+    Qwen3ForCausalLM(Qwen3Config(**QWEN3_TEXT)).eval().save_pretrained(folder / "text_encoder")
+    shutil.rmtree(folder / "tokenizer", ignore_errors=True)
+    shutil.copytree(comfyui_checkout(comfyui) / "comfy" / "text_encoders" / "qwen25_tokenizer", folder / "tokenizer")
+    if "<think>" not in (folder / "tokenizer" / "tokenizer_config.json").read_text():
+        raise FileNotFoundError(f"the Qwen tokenizer of the ComfyUI at {comfyui_checkout(comfyui)} has no <think> token, which "
+                                "klein's prompt template uses: give a ComfyUI that runs FLUX.2 [klein] (COMFYUI_PATH)")
+    vae = AutoencoderKLFlux2(block_out_channels=(32,) * 4, layers_per_block=1, latent_channels=32, norm_num_groups=32).eval()
+    with torch.no_grad():
+        vae.bn.running_mean.normal_(0, 0.1)
+        vae.bn.running_var.uniform_(0.5, 1.5)
+    vae.save_pretrained(folder / "vae")
+    _save_scheduler(folder, flow=True)
+
+
+_BUILDERS = {"sd15_ip2p": build_sd15, "flux_kontext": build_flux, "qwen_image_edit": build_qwen, "qwen_image_edit_plus": build_qwen,
+             "flux2_klein": build_flux2_klein, "sd15_bench": build_sd15_bench}
 
 
 _VERSIONS = {"qwen_image_edit": 2, "qwen_image_edit_plus": 2}  # 2: Qwen2.5-VL with ComfyUI's tokenizer
 # Variants whose tokenizers and component configs are the ones ComfyUI's own loaders use (a ComfyUI checkout gives the files).
-_COMFY_BUILDERS = {"flux_kontext": build_flux_comfy, "qwen_image_edit": build_qwen, "qwen_image_edit_plus": build_qwen}
+_COMFY_BUILDERS = {"flux_kontext": build_flux_comfy, "qwen_image_edit": build_qwen, "qwen_image_edit_plus": build_qwen,
+                   "flux2_klein": build_flux2_klein}
 COMFY_TEXT_TOKENS = {"flux_kontext": 256}  # ComfyUI's FluxTokenizer pads T5 to 256 tokens (min_length), without a mask
 
 
@@ -229,6 +270,7 @@ FAST_TARGETS = {
     "flux_kontext": [r"transformer_blocks\.\d+\.attn\.(to_q|to_v)$"],
     "qwen_image_edit": [r"transformer_blocks\.\d+\.attn\.(to_q|to_v)$"],
     "qwen_image_edit_plus": [r"transformer_blocks\.\d+\.attn\.(to_q|to_v)$"],
+    "flux2_klein": [r"transformer_blocks\.\d+\.attn\.(to_q|to_v)$"],
 }
 
 

@@ -15,7 +15,7 @@ def lora_module_key(family: str, name: str) -> str:
     """ComfyUI-recognised LoRA key for a diffusers module name of ``family``."""
     if family == "sd15_ip2p":
         return "lora_unet_" + name.replace(".", "_")  # ComfyUI maps diffusers UNet names this way
-    if family in ("flux_kontext", "qwen_image_edit", "qwen_image_edit_plus"):
+    if family in ("flux_kontext", "qwen_image_edit", "qwen_image_edit_plus", "flux2_klein"):
         return "transformer." + name  # diffusers-trained DiT LoRA layout
     raise ValueError(f"no LoRA key layout known for base family '{family}'")
 

@@ -35,6 +35,12 @@ DEFAULT_PATTERNS: dict[str, tuple[str, ...]] = {
         r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$",
         r"transformer_blocks\.\d+\.(img_mlp|txt_mlp)\.net\.(0\.proj|2)$",
     ),
+    # FLUX.2 [klein] 4B / 9B: Flux2Transformer2DModel (SwiGLU feed-forwards, fused single-block projections)
+    "flux2_klein": (
+        r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$",
+        r"transformer_blocks\.\d+\.(ff|ff_context)\.(linear_in|linear_out)$",
+        r"single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)$",
+    ),
 }
 BASE_FAMILIES = tuple(DEFAULT_PATTERNS)
 

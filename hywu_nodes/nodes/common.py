@@ -131,8 +131,12 @@ def latent_format_for_family(family: str | None, latent_channels: int | None = N
         return lf.Flux()
     if family in ("qwen_image_edit", "qwen_image_edit_plus"):  # the Qwen-Image VAE is Wan 2.1's
         return lf.Wan21()
+    if family == "flux2_klein":  # the FLUX.2 VAE normalises its latents itself (identity format)
+        return lf.Flux2()
     if latent_channels == 16:
         return lf.Flux()
+    if latent_channels == 128:  # the FLUX.2 VAE
+        return lf.Flux2()
     return lf.SD15()
 
 

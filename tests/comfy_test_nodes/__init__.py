@@ -28,15 +28,21 @@ class HYWUTestImage:
 
 
 from .tiny_dit import HYWUTestTinyDiTLoader  # noqa: E402
+from .tiny_flux2 import HYWUTestTinyFlux2Loader, HYWUTestTinyFlux2TE, HYWUTestTinyFlux2VAE  # noqa: E402
 from .tiny_flux_te import HYWUTestTinyFluxTE, HYWUTestTinyVAE  # noqa: E402
 from .tiny_qwen_te import HYWUTestQwenEditEncode, HYWUTestTinyQwenTE  # noqa: E402
 
 NODE_CLASS_MAPPINGS = {"HYWUTestImage": HYWUTestImage, "HYWUTestTinyDiTLoader": HYWUTestTinyDiTLoader,
                        "HYWUTestTinyFluxTE": HYWUTestTinyFluxTE, "HYWUTestTinyVAE": HYWUTestTinyVAE,
-                       "HYWUTestTinyQwenTE": HYWUTestTinyQwenTE, "HYWUTestQwenEditEncode": HYWUTestQwenEditEncode}
+                       "HYWUTestTinyQwenTE": HYWUTestTinyQwenTE, "HYWUTestQwenEditEncode": HYWUTestQwenEditEncode,
+                       "HYWUTestTinyFlux2Loader": HYWUTestTinyFlux2Loader, "HYWUTestTinyFlux2TE": HYWUTestTinyFlux2TE,
+                       "HYWUTestTinyFlux2VAE": HYWUTestTinyFlux2VAE}
 NODE_DISPLAY_NAME_MAPPINGS = {"HYWUTestImage": "HY-WU test image (tests only)",
                               "HYWUTestTinyDiTLoader": "HY-WU test tiny DiT loader (tests only)",
                               "HYWUTestTinyFluxTE": "HY-WU test tiny FLUX text encoders (tests only)",
                               "HYWUTestTinyVAE": "HY-WU test tiny VAE (tests only)",
                               "HYWUTestTinyQwenTE": "HY-WU test tiny Qwen2.5-VL text encoder (tests only)",
-                              "HYWUTestQwenEditEncode": "HY-WU test Qwen edit encode at small sizes (tests only)"}
+                              "HYWUTestQwenEditEncode": "HY-WU test Qwen edit encode at small sizes (tests only)",
+                              "HYWUTestTinyFlux2Loader": "HY-WU test tiny FLUX.2 loader (tests only)",
+                              "HYWUTestTinyFlux2TE": "HY-WU test tiny klein Qwen3 text encoder (tests only)",
+                              "HYWUTestTinyFlux2VAE": "HY-WU test tiny FLUX.2 VAE (tests only)"}

@@ -10,6 +10,7 @@ FAMILIES = {
     "flux_kontext": "trainer.families.flux_kontext:FluxKontext",
     "qwen_image_edit": "trainer.families.qwen_image_edit:QwenImageEdit",
     "qwen_image_edit_plus": "trainer.families.qwen_image_edit_plus:QwenImageEditPlus",
+    "flux2_klein": "trainer.families.flux2_klein:Flux2Klein",
 }
 
 

@@ -45,13 +45,14 @@ class BaseParts:
 
     def __init__(self, cfg, family: str, required: dict[str, str]):
         self.family, self.synthetic = family, bool(cfg.base.synthetic_full)
+        self.architecture = cfg.base.architecture or family  # synthetic_full: e.g. flux2_klein_9b for the family flux2_klein
         self.root = None if self.synthetic else check_base_folder(cfg.base.path, family, required)
 
     def model(self, sub: str, cls, device, dtype) -> nn.Module:
         if self.synthetic:
             from trainer.full_bases import build_component
 
-            return build_component(self.family, sub, device, dtype, seed=zlib.crc32(sub.encode()))
+            return build_component(self.architecture, sub, device, dtype, seed=zlib.crc32(sub.encode()))
         # diffusers and transformers name the dtype argument differently
         key = "torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"
         return cls.from_pretrained(self.root / sub, **{key: dtype}).to(device)
@@ -73,14 +74,14 @@ class BaseParts:
         if self.synthetic:
             from trainer.full_bases import scheduler_config
 
-            return cls.from_config(scheduler_config(self.family))
+            return cls.from_config(scheduler_config(self.architecture))
         return cls.from_pretrained(self.root / "scheduler")
 
     def class_name(self, sub: str) -> str:
         if self.synthetic:
             from trainer.full_bases import architecture
 
-            return architecture(self.family, sub)["_class_name"]
+            return architecture(self.architecture, sub)["_class_name"]
         return read_class_name(self.root / sub)
 
 

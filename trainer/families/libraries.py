@@ -44,6 +44,11 @@ FAMILY_CLASSES = {
         "transformers": ["AutoModel", "Qwen2_5_VLModel", "Qwen2_5_VLForConditionalGeneration", "AutoTokenizer"],
         "pipelines": ["QwenImageEditPlusPipeline"],
     },
+    "flux2_klein": {
+        "diffusers": ["Flux2Transformer2DModel", "AutoencoderKLFlux2"],
+        "transformers": ["Qwen3Model", "AutoTokenizer"],
+        "pipelines": ["Flux2KleinPipeline"],
+    },
 }
 
 
