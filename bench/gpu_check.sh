@@ -3,9 +3,11 @@
 # output/gpu_check/gpu_check.json). Runs unchanged after the README's install commands:
 #   make venv TORCH_INDEX=https://download.pytorch.org/whl/cu128 && make comfyui && bash bench/gpu_check.sh
 # Everything is built from seeds (full-size architectures with RANDOM weights); nothing is downloaded.
-#   1. SD1.5-full trainer in bf16: HY-WU vs shared-LoRA step time and peak memory (bench/train_step.py)
+#   1. SD1.5-full trainer in bf16: HY-WU vs shared-LoRA step time and peak memory (bench/train_step.py), and the
+#      HY-WU step on the base stored in fp8 (base.weight_dtype fp8_scaled) against bf16
 #   2. FSDP (trainer/sharding.py): generator + frozen base sharded over 1 process (2 with 2+ GPUs),
-#      against a plain run, and its sharded checkpoint resumed in 1 plain process
+#      against a plain run, and its sharded checkpoint resumed in 1 plain process; block swap (4 of the UNet's
+#      8 down/up blocks in pinned CPU memory, train.blocks_to_swap) against the plain run
 #   3. the ComfyUI graph on the GPU at 512 px, 20 steps: Generate LoRA's share of the run, and the
 #      generator offloaded after Generate LoRA (bench/gpu_comfy.py)
 set -uo pipefail
@@ -21,8 +23,8 @@ TORCHRUN=$(dirname "$PY")/torchrun
 step() { echo "[gpu_check] $*" >&2; }
 
 step "1/3 train_step sd15-full bf16"
-timeout 300 "$PY" bench/train_step.py --base sd15-full --device cuda --precision bf16 --batch 8 --draws 1 \
-    --steps 10 --warmup 3 --output "$OUT/train_step" > "$OUT/train_step.json" 2> "$OUT/train_step.log"
+timeout 360 "$PY" bench/train_step.py --base sd15-full --device cuda --precision bf16 --batch 8 --draws 1 \
+    --steps 10 --warmup 3 --weight-dtype fp8_scaled --output "$OUT/train_step" > "$OUT/train_step.json" 2> "$OUT/train_step.log"
 echo $? > "$OUT/train_step.rc"
 
 step "2/3 FSDP on $NGPU process(es)"
@@ -35,6 +37,8 @@ mkdir -p "$OUT/resume/checkpoints"
 cp -r "$OUT/fsdp/checkpoints/step-00000003" "$OUT/resume/checkpoints/" 2>/dev/null && echo step-00000003 > "$OUT/resume/checkpoints/latest"
 timeout 150 "$PY" -m trainer.train --config "$CFG" --output "$OUT/resume" --resume > "$OUT/resume.log" 2>&1
 echo $? > "$OUT/resume.rc"
+timeout 150 "$PY" -m trainer.train --config "$CFG" --output "$OUT/swap" --train.blocks_to_swap=4 > "$OUT/swap.log" 2>&1
+echo $? > "$OUT/swap.rc"
 
 step "3/3 ComfyUI graph on the GPU"
 timeout 330 "$PY" bench/gpu_comfy.py --device cuda --work "$OUT/comfy" > "$OUT/comfy.json" 2> "$OUT/comfy.log"
@@ -74,6 +78,9 @@ res["train_step"] = {"rc": rc, **({k: ts.get(k) for k in ("step_time_ratio", "pe
 if "error" not in ts:
     res["train_step"]["hywu"] = {k: ts["hywu"][k] for k in ("median_step_s", "peak_memory_mb")}
     res["train_step"]["shared_lora"] = {k: ts["shared_lora"][k] for k in ("median_step_s", "peak_memory_mb")}
+    if "hywu_fp8" in ts:
+        res["train_step"]["hywu_fp8"] = {k: ts["hywu_fp8"][k] for k in ("median_step_s", "peak_memory_mb", "step_time_vs_bf16",
+                                                                         "peak_memory_vs_bf16")}
 plain, fsdp, resume = summary("plain"), summary("fsdp"), summary("resume")
 f = {"processes": fsdp.get("processes"), "sharded": fsdp.get("sharded"), "plain_peak_mb": plain.get("peak_memory_mb"),
      "fsdp_peak_mb_rank0": fsdp.get("peak_memory_mb"), "plain_final_loss": plain.get("final_loss"),
@@ -87,6 +94,12 @@ try:
 except Exception as e:  # a run failed: its error is above
     f["compare_error"] = repr(e)
 res["fsdp"] = f
+swap = summary("swap")
+res["block_swap"] = {"blocks": 4, "peak_mb": swap.get("peak_memory_mb"), "plain_peak_mb": plain.get("peak_memory_mb"),
+                     "final_loss": swap.get("final_loss"), "plain_final_loss": plain.get("final_loss"),
+                     "median_step_s": (sorted(swap["step_times"])[len(swap["step_times"]) // 2] if swap.get("step_times") else None),
+                     "plain_median_step_s": (sorted(plain["step_times"])[len(plain["step_times"]) // 2] if plain.get("step_times") else None),
+                     **({"error": swap["error"]} if "error" in swap else {})}
 rc, comfy = part("comfy")
 res["comfy"] = {"rc": rc, **comfy}
 res["ok"] = bool(res["train_step"]["rc"] == 0 and "fsdp_vs_plain_rel_diff" in f and f["fsdp_vs_plain_rel_diff"] < 5e-2

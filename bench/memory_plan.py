@@ -6,7 +6,12 @@ full-size architectures on the meta device: nothing is allocated, nothing is dow
     python bench/memory_plan.py --families sd15_ip2p --presets small --gpus 8
 
 For each family, the resolution, batch and rank of its shipped config (trainer/configs/<family>.yaml):
-  * frozen base in bf16: every network the trainer keeps resident (denoiser, text encoders, VAE);
+  * frozen base: the networks resident during training steps, at their stored size (bf16, or fp8 linear
+    weights with base.weight_dtype): the denoiser (without the blocks train.blocks_to_swap keeps in CPU
+    memory, but with two of them in flight), plus the text encoders and the VAE unless
+    train.offload_encoders parks them in CPU memory once the rows are encoded (the default); a validation
+    grid brings them back, so the one-GPU figure is the larger of the training peak and the whole base +
+    the generator's state;
   * generator: fp32 weights + fp32 gradients + AdamW's two fp32 moments (16 bytes a parameter);
   * activations: the bytes autograd saves for backward in one training forward (generator ->
     per-sample LoRA -> base -> loss, run on meta tensors with the trainer's own family adapter
@@ -32,7 +37,9 @@ sys.path.insert(0, str(REPO))
 
 GIB = 2**30
 # shipped configs (trainer/configs/<name>.yaml), one per base; klein has one per size
-FAMILIES = ("sd15_ip2p", "flux_kontext", "qwen_image_edit", "qwen_image_edit_plus", "flux2_klein_4b", "flux2_klein_9b")
+FAMILIES = ("sd15_ip2p", "flux_kontext", "flux_kontext_24gb", "qwen_image_edit", "qwen_image_edit_24gb", "qwen_image_edit_plus",
+            "qwen_image_edit_plus_24gb", "flux2_klein_4b",
+            "flux2_klein_9b")
 PRESETS = ("small", "medium", "large")
 
 
@@ -82,6 +89,11 @@ class SavedBytes:
 
 def _numel(module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def _bytes(module) -> int:
+    """Stored bytes of a module's parameters and buffers (bf16, or 1 byte for fp8 weights)."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 def family_config(family: str):
@@ -162,7 +174,9 @@ def _meta_text(adapter, b: int):
     return torch.empty(b, n, width, device=meta, dtype=bf), torch.ones(b, n, dtype=torch.bool, device=meta)
 
 
-def plan(family: str, presets, gpus: int) -> dict:
+def plan(family: str, presets, gpus: int, plain: bool = True) -> dict:
+    """The plan of config ``family`` for ``presets``; ``plain`` False skips the activations without
+    checkpointing (the slow count; its figures are then reported as None)."""
     import torch
 
     from hywu_nodes.core import GeneratorConfig, HYWUGenerator, build_target_spec
@@ -171,14 +185,26 @@ def plan(family: str, presets, gpus: int) -> dict:
 
     cfg = family_config(family)
     adapter = load_family(cfg, torch.device("meta"), torch.bfloat16)
-    parts = {name: _numel(m) for name, m in adapter.frozen_modules().items()}
-    base_bf16 = 2 * sum(parts.values())
+    frozen = adapter.frozen_modules()
+    parts = {name: _numel(m) for name, m in frozen.items()}
+    stored = {name: _bytes(m) for name, m in frozen.items()}
+    base_all = sum(stored.values())
+    denoiser = next(stored[k] for k, m in frozen.items() if m is adapter.denoiser)
+    units = shard_units(adapter.denoiser)
+    swapped = [_bytes(u) for u in units[len(units) - cfg.train.blocks_to_swap:]] if cfg.train.blocks_to_swap else []
+    # train.blocks_to_swap: the swapped blocks wait in CPU memory, two at a time on the GPU (one computing, one arriving)
+    denoiser_resident = denoiser - sum(swapped) + 2 * max(swapped, default=0) if swapped else denoiser
+    base_resident = denoiser_resident + (0 if cfg.train.offload_encoders else base_all - denoiser)  # during steps
     base_unit = max(_numel(u) for u in shard_units(adapter.denoiser))
     out = {"family": family, "resolution": cfg.base.resolution, "batch_per_gpu": cfg.train.batch_size,
            "draws_per_example": cfg.train.draws_per_example, "rank": cfg.generator.rank, "text_tokens": cfg.base.text_tokens,
-           "parameters": parts, "base_bf16_gib": base_bf16 / GIB, "largest_base_block_parameters": base_unit, "presets": {}}
+           "weight_dtype": cfg.base.weight_dtype, "offload_encoders": cfg.train.offload_encoders,
+           "blocks_to_swap": cfg.train.blocks_to_swap, "swapped_gib": sum(swapped) / GIB,
+           "parameters": parts, "stored_bytes": stored, "base_resident_gib": base_resident / GIB, "base_all_gib": base_all / GIB,
+           "largest_base_block_parameters": base_unit, "presets": {}}
     for preset in presets:
-        act = {ck: activations(adapter, family_config(family), preset, ck) for ck in (False, True)}
+        act = {ck: activations(adapter, family_config(family), preset, ck) for ck in ((False, True) if plain else (True,))}
+        act.setdefault(False, {"total_bytes": float("nan")})
         spec = build_target_spec(adapter.denoiser, cfg.base.family, include=cfg.base.targets)
         gcfg = GeneratorConfig.from_preset(preset, rank=cfg.generator.rank, alpha=cfg.generator.alpha)
         with torch.device("meta"):
@@ -186,9 +212,10 @@ def plan(family: str, presets, gpus: int) -> dict:
         p = _numel(gen)
         unit = max([_numel(u) for u in shard_units(gen)] or [p])
         state = 16 * p
-        one = {ck: base_bf16 + state + act[ck]["total_bytes"] for ck in (False, True)}
-        fsdp_gen = base_bf16 + state / gpus + 6 * unit + act[True]["total_bytes"]
-        fsdp_both = base_bf16 / gpus + 2 * 2 * base_unit + state / gpus + 6 * unit + act[True]["total_bytes"]
+        validation = base_all - denoiser + denoiser_resident + state  # the encoders back for a grid; no training activations
+        one = {ck: max(base_resident + state + act[ck]["total_bytes"], validation) for ck in (False, True)}
+        fsdp_gen = base_resident + state / gpus + 6 * unit + act[True]["total_bytes"]
+        fsdp_both = base_resident - denoiser + denoiser / gpus + 2 * 2 * base_unit + state / gpus + 6 * unit + act[True]["total_bytes"]
         out["presets"][preset] = {
             "generator_parameters": p, "parameter_tokens": gen.tokenizer.n_tokens, "targets": len(spec.targets),
             "generator_state_gib": state / GIB,
@@ -203,13 +230,13 @@ def plan(family: str, presets, gpus: int) -> dict:
 
 
 def markdown(plans: list[dict], gpus: int) -> str:
-    rows = ["| family (res, batch/GPU) | preset | frozen base bf16 | generator params | generator fp32+AdamW | activations / with ckpt "
+    rows = ["| config (res, batch/GPU) | preset | frozen base resident | generator params | generator fp32+AdamW | activations / with ckpt "
             f"| 1 GPU / with ckpt | FSDP {gpus} GPUs: generator sharded | + base sharded |",
             "|---|---|---|---|---|---|---|---|---|"]
     for pl in plans:
         for preset, v in pl["presets"].items():
             rows.append(
-                f"| {pl['family']} ({pl['resolution']} px, {pl['batch_per_gpu']}) | {preset} | {pl['base_bf16_gib']:.1f} GiB "
+                f"| {pl['family']} ({pl['resolution']} px, {pl['batch_per_gpu']}) | {preset} | {pl['base_resident_gib']:.1f} GiB "
                 f"| {v['generator_parameters'] / 1e6:,.0f} M | {v['generator_state_gib']:.1f} GiB "
                 f"| {v['activations_gib']:.1f} / {v['activations_checkpointed_gib']:.1f} GiB "
                 f"| {v['one_gpu_gib']:.1f} / {v['one_gpu_checkpointed_gib']:.1f} GiB "

@@ -4,6 +4,7 @@ noise draws and targets), and of the trainer vs. a bare in-process loop, as JSON
     python bench/train_step.py                          # sd15-bench: small SD1.5-shaped base, 64 px
     python bench/train_step.py --base sd15-full         # full-size SD1.5 UNet (seeded RANDOM weights), 256 px
     python bench/train_step.py --base demo              # the demo config: trainer step vs in-process step
+    python bench/train_step.py --weight-dtype fp8_scaled # also the HY-WU step on the base stored in fp8
 
 Bases:
   * ``sd15-bench``: trainer.tiny_bases "sd15_bench" (two-level UNet, 8 transformer blocks), 64 px,
@@ -79,6 +80,8 @@ def make_config(args, method: str):
         cfg.train.batch_size = args.batch or b["batch"]
         cfg.train.draws_per_example = args.draws or b["draws"]
     cfg.name, cfg.output = f"bench_{method}", str(Path(args.output) / args.base / method)
+    if method == "hywu_fp8":  # the same HY-WU step on the base stored in fp8 (base.weight_dtype)
+        method, cfg.base.weight_dtype = "hywu", args.weight_dtype
     cfg.data.n_val = 0  # no validation sampling in a timing run
     cfg.data.cache_dir = str(Path(args.output) / "encoded")  # every child after the first loads the encodings
     t = cfg.train
@@ -296,6 +299,8 @@ def main(argv=None) -> None:
     p.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"))
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: 1 on CPU, default on CUDA)")
     p.add_argument("--output", default=str(REPO / "output" / "bench_train_step"))
+    p.add_argument("--weight-dtype", default=None, choices=("fp8_e4m3fn", "fp8_scaled"),
+                   help="also time the HY-WU step on the base stored in this fp8 format (base.weight_dtype)")
     p.add_argument("--_child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     full = args.base == "sd15-full"
@@ -307,7 +312,8 @@ def main(argv=None) -> None:
         return
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
     t0 = time.perf_counter()
-    results = {kind: _spawn(kind, forwarded) for kind in ("hywu", "shared_lora", "components")}
+    kinds = ("hywu", "shared_lora", "components") + (("hywu_fp8",) if args.weight_dtype else ())
+    results = {kind: _spawn(kind, forwarded) for kind in kinds}
     h, s = results["hywu"], results["shared_lora"]
     report = {
         "base": args.base, "random_weights": full, "batch": h["batch"], "draws_per_example": h["draws_per_example"],
@@ -320,6 +326,12 @@ def main(argv=None) -> None:
         "peak_memory_ratio": h["peak_memory_mb"] / s["peak_memory_mb"],
         "components": results["components"],
     }
+    if args.weight_dtype:
+        f = results["hywu_fp8"]
+        report["hywu_fp8"] = {**f, "weight_dtype": args.weight_dtype,
+                              "step_time_vs_bf16": f["median_step_s"] / h["median_step_s"],
+                              "step_cpu_time_vs_bf16": f["median_step_cpu_s"] / h["median_step_cpu_s"],
+                              "peak_memory_vs_bf16": f["peak_memory_mb"] / h["peak_memory_mb"]}
     if args.base == "demo" or args.inprocess:
         report["trainer_vs_inprocess"] = _spawn("inprocess", forwarded)
     report["bench_seconds"] = time.perf_counter() - t0

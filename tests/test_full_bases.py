@@ -56,8 +56,67 @@ def test_memory_plan_is_consistent():
         sys.path.pop(0)
     [pl] = [memory_plan.plan("sd15_ip2p", ["small"], gpus=8)]
     v = pl["presets"]["small"]
-    assert pl["base_bf16_gib"] * 2**30 == 2 * sum(pl["parameters"].values())
+    # bf16, the encoders parked during steps (train.offload_encoders): the UNet resident, the whole base at validation
+    assert pl["base_all_gib"] * 2**30 == sum(pl["stored_bytes"].values())  # parameters and buffers
+    assert abs(pl["base_all_gib"] * 2**30 / (2 * sum(pl["parameters"].values())) - 1) < 1e-3
+    assert pl["base_resident_gib"] * 2**30 == pl["stored_bytes"]["unet"] and pl["offload_encoders"]
     assert v["generator_state_gib"] * 2**30 == 16 * v["generator_parameters"]
     assert 0 < v["activations_checkpointed_gib"] < v["activations_gib"]
     assert v["fsdp_8_gpus_generator_and_base_sharded_gib"] < v["fsdp_8_gpus_generator_sharded_gib"] < v["one_gpu_checkpointed_gib"]
     assert v["targets"] == 160 and v["activations_detail"]["plain"]["samples"] == 8
+
+
+def test_memory_plan_models_fp8_parked_encoders_and_block_swap(tmp_path):
+    """The plan reads base.weight_dtype, train.offload_encoders and train.blocks_to_swap from the config: fp8
+    stores the denoiser's linear weights in one byte, without parking the encoders stay resident, swapped
+    blocks leave the GPU but for two."""
+    import yaml
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import memory_plan
+    finally:
+        sys.path.pop(0)
+    plans = {}
+    for name, base, train in (("bf16", {}, {"offload_encoders": False}), ("parked", {}, {}),
+                              ("fp8", {"weight_dtype": "fp8_e4m3fn"}, {}), ("swap", {}, {"blocks_to_swap": 4})):
+        cfg = yaml.safe_load((REPO / "trainer" / "configs" / "flux2_klein_4b.yaml").read_text())
+        cfg["base"].update(base)
+        cfg["train"].update(train)
+        path = REPO / "trainer" / "configs" / f"_plan_test_{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        try:
+            plans[name] = memory_plan.plan(path.stem, ["tiny"], gpus=8)
+        finally:
+            path.unlink()
+    stored = plans["bf16"]["stored_bytes"]
+    assert plans["bf16"]["base_resident_gib"] * 2**30 == sum(stored.values())
+    assert plans["parked"]["base_resident_gib"] * 2**30 == stored["transformer"]
+    fp8 = plans["fp8"]["stored_bytes"]["transformer"]
+    assert 0.5 * stored["transformer"] < fp8 < 0.52 * stored["transformer"]  # linear weights 1 byte; norms stay bf16
+    assert plans["fp8"]["stored_bytes"]["text_encoder"] == stored["text_encoder"]
+    # 4 swapped blocks (klein 4B's last single blocks, all one size): they leave, two of them are in flight
+    swapped = plans["swap"]["swapped_gib"]
+    assert swapped > 0 and abs(plans["swap"]["base_resident_gib"] - (plans["parked"]["base_resident_gib"] - swapped / 2)) < 1e-9
+
+
+def test_every_family_has_a_24gb_config_planned_under_22_gib():
+    """The shipped one-GPU recipes (docs/training.md): each family's plan at its template's resolution, small preset
+    with checkpointing, at most 22 GiB (24 GiB cards keep 0.5-1 GiB for the CUDA context)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import memory_plan
+    finally:
+        sys.path.pop(0)
+    recipes = {"sd15_ip2p": "sd15_ip2p", "flux_kontext": "flux_kontext_24gb", "qwen_image_edit": "qwen_image_edit_24gb",
+               "qwen_image_edit_plus": "qwen_image_edit_plus_24gb", "flux2_klein 4B": "flux2_klein_4b",
+               "flux2_klein 9B": "flux2_klein_9b"}
+    from trainer.families import FAMILIES
+
+    assert {k.split()[0] for k in recipes} == set(FAMILIES)
+    planned = {}
+    for family, config in recipes.items():
+        pl = memory_plan.plan(config, ["small"], gpus=8, plain=False)
+        planned[family] = round(pl["presets"]["small"]["one_gpu_checkpointed_gib"], 2)
+    print(planned)
+    assert max(planned.values()) <= 22.0, planned

@@ -14,6 +14,7 @@ from hywu_nodes.core import BASE_FAMILIES, PRESETS
 from hywu_nodes.core.generator import CONDITION_NORMS
 
 from .edits import CHAIN_SHARED
+from .fp8_base import WEIGHT_DTYPES
 from .replay import ReplayConfig, replay_problems
 
 METHODS = ("hywu", "shared_lora", "per_task_lora")
@@ -30,6 +31,7 @@ class BaseConfig:
     tiny: bool = False  # build a seeded tiny base into `path` if it is missing (tests/demo only)
     synthetic_full: bool = False  # full-size architecture with seeded RANDOM weights instead of `path` (benchmarks only)
     architecture: str = ""  # synthetic_full: which shipped architecture (trainer/architectures/); "" = the family's own
+    weight_dtype: str = "bf16"  # bf16 (the training dtype) | fp8_e4m3fn | fp8_scaled: the denoiser's linear weights at rest
     resolution: int = 32  # training/condition resolution (square bucket, multiple of 16)
     text_tokens: int | None = None  # text condition length; None = family default (77 / 512 / 1024)
     targets: list[str] | None = None  # regexes of adapted linear layers; None = family default
@@ -87,6 +89,8 @@ class TrainSection:
     mixed_precision: str = "no"  # no | fp16 | bf16
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
     base_gradient_checkpointing: bool = False
+    offload_encoders: bool = True  # text encoders + VAE to CPU memory once every row is encoded (back for validation grids)
+    blocks_to_swap: int = 0  # the denoiser's last N blocks live in CPU memory, copied in ahead of use (trainer/block_swap.py)
     drop_text: float | None = None  # CFG dropout of the base's text condition; None = family default
     drop_image: float | None = None  # CFG dropout of the base's image condition; None = family default
     timestep_sampling: str = "logit_normal"  # flow families: logit_normal | uniform
@@ -230,6 +234,15 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("base.path is empty: give the local diffusers folder of the frozen base")
     if b.architecture and not (Path(__file__).parent / "architectures" / b.architecture).is_dir():
         problems.append(f"base.architecture '{b.architecture}' is not one of the shipped architectures in trainer/architectures/")
+    if b.weight_dtype not in WEIGHT_DTYPES:
+        problems.append(f"base.weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {b.weight_dtype!r}")
+    elif b.weight_dtype != "bf16" and t.fsdp_shard_base:
+        problems.append("base.weight_dtype fp8 and train.fsdp_shard_base exclude each other: an fp8 base is already a "
+                        "quarter of an fp32 one; shard the generator only (train.fsdp)")
+    if t.blocks_to_swap < 0:
+        problems.append(f"train.blocks_to_swap must be 0 (off) or a number of the base's blocks, got {t.blocks_to_swap}")
+    elif t.blocks_to_swap and (t.fsdp or t.fsdp_shard_base):
+        problems.append("train.blocks_to_swap and FSDP exclude each other: swap blocks on one GPU, or shard them over several")
     if b.synthetic_full and b.tiny:
         problems.append("base.tiny and base.synthetic_full exclude each other: pick the seeded tiny base or the full-size random one")
     if b.resolution % 16 or b.resolution < 16:

@@ -40,6 +40,7 @@ from .report import ESTIMATE_AFTER, estimate_line, loss_curve, random_base_kind,
 from .sharding import ensure_process_group, full_state_dict, shard
 from .signals import EXIT_INTERRUPTED, StopRequest, resume_command
 from .state import CheckpointWriteError, Group, latest_checkpoint, load_checkpoint, publish, save_checkpoint
+from .offload import EncoderParking
 from .validate import VAL_DRAWS, ValidationLoss
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -61,6 +62,9 @@ config keys (YAML sections; override any with --section.key=value):
   base.vl_pixels, base.reference_pixels   qwen families: image area shown to Qwen2.5-VL / of
                      the reference latent (default: TextEncodeQwenImageEdit(Plus)'s 1024^2 / 384^2, 1024^2)
   base.targets       list of regexes of adapted linear layers (default: attention + FFN)
+  base.weight_dtype  bf16 | fp8_e4m3fn | fp8_scaled: the denoiser's linear weights stored in fp8,
+                     computed in bf16 (fp8_scaled: with per-tensor scales, as ComfyUI's fp8 scaled files)
+  base.architecture  with base.synthetic_full: which shipped architecture (e.g. flux2_klein_9b)
   data.source        synthetic | manifest (.jsonl/.csv) | parquet (folder) | folders (target
                      images with same-name .txt instructions + control images of the same names)
   data.path          manifest file, parquet folder, or folders: a folder with target/ and control/
@@ -97,6 +101,10 @@ config keys (YAML sections; override any with --section.key=value):
   train.draws_per_example (noise/timestep draws per example; one generated LoRA serves them),
   train.max_nonfinite (NaN/inf steps in a row that stop the run; each one is skipped),
   train.fsdp / train.fsdp_shard_base (FSDP2: shard the generator / also the frozen base)
+  train.offload_encoders  text encoders + VAE to CPU memory once every row is encoded, back for
+                     validation grids (default true; a no-op on a CPU)
+  train.blocks_to_swap  the base's last N blocks live in CPU memory and are copied to the GPU
+                     ahead of use, forward and backward (default 0: off)
   train.deterministic (default true: deterministic kernels, so the same config, seed and thread
                      count give the same weights; false: a little faster, not repeatable)
 
@@ -312,6 +320,10 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
     adapter = load_family(cfg, device, weight_dtype)
     if t.base_gradient_checkpointing:
         adapter.enable_gradient_checkpointing()
+    swap = getattr(adapter.denoiser, "hywu_block_swap", None)  # train.blocks_to_swap (trainer/block_swap.py)
+    if swap is not None:
+        accelerator.print(f"block swap: the last {len(swap.blocks)} blocks of the base ({swap.bytes() / 2**30:.1f} GiB) "
+                          "live in CPU memory and are copied in ahead of use")
 
     digests = {k: module_digest(m) for k, m in adapter.frozen_modules().items()} if check_frozen else None
     train_ds, val_ds = build_datasets(cfg, data_check.train.usable, data_check.val.usable if data_check.val else None)
@@ -451,6 +463,10 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
         return ok
 
     def validate(step: int):
+        with parking.on_device():  # the sampler encodes the instructions and decodes its latents
+            _validate(step)
+
+    def _validate(step: int):
         if val_loss is not None:  # every process: a sharded generator's forward is collective
             v = val_loss(method, module)
             val_history.append((step, v))
@@ -473,10 +489,11 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
                                 with_target=with_target)
             accelerator.wait_for_everyone()
 
-    old_stream = None
+    old_stream, old_encoded = None, True
     if distill and cfg.data.replay.distill_rows > 0:  # every row of the replay sources, encoded once
         pool = old_rows(cfg)
         encoded = EncodedRows(adapter, pool, cfg.base.resolution, cfg.data.cache_mb).fill() if cfg.data.cache_mb > 0 else None
+        old_encoded = encoded is not None
         old_stream = BatchStream(pool, cfg.data.replay.distill_rows, cfg.base.resolution, t.seed, rank, world,
                                  load=encoded.load if encoded else None, collate_fn=encoded.collate if encoded else None)
 
@@ -494,6 +511,15 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
         enc = batch["enc"] if "enc" in batch else adapter.encode(batch)
         return adapter.encoded_condition(enc).to(device)
 
+    # every row the steps read is encoded now (training rows, validation rows, replay rows): the encoders can go
+    parking = EncoderParking(adapter, device, t.offload_encoders)
+    if parking.enabled and rows is not None and old_encoded:
+        parking.park()
+        accelerator.print(f"the text encoders and the VAE ({parking.bytes() / 2**30:.1f} GiB) wait in CPU memory until "
+                          "the validation grids need them (train.offload_encoders)")
+    elif parking.enabled:
+        accelerator.print("note: the text encoders and the VAE stay on the accelerator: the rows did not fit "
+                          "data.cache_mb, so every batch is encoded when drawn")
     tb = _tensorboard(str(output), accelerator.is_main_process)
     if accelerator.is_main_process:
         print(tensorboard_note(tb is not None, str(output / "tensorboard")), flush=True)
@@ -571,6 +597,8 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
             if tb is not None:
                 tb.add_scalar("train/nonfinite_skipped", len(guard.skipped), done)
         optimizer.zero_grad(set_to_none=True)
+        if swap is not None:
+            swap.finish_step()
         scheduler.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -30,7 +30,8 @@ def check_base(cfg) -> None:
 
 
 def load_family(cfg, device, dtype) -> FamilyAdapter:
-    """Load the frozen base named by ``cfg.base`` (family + local folder)."""
+    """Load the frozen base named by ``cfg.base`` (family + local folder); the denoiser stored as ``base.weight_dtype``
+    and ``train.blocks_to_swap`` say (trainer/families/base.py BaseParts.model)."""
     module, cls = _family_module(cfg)
     return getattr(module, cls)(cfg, device, dtype)
 

@@ -38,6 +38,9 @@ def check_base_folder(path: str, family: str, required: dict[str, str]) -> Path:
     return p
 
 
+DENOISERS = ("transformer", "unet")  # the sub-folder of each family's denoiser
+
+
 class BaseParts:
     """Where a family's frozen components come from: the local diffusers folder ``base.path``, or,
     with ``base.synthetic_full``, the full-size architectures shipped in ``trainer/architectures``
@@ -45,17 +48,36 @@ class BaseParts:
 
     def __init__(self, cfg, family: str, required: dict[str, str]):
         self.family, self.synthetic = family, bool(cfg.base.synthetic_full)
+        self.weight_dtype, self.blocks_to_swap = cfg.base.weight_dtype, cfg.train.blocks_to_swap
         self.architecture = cfg.base.architecture or family  # synthetic_full: e.g. flux2_klein_9b for the family flux2_klein
         self.root = None if self.synthetic else check_base_folder(cfg.base.path, family, required)
 
     def model(self, sub: str, cls, device, dtype) -> nn.Module:
+        """Component ``sub`` on ``device``. The denoiser is stored as ``base.weight_dtype`` says (trainer/fp8_base.py)
+        and, with ``train.blocks_to_swap``, keeps its last blocks in CPU memory (trainer/block_swap.py); both are
+        done in CPU memory first, so the accelerator never holds the bf16 weights or the swapped blocks."""
+        from trainer.block_swap import BlockSwap
+        from trainer.fp8_base import store_in_fp8
+
+        device = torch.device(device)
+        denoiser = sub in DENOISERS
+        staged = denoiser and device.type != "meta" and (self.weight_dtype != "bf16" or self.blocks_to_swap)
+        load_to = torch.device("cpu") if staged else device
         if self.synthetic:
             from trainer.full_bases import build_component
 
-            return build_component(self.architecture, sub, device, dtype, seed=zlib.crc32(sub.encode()))
-        # diffusers and transformers name the dtype argument differently
-        key = "torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"
-        return cls.from_pretrained(self.root / sub, **{key: dtype}).to(device)
+            m = build_component(self.architecture, sub, load_to, dtype, seed=zlib.crc32(sub.encode()))
+        else:
+            # diffusers and transformers name the dtype argument differently
+            key = "torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"
+            m = cls.from_pretrained(self.root / sub, **{key: dtype}).to(load_to)
+        if denoiser:
+            store_in_fp8(m, self.weight_dtype)
+            if self.blocks_to_swap and device.type != "meta":
+                m.hywu_block_swap = BlockSwap(m, self.blocks_to_swap, device)
+            elif staged:
+                m.to(device)
+        return m
 
     def tokenizer(self, sub: str, max_length: int):
         from transformers import AutoTokenizer
@@ -147,7 +169,7 @@ def module_digest(module: nn.Module) -> str:
     for k, v in sorted(module.state_dict().items()):
         v = v.to_local() if hasattr(v, "to_local") else v  # a sharded base: this process's shard
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
     return h.hexdigest()
 
 
@@ -178,6 +200,13 @@ class FamilyAdapter:
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         raise NotImplementedError
+
+    def encode_step_constants(self) -> None:
+        """Encode what training steps read besides the cached rows (the empty prompt that CFG dropout puts in
+        place of an instruction), so the encoders can leave the accelerator (trainer/offload.py)."""
+        for name in ("empty_embedding", "_empty_text"):
+            if hasattr(self, name):
+                getattr(self, name)()
 
     def file_extra(self) -> dict:
         """What the generator file records about how the base was run in training (``hywu.extra``),
