@@ -97,9 +97,10 @@ def _bytes(module) -> int:
 
 
 def family_config(family: str):
+    """A shipped config by name (trainer/configs/<name>.yaml), or any config file by its path."""
     from trainer.config import load_config
 
-    cfg = load_config(str(REPO / "trainer" / "configs" / f"{family}.yaml"))
+    cfg = load_config(family if family.endswith(".yaml") else str(REPO / "trainer" / "configs" / f"{family}.yaml"))
     cfg.base.synthetic_full, cfg.base.path = True, ""
     cfg.data.cache_mb = 0
     return cfg

@@ -11,17 +11,9 @@ import pytest
 import torch
 
 
-def _batch():
-    from trainer.data import pil_to_tensor
-    from trainer.synthetic import make_examples
-
-    ex = make_examples("train", 4, resolution=32)
-    return {"source": torch.stack([pil_to_tensor(e.source) for e in ex]),
-            "target": torch.stack([pil_to_tensor(e.target) for e in ex]), "instruction": [e.instruction for e in ex]}
-
-
 def _loss_and_grad(family, swap, checkpointing, tmp_path, device="cpu", weight_dtype="bf16"):
-    from hywu_nodes.core import GeneratorConfig, HYWUGenerator, build_target_spec, lora_patched
+    from tiny_models import generator_loss_and_grad
+
     from trainer.block_swap import BlockSwap
     from trainer.families import load_family
     from trainer.tiny_bases import tiny_config
@@ -31,18 +23,10 @@ def _loss_and_grad(family, swap, checkpointing, tmp_path, device="cpu", weight_d
     if checkpointing:
         adapter.enable_gradient_checkpointing()
     swapper = BlockSwap(adapter.denoiser, swap, torch.device(device), poison_released=True) if swap else None
-    torch.manual_seed(0)
-    gen = HYWUGenerator(GeneratorConfig.from_preset("tiny", rank=4, alpha=4.0), build_target_spec(adapter.denoiser, family),
-                        adapter.condition_spec).to(device)
-    with torch.no_grad():
-        gen.head_b.weight.normal_(0, 0.02)
-    prep = adapter.prepare(_batch(), 0, list(range(4)))
-    with lora_patched(adapter.denoiser, gen(prep["condition"])):  # backward inside: checkpointing recomputes with the LoRA
-        loss = adapter.loss(prep).mean()
-        loss.backward()
+    loss, grad = generator_loss_and_grad(adapter, device=device)
     if swapper:
         swapper.finish_step()
-    return float(loss.detach()), torch.cat([p.grad.flatten() for p in gen.parameters() if p.grad is not None]), swapper, adapter
+    return loss, grad, swapper, adapter
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

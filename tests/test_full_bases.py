@@ -83,12 +83,9 @@ def test_memory_plan_models_fp8_parked_encoders_and_block_swap(tmp_path):
         cfg = yaml.safe_load((REPO / "trainer" / "configs" / "flux2_klein_4b.yaml").read_text())
         cfg["base"].update(base)
         cfg["train"].update(train)
-        path = REPO / "trainer" / "configs" / f"_plan_test_{name}.yaml"
+        path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        try:
-            plans[name] = memory_plan.plan(path.stem, ["tiny"], gpus=8)
-        finally:
-            path.unlink()
+        plans[name] = memory_plan.plan(str(path), ["tiny"], gpus=8)
     stored = plans["bf16"]["stored_bytes"]
     assert plans["bf16"]["base_resident_gib"] * 2**30 == sum(stored.values())
     assert plans["parked"]["base_resident_gib"] * 2**30 == stored["transformer"]

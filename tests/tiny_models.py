@@ -76,3 +76,26 @@ def make_generator(model, family, seed=0, nonzero_b=False, **cfg):
     if nonzero_b:  # a "trained" generator: B head away from its zero init
         torch.nn.init.normal_(gen.head_b.weight, std=0.05)
     return gen
+
+
+def generator_loss_and_grad(adapter, include=None, device="cpu") -> tuple[float, torch.Tensor]:
+    """One HY-WU training forward + backward on a family adapter: a tiny generator (seed 0, a random B head so the
+    LoRA acts and every generator part gets a gradient) on 4 synthetic examples. Returns (loss, the generator's
+    flattened gradient). Backward runs inside the LoRA patch, as in the trainer (checkpointing recomputes with it)."""
+    from hywu_nodes.core import lora_patched
+    from trainer.data import pil_to_tensor
+    from trainer.synthetic import make_examples
+
+    ex = make_examples("train", 4, resolution=32)
+    batch = {"source": torch.stack([pil_to_tensor(e.source) for e in ex]),
+             "target": torch.stack([pil_to_tensor(e.target) for e in ex]), "instruction": [e.instruction for e in ex]}
+    torch.manual_seed(0)
+    gen = HYWUGenerator(GeneratorConfig.from_preset("tiny", rank=4, alpha=4.0),
+                        build_target_spec(adapter.denoiser, adapter.name, include=include), adapter.condition_spec).to(device)
+    with torch.no_grad():
+        gen.head_b.weight.normal_(0, 0.02)
+    prep = adapter.prepare(batch, 0, list(range(4)))
+    with lora_patched(adapter.denoiser, gen(prep["condition"])):
+        loss = adapter.loss(prep).mean()
+        loss.backward()
+    return float(loss.detach()), torch.cat([p.grad.flatten() for p in gen.parameters() if p.grad is not None])

@@ -132,11 +132,3 @@ class BlockSwap:
             self._backward_done(i)
         for i in [i for i in self.ready if i not in self.pinned]:
             self.release(i)
-
-    def remove(self) -> None:
-        """Undo: every block back on the accelerator, hooks removed."""
-        for h in self.handles:
-            h.remove()
-        for i in range(len(self.blocks)):
-            self._copy(i)
-            self.fetch(i)

@@ -33,7 +33,7 @@ class EncoderParking:
     def park(self) -> None:
         """Move the encoders to CPU memory (once every row the run needs is encoded)."""
         if self.enabled and not self.parked:
-            self.adapter.encode_step_constants()
+            self.adapter.empty_text()  # what a training step reads besides the cached rows
             self._move("cpu")
             self.parked = True
 

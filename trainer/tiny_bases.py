@@ -218,10 +218,11 @@ def build_flux2_klein(folder: Path, comfyui: Path | None = None) -> None:
         guidance_embeds=False,
     ).save_pretrained(folder / "transformer")
     Qwen3ForCausalLM(Qwen3Config(**QWEN3_TEXT)).eval().save_pretrained(folder / "text_encoder")
+    checkout = comfyui_checkout(comfyui)
     shutil.rmtree(folder / "tokenizer", ignore_errors=True)
-    shutil.copytree(comfyui_checkout(comfyui) / "comfy" / "text_encoders" / "qwen25_tokenizer", folder / "tokenizer")
+    shutil.copytree(checkout / "comfy" / "text_encoders" / "qwen25_tokenizer", folder / "tokenizer")
     if "<think>" not in (folder / "tokenizer" / "tokenizer_config.json").read_text():
-        raise FileNotFoundError(f"the Qwen tokenizer of the ComfyUI at {comfyui_checkout(comfyui)} has no <think> token, which "
+        raise FileNotFoundError(f"the Qwen tokenizer of the ComfyUI at {checkout} has no <think> token, which "
                                 "klein's prompt template uses: give a ComfyUI that runs FLUX.2 [klein] (COMFYUI_PATH)")
     vae = AutoencoderKLFlux2(block_out_channels=(32,) * 4, layers_per_block=1, latent_channels=32, norm_num_groups=32).eval()
     with torch.no_grad():

@@ -201,12 +201,11 @@ class FamilyAdapter:
     def frozen_modules(self) -> dict[str, nn.Module]:
         raise NotImplementedError
 
-    def encode_step_constants(self) -> None:
-        """Encode what training steps read besides the cached rows (the empty prompt that CFG dropout puts in
-        place of an instruction), so the encoders can leave the accelerator (trainer/offload.py)."""
-        for name in ("empty_embedding", "_empty_text"):
-            if hasattr(self, name):
-                getattr(self, name)()
+    def empty_text(self):
+        """The empty instruction's text encoding, which CFG dropout puts in place of an instruction, encoded once
+        (also before the encoders leave the accelerator, trainer/offload.py); None where a family keeps its
+        negative with each cached row (Qwen-Image-Edit: the text sees the image)."""
+        return None
 
     def file_extra(self) -> dict:
         """What the generator file records about how the base was run in training (``hywu.extra``),

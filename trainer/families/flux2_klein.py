@@ -145,14 +145,13 @@ class Flux2Klein(FlowMatchingFamily):
 
     @torch.no_grad()
     def encode_condition(self, source, instructions):
-        return Condition({"text": self.encode_text(instructions)[:, : self.text_tokens].float(),
-                          "image": patchify_latent(self.latent(source).float(), 1)})
+        return self.encoded_condition({"text": self.encode_text(instructions), "source": self.latent(source)})
 
     @torch.no_grad()
     def encoded_condition(self, enc):
         return Condition({"text": enc["text"][:, : self.text_tokens].float(), "image": patchify_latent(enc["source"], 1).float()})
 
-    def _empty_text(self):
+    def empty_text(self):
         if self._empty is None:
             self._empty = self.encode_text([""])
         return self._empty
@@ -174,7 +173,7 @@ class Flux2Klein(FlowMatchingFamily):
         cond = self.encoded_condition(enc)
         text, src, x0 = (repeat_draws(enc[k], len(keys)) for k in ("text", "source", "target"))
         drop_t, drop_i = self.drop_masks(gens)
-        text = torch.where(drop_t[:, None, None], self._empty_text().to(text.dtype).expand_as(text), text)
+        text = torch.where(drop_t[:, None, None], self.empty_text().to(text.dtype).expand_as(text), text)
         ref = patchify_latent(src, 1)
         ref = torch.where(drop_i[:, None, None], torch.zeros_like(ref), ref)
         noisy, t, target = self.flow_noisy(x0, gens)
@@ -193,7 +192,7 @@ class Flux2Klein(FlowMatchingFamily):
         ref = patchify_latent(src, 1)
         g = torch.Generator().manual_seed(seed)
         x = patchify_latent(torch.randn(src.shape, generator=g), 1).to(self.device, torch.float32)
-        empty = self._empty_text().expand_as(text) if cfg != 1.0 else None
+        empty = self.empty_text().expand_as(text) if cfg != 1.0 else None
         sigmas = flux2_sigmas(steps, source.shape[-1], source.shape[-2])
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):  # Euler on the flow ODE
             t = torch.full((x.shape[0],), float(s), device=self.device)

@@ -110,7 +110,7 @@ class FluxKontext(FlowMatchingFamily):
         mu = math.exp(COMFY_FLUX_SHIFT)
         return torch.cat([mu / (mu + (1 / t - 1)), torch.zeros(1, dtype=torch.float64)]).float()
 
-    def _empty_text(self):
+    def empty_text(self):
         if self._empty is None:
             self._empty = self.encode_text([""])
         return self._empty
@@ -126,7 +126,7 @@ class FluxKontext(FlowMatchingFamily):
         (seq, pooled), src, x0 = (repeat_draws(enc[k], len(keys)) for k in ("text", "source", "target"))
         ref = patchify_latent(src, 2)
         drop_t, drop_i = self.drop_masks(gens)
-        eseq, epool = self._empty_text()
+        eseq, epool = self.empty_text()
         seq = torch.where(drop_t[:, None, None], eseq.expand_as(seq), seq)
         pooled = torch.where(drop_t[:, None], epool.expand_as(pooled), pooled)
         ref = torch.where(drop_i[:, None, None], torch.zeros_like(ref), ref)

@@ -124,7 +124,7 @@ class SD15IP2P(FamilyAdapter):
         lat = self.vae_latent(source)
         return self.text_condition(instructions, patchify_latent(lat.float(), 2))
 
-    def empty_embedding(self) -> torch.Tensor:
+    def empty_text(self) -> torch.Tensor:
         if self._empty is None:
             self._empty = self.encode_text([""])
         return self._empty
@@ -157,7 +157,7 @@ class SD15IP2P(FamilyAdapter):
         text, src_model, x0 = repeat_draws(ctx, b), repeat_draws(enc["source"], b), repeat_draws(enc["target"], b)
         src = src_model / SD15_LATENT_SCALE  # the IP2P concat, as ComfyUI builds it
         drop_t, drop_i = self.drop_masks(gens)
-        base_text = torch.where(drop_t[:, None, None], self.empty_embedding().expand(b, -1, -1), text)
+        base_text = torch.where(drop_t[:, None, None], self.empty_text().expand(b, -1, -1), text)
         base_src = torch.where(drop_i[:, None, None, None], torch.zeros_like(src), src)
         noise = randn_like_per_sample(gens, x0.shape[1:]).to(self.device, x0.dtype)
         n_train = self.scheduler.config.num_train_timesteps
@@ -193,7 +193,7 @@ class SD15IP2P(FamilyAdapter):
         b = source.shape[0]
         text = self.encode_text(instructions)
         src = self.vae_latent(source) / SD15_LATENT_SCALE
-        empty = self.empty_embedding().expand(b, -1, -1)
+        empty = self.empty_text().expand(b, -1, -1)
         # IP2P's three-way batch: [text + image, image only, neither]; the LoRA index is i % b.
         texts = torch.cat([text, empty, empty])
         srcs = torch.cat([src, src, torch.zeros_like(src)])
