@@ -23,8 +23,10 @@ INSTRUCTION = "make it a snowy winter scene"
 
 
 def sd15_ip2p(ckpt, generator, image, instruction=INSTRUCTION, steps=20, cfg=7.5, scheduler="normal", seed=0,
-              prefix="hywu_edit"):
-    return {
+              prefix="hywu_edit", megapixels=None):
+    """``megapixels``: an ImageScaleToTotalPixels (lanczos) between the source and Condition Encode, as the
+    trainer's template buckets size sources (trainer/buckets.py); None: the source at its own size (the demo)."""
+    wf = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt},
               "_meta": {"title": "Load Checkpoint (SD1.5 InstructPix2Pix)"}},
         "2": {"class_type": "LoadImage", "inputs": {"image": image}, "_meta": {"title": "Source image"}},
@@ -53,6 +55,12 @@ def sd15_ip2p(ckpt, generator, image, instruction=INSTRUCTION, steps=20, cfg=7.5
         "11": {"class_type": "SaveImage", "inputs": {"filename_prefix": prefix, "images": ["10", 0]},
                "_meta": {"title": "Save Image"}},
     }
+    if megapixels is not None:
+        wf["12"] = {"class_type": "ImageScaleToTotalPixels", "inputs": {"image": ["2", 0], "upscale_method": "lanczos",
+                                                                       "megapixels": megapixels, "resolution_steps": 1},
+                    "_meta": {"title": "ImageScaleToTotalPixels"}}
+        wf["4"]["inputs"]["image"] = ["12", 0]
+    return wf
 
 
 def two_edits_in_a_row(wf: dict, second: str, whole: str) -> dict:
@@ -242,8 +250,9 @@ def flux2_klein(instruction=INSTRUCTION, steps=20, seed=0):
 
 WORKFLOWS = {
     # Real use: an SD1.5 InstructPix2Pix checkpoint (timbrooks/instruct-pix2pix) + a user-trained generator.
+    # The source scaled to 0.25 MP (512 x 512 for a square), the size InstructPix2Pix was fine-tuned at.
     "hywu_edit_sd15_ip2p": sd15_ip2p("instruct-pix2pix-00-22000.safetensors", "hywu_sd15_ip2p.safetensors",
-                                     EXAMPLE_IMAGE),
+                                     EXAMPLE_IMAGE, megapixels=0.25),
     # DiT editing: FLUX.1 Kontext [dev] with ReferenceLatent.
     "hywu_edit_flux_kontext": flux_kontext(),
     # Qwen-Image-Edit: the sampler's conditioning from ComfyUI's TextEncodeQwenImageEdit (it sees the image).

@@ -32,6 +32,7 @@ import torch
 import comfy_harness
 import family_e2e as E
 from hywu_graphs import make_test_image
+from mixed_aspect import as_comfy, comfy_scaled, condition_encode_image, max_rel, picture, trainer_row
 
 pytestmark = pytest.mark.floor  # also on ComfyUI 0.3.75, the requires-comfyui floor (Makefile)
 
@@ -136,7 +137,7 @@ def test_flux_ae_full_size_through_vae_detection(flux):
     ae = build_component("flux_kontext", "vae", device="cpu")
     vae = comfy.sd.VAE(sd={k: v.clone() for k, v in ae.state_dict().items()})
     assert type(vae.first_stage_model) is comfy.ldm.models.autoencoder.AutoencodingEngine and vae.latent_channels == 16
-    trainer = SimpleNamespace(vae=ae, device=torch.device("cpu"), dtype=torch.float32)
+    trainer = SimpleNamespace(vae=ae, device=torch.device("cpu"), dtype=torch.float32, vae_pixels=lambda x: x)  # 32 px: no crop
     src = pil_to_tensor(make_test_image(5, size=32))[None]
     ours = FluxKontext.latent(trainer, src)
     raw = vae.encode(src.movedim(1, -1))
@@ -180,6 +181,28 @@ def test_kontext_scale_vs_trainer_resize():
     assert p > 35
     wide = torch.rand(1, 600, 900, 3)
     assert tuple(scale.execute(wide)[0].shape[1:3]) == (832, 1248)  # kept at 2:3, where base.resolution crops to a square
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("size", [(150, 100), (90, 160)], ids=["3:2", "9:16"])
+def test_kontext_template_bucket_parity(flux, size, tmp_path):
+    """base.buckets template on a non-square source: the image the trainer gives the base is FluxKontextImageScale's
+    (bit-equal), its latent (the reference, and the sampler's latent: one VAE Encode) is ComfyUI's VAE Encode in
+    the Flux latent format, and the generator's image condition is Condition Encode's on the scaled image."""
+    import comfy.latent_formats
+
+    _, adapter, clip, vae = flux
+    pil = picture(*size, seed=1)
+    scaled = comfy_scaled("flux_kontext", as_comfy(pil))
+    batch, enc = trainer_row(adapter, pil)
+    assert torch.equal(batch["source"], scaled.movedim(-1, 1))
+    fmt = comfy.latent_formats.Flux()
+    theirs = fmt.process_in(vae.encode(scaled))
+    cond = condition_encode_image(adapter, scaled, clip, vae, fmt, tmp_path)
+    ref_err, cond_err = max_rel(enc["source"], theirs), max_rel(adapter.encoded_condition(enc).tokens["image"], cond)
+    print(f"{size[0]}x{size[1]} -> {scaled.shape[2]}x{scaled.shape[1]}: reference latent rel {ref_err:.1e}, condition {cond_err:.1e}")
+    assert enc["source"].shape == theirs.shape and ref_err <= IMAGE_RTOL and cond_err <= IMAGE_RTOL
+    assert torch.equal(enc["target"], enc["source"])  # the target (here the source itself) takes the same path
 
 
 # ---------------------------------------------------------------------------------------------

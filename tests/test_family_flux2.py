@@ -33,6 +33,7 @@ import torch
 import comfy_harness
 import family_e2e as E
 from hywu_graphs import make_test_image
+from mixed_aspect import as_comfy, comfy_scaled, condition_encode_image, max_rel, picture, trainer_row
 
 STEPS, SEED = 4, 0
 RTOL = 1e-5
@@ -182,6 +183,31 @@ def test_klein_condition_encode_parity(klein, tmp_path):
         assert torch.equal(conditioning[0][0], theirs.tokens["text"])  # the sampler's positive is the same encode
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("size", [(150, 100), (90, 160)], ids=["3:2", "9:16"])
+def test_klein_template_bucket_parity(klein, size, tmp_path):
+    """base.buckets template (0.01 MP) on a non-square source: the image the trainer gives the base is
+    ImageScaleToTotalPixels' (nearest-exact, bit-equal), its latent (the reference; the sampler's empty latent has
+    its size) is ComfyUI's VAE Encode (crop to multiples of 16), and the generator's image condition is Condition
+    Encode's on the scaled image. Tolerance 5e-5: the VAE latent of this nearest-exact upscale differs by 0.5-1.6e-5
+    relative (depending on the thread count; fp32 rounding in the tiny VAE), where smooth pictures of the same
+    sizes measure 3e-7."""
+    import comfy.latent_formats
+
+    _, adapter, clip, vae = klein
+    pil = picture(*size, seed=1)
+    scaled = comfy_scaled("flux2_klein", as_comfy(pil), megapixels=0.01)
+    batch, enc = trainer_row(adapter, pil, megapixels=0.01)
+    assert torch.equal(batch["source"], scaled.movedim(-1, 1))
+    theirs = vae.encode(scaled)
+    cond = condition_encode_image(adapter, scaled, clip, vae, comfy.latent_formats.Flux2(), tmp_path)
+    ref_err, cond_err = max_rel(enc["source"], theirs), max_rel(adapter.encoded_condition(enc).tokens["image"], cond)
+    print(f"{size[0]}x{size[1]} -> {scaled.shape[2]}x{scaled.shape[1]}: reference latent rel {ref_err:.1e}, condition {cond_err:.1e}")
+    assert enc["source"].shape == theirs.shape == (1, 128, scaled.shape[1] // 16, scaled.shape[2] // 16)
+    assert ref_err <= 5 * RTOL and cond_err <= 5 * RTOL
+    assert torch.equal(enc["target"], enc["source"])
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end in a real server
 # ---------------------------------------------------------------------------------------------
@@ -216,14 +242,18 @@ def e2e(klein, tmp_path_factory):
         yield srv, cfg, gen, image, instructions, ref, distilled_dir
 
 
-def _graph(cfg, gen, image, instructions, mode, batch_index=-1, strength=1.0, transformer=None):
-    """The shipped template with only the loaders swapped for the test nodes (and ImageScaleToTotalPixels bypassed)."""
+def _graph(cfg, gen, image, instructions, mode, batch_index=-1, strength=1.0, transformer=None, megapixels=None):
+    """The shipped template with only the loaders swapped for the test nodes, and ImageScaleToTotalPixels bypassed
+    (or set to ``megapixels``)."""
     wf = E.template(TEMPLATE)
     base = cfg.base.path
     E.swap_node(wf, "UNETLoader", "HYWUTestTinyFlux2Loader", path=str(transformer or f"{base}/transformer"))
     E.swap_node(wf, "CLIPLoader", "HYWUTestTinyFlux2TE", path=base)
     E.swap_node(wf, "VAELoader", "HYWUTestTinyFlux2VAE", path=base)
-    E.bypass_node(wf, "ImageScaleToTotalPixels", "image")
+    if megapixels is None:
+        E.bypass_node(wf, "ImageScaleToTotalPixels", "image")
+    else:
+        E.set_inputs(wf, "ImageScaleToTotalPixels", megapixels=megapixels)
     assert wf[E.node_id(wf, "CFGGuider")]["inputs"]["cfg"] == 5.0  # the klein base template's CFG, the trainer's default
     E.set_inputs(wf, "LoadImage", image=image)
     E.set_inputs(wf, "HYWULoadGenerator", generator_name=gen.name)
@@ -273,3 +303,35 @@ def test_klein_base_trained_lora_runs_on_the_distilled_model(e2e):
     print(f"distilled stand-in, 4 steps cfg 1: graph vs trainer {p_match:.1f} dB; LoRA vs strength 0 {p_effect:.1f} dB")
     assert p_match >= 40
     assert p_effect < 40 and math.isfinite(p_effect)
+
+
+def test_klein_mixed_aspect_generator_in_the_template_at_a_non_square_size(klein, tmp_path_factory):
+    """Trained on 200 pairs at 3:2, 9:16 and 1:1 (ai-toolkit's folder layout, base.buckets template at 0.01 MP) by
+    `python -m trainer.train`, the generator runs in the shipped template with its ImageScaleToTotalPixels set to
+    0.01 MP on a 9:16 source and gives the trainer's sampler image (the source scaled as training scaled it)."""
+    from mixed_aspect import mixed_aspect_folders
+    from trainer.buckets import template_scale
+    from trainer.data import pil_to_tensor
+
+    cfg, adapter, _, _ = klein
+    data = mixed_aspect_folders(E.E2E_MODELS / "mixed-aspect-200", 200)
+    bucketed = copy.deepcopy(cfg)
+    bucketed.name = "e2e_flux2_klein_buckets"
+    bucketed.base.buckets, bucketed.base.megapixels = "template", 0.01
+    bucketed.data.source, bucketed.data.path, bucketed.data.n_train, bucketed.data.n_val = "folders", str(data), None, 3
+    bucketed.train.max_steps, bucketed.train.batch_size = 12, 2
+    gen = E.train_generator(bucketed)
+    pil = picture(90, 160, seed=2)
+    instruction = (data / "target" / "001.txt").read_text()
+    source = template_scale("flux2_klein", 0.01)(pil_to_tensor(pil)[None])  # the trainer's row: 77 x 137
+    ref = E.trainer_edit(adapter, gen, source, [instruction], STEPS, SEED)
+    zero = E.trainer_edit(adapter, gen, source, [instruction], STEPS, SEED, strength=0.0)
+    with comfy_harness.ComfyServer(extra_models={"hywu": [gen]},
+                                   custom_nodes=[comfy_harness.REPO / "tests" / "comfy_test_nodes"]) as srv:
+        image = srv.put_input(pil, "klein_e2e_tall.png")
+        out = E.run_images(srv, _graph(bucketed, gen, image, [instruction], "runtime", megapixels=0.01), "klein_tall")
+    p_match, p_effect = E.psnr(out, ref), E.psnr(ref, zero)
+    print(f"9:16 source 90x160 -> {source.shape[-1]}x{source.shape[-2]}, output {out.shape[2]}x{out.shape[1]}: graph vs trainer "
+          f"{p_match:.1f} dB; LoRA vs strength 0 {p_effect:.1f} dB")
+    assert out.shape == ref.shape == (1, 128, 64, 3)  # VAE Encode's and EmptyFlux2LatentImage's multiples of 16
+    assert p_match >= 40 and p_effect < 40

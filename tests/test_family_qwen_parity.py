@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import comfy_harness
+from mixed_aspect import as_comfy, comfy_scaled, condition_encode_image, max_rel, picture, trainer_row
 
 pytestmark = pytest.mark.floor  # also on ComfyUI 0.3.75, the requires-comfyui floor (Makefile)
 
@@ -196,6 +197,68 @@ def test_text_rope_reference_larger_than_output(parts):
           f"diffusers' own text RoPE start vs ComfyUI {float((diffusers_start - theirs).abs().max()):.1e}")
     assert (ours - theirs).abs().max() <= TOL * theirs.abs().max()
     assert (diffusers_start - theirs).abs().max() > 1e-4  # the convention matters at this size
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("size", [(150, 100), (90, 160)], ids=["3:2", "9:16"])
+def test_template_bucket_parity(parts, size, tmp_path):
+    """base.buckets template (0.01 MP) on a non-square source: the image is ImageScaleToTotalPixels' (lanczos,
+    bit-equal); the sampler's latent (VAE Encode of it) and the reference latent (the family's TextEncodeQwenImageEdit
+    node: its 1 MP area resize and VAE encode, at ComfyUI's own sizes) are ComfyUI's in the Wan 2.1 latent format;
+    the generator's image condition is Condition Encode's on the scaled image."""
+    import comfy.latent_formats as lf
+
+    adapter, clip, vae, _ = parts
+    nodes = comfy_harness.load_comfy_nodes()
+    pil = picture(*size, seed=1)
+    scaled = comfy_scaled(adapter.name, as_comfy(pil), megapixels=0.01)
+    plus = adapter.name == "qwen_image_edit_plus"
+    node = nodes["TextEncodeQwenImageEditPlus" if plus else "TextEncodeQwenImageEdit"]
+    conditioning = node.execute(clip, "make it brighter", vae=vae, **{"image1" if plus else "image": scaled})[0]
+    ref_theirs = lf.Wan21().process_in(conditioning[0][1]["reference_latents"][0])[:, :, 0]
+    out_theirs = lf.Wan21().process_in(vae.encode(scaled))[:, :, 0]
+    kept = adapter.vl_pixels, adapter.reference_pixels
+    adapter.vl_pixels, adapter.reference_pixels = adapter.VL_PIXELS, adapter.REFERENCE_PIXELS  # the node's sizes
+    try:
+        batch, enc = trainer_row(adapter, pil, megapixels=0.01)
+    finally:
+        adapter.vl_pixels, adapter.reference_pixels = kept
+    assert torch.equal(batch["source"], scaled.movedim(-1, 1))
+    ref_ours = enc["text"][5]
+    cond = condition_encode_image(adapter, scaled, clip, vae, lf.Wan21(), tmp_path)
+    errs = (max_rel(enc["target"], out_theirs), max_rel(ref_ours, ref_theirs), max_rel(adapter.encoded_condition(enc).tokens["image"], cond))
+    print(f"{adapter.name} {size[0]}x{size[1]} -> {scaled.shape[2]}x{scaled.shape[1]}: latent {tuple(out_theirs.shape[-2:])} rel "
+          f"{errs[0]:.1e}, reference {tuple(ref_theirs.shape[-2:])} rel {errs[1]:.1e}, condition rel {errs[2]:.1e}")
+    assert enc["target"].shape == out_theirs.shape and ref_ours.shape == ref_theirs.shape
+    assert max(errs) <= TOL
+
+
+@torch.no_grad()
+def test_odd_latent_sides_are_padded_as_comfyui_pads_them(parts):
+    """A bucket whose latent has odd sides (a 125 x 84 image: a 15 x 10 latent): ComfyUI's Qwen-Image model pads
+    output and reference circularly to whole 2x2 patches, centres an odd number of patches with the extra one after
+    the centre, and crops the output; the trainer's velocity does the same (diffusers alone: ~1e-2 off)."""
+    import comfy.model_management as mm
+    from comfy_test_nodes.tiny_dit import tiny_dit_patcher
+    from pathlib import Path
+
+    from hywu_nodes.core import patchify_latent
+    from trainer.families.qwen_image_edit import pad_even
+
+    adapter, _, _, cfg = parts
+    patcher = tiny_dit_patcher(Path(cfg.base.path) / "transformer")
+    mm.load_models_gpu([patcher])
+    g = torch.Generator().manual_seed(5)
+    c = adapter.latent_channels
+    x, ref = torch.randn(1, c, 15, 10, generator=g), torch.randn(1, c, 13, 9, generator=g)
+    ctx = torch.randn(1, 7, 32, generator=g)
+    theirs = patcher.model.diffusion_model(x[:, :, None], torch.tensor([0.6]), ctx, ref_latents=[ref[:, :, None]])[:, :, 0]
+    ref_p = pad_even(ref)
+    ours = adapter._velocity(x, patchify_latent(ref_p, 2), torch.tensor([0.6]), (ctx, torch.ones(1, 7, dtype=torch.bool)),
+                             *ref_p.shape[-2:])
+    print(f"odd latent 15x10, reference 13x9: trainer vs ComfyUI max abs diff {float((ours - theirs).abs().max()):.1e}")
+    assert ours.shape == theirs.shape == x.shape
+    assert (ours - theirs).abs().max() <= TOL * theirs.abs().max()
 
 
 @pytest.mark.parametrize("parts", ["qwen_image_edit"], indirect=True)

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import comfy_harness
+from mixed_aspect import as_comfy, comfy_scaled, condition_encode_image, max_rel, picture, trainer_row
 
 TEXT_RTOL, IMAGE_RTOL = 1e-5, 1e-5  # measured here: ~8e-7 for both
 INSTRUCTIONS = ["make the picture brighter", "turn the red circle blue"]
@@ -131,3 +132,34 @@ def test_ip2p_denoiser_input_matches_comfyui(comfy_parts, micro_base):
     # ...and the latent the trainer noises (x0) is ComfyUI's model-space latent (raw * 0.18215).
     x0_err = _rel(adapter.vae_latent(batch["target"]), comfy_model_space)
     assert x0_err <= IMAGE_RTOL, x0_err
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("size", [(150, 100), (90, 160)], ids=["3:2", "9:16"])
+def test_ip2p_template_bucket_parity(comfy_parts, micro_base, size, tmp_path):
+    """base.buckets template (0.01 MP) on a non-square source: the image is the SD1.5 template's
+    ImageScaleToTotalPixels (lanczos, bit-equal); the UNet's image latent is InstructPixToPixConditioning's
+    concat_latent_image (its crop to multiples of 8, VAE encode) and the sampler's latent has its size; the
+    generator's image condition is Condition Encode's on the scaled image."""
+    from trainer.config import TrainConfig
+    from trainer.families import load_family
+    from trainer.families.sd15_ip2p import SD15_LATENT_SCALE
+
+    nodes = comfy_harness.load_comfy_nodes(micro_base.comfyui)
+    model, clip, vae = comfy_parts
+    cfg = TrainConfig()
+    cfg.base.family, cfg.base.path, cfg.base.resolution = "sd15_ip2p", str(micro_base.diffusers_dir), 64
+    adapter = load_family(cfg, torch.device("cpu"), torch.float32)
+    pil = picture(*size, seed=1)
+    scaled = comfy_scaled("sd15_ip2p", as_comfy(pil), megapixels=0.01)
+    batch, enc = trainer_row(adapter, pil, megapixels=0.01)
+    assert torch.equal(batch["source"], scaled.movedim(-1, 1))
+    cond = nodes["CLIPTextEncode"]().encode(clip, "make it brighter")[0]
+    positive, _, latent = nodes["InstructPixToPixConditioning"].execute(cond, cond, scaled, vae)[:3]
+    concat = positive[0][1]["concat_latent_image"]
+    ours = enc["source"] / SD15_LATENT_SCALE  # what prepare_encoded concatenates
+    image = condition_encode_image(adapter, scaled, clip, vae, model.model.latent_format, tmp_path)
+    errs = max_rel(ours, concat), max_rel(adapter.encoded_condition(enc).tokens["image"], image)
+    print(f"{size[0]}x{size[1]} -> {scaled.shape[2]}x{scaled.shape[1]}: concat latent {tuple(concat.shape[-2:])} rel {errs[0]:.1e}, "
+          f"condition rel {errs[1]:.1e}")
+    assert ours.shape == concat.shape == latent["samples"].shape and max(errs) <= IMAGE_RTOL

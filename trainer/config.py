@@ -14,6 +14,7 @@ from hywu_nodes.core import BASE_FAMILIES, PRESETS
 from hywu_nodes.core.generator import CONDITION_NORMS
 
 from .edits import CHAIN_SHARED
+from .buckets import BUCKET_MODES, TEMPLATE_SCALE
 from .fp8_base import WEIGHT_DTYPES
 from .replay import ReplayConfig, replay_problems
 
@@ -32,7 +33,9 @@ class BaseConfig:
     synthetic_full: bool = False  # full-size architecture with seeded RANDOM weights instead of `path` (benchmarks only)
     architecture: str = ""  # synthetic_full: which shipped architecture (trainer/architectures/); "" = the family's own
     weight_dtype: str = "bf16"  # bf16 (the training dtype) | fp8_e4m3fn | fp8_scaled: the denoiser's linear weights at rest
-    resolution: int = 32  # training/condition resolution (square bucket, multiple of 16)
+    resolution: int = 32  # the generator's image condition (square, multiple of 16); with buckets: square also the base's images
+    buckets: str = "square"  # square: every image cropped to resolution^2 | template: each source sized as the family's template sizes it
+    megapixels: float | None = None  # buckets template: ImageScaleToTotalPixels' megapixels; None = the template's
     text_tokens: int | None = None  # text condition length; None = family default (77 / 512 / 1024)
     targets: list[str] | None = None  # regexes of adapted linear layers; None = family default
     text_layer: int = -1  # which text-encoder hidden layer the generator reads (-1 = last, -2 = the one before, ...)
@@ -247,6 +250,16 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("base.tiny and base.synthetic_full exclude each other: pick the seeded tiny base or the full-size random one")
     if b.resolution % 16 or b.resolution < 16:
         problems.append(f"base.resolution {b.resolution} must be a positive multiple of 16")
+    if b.buckets not in BUCKET_MODES:
+        problems.append(f"base.buckets must be one of {', '.join(BUCKET_MODES)}, got {b.buckets!r}")
+    if b.megapixels is not None:
+        if b.buckets != "template":
+            problems.append("base.megapixels sizes the template buckets: set base.buckets: template (or drop base.megapixels)")
+        elif TEMPLATE_SCALE.get(b.family) is not None and TEMPLATE_SCALE[b.family].kind != "total_pixels":
+            problems.append(f"base.megapixels: {b.family}'s template scales with FluxKontextImageScale, which has fixed "
+                            "resolutions (about 1 MP); drop base.megapixels")
+        elif not 0.01 <= b.megapixels <= 16:
+            problems.append(f"base.megapixels must be in [0.01, 16] (ImageScaleToTotalPixels' range), got {b.megapixels}")
     if d.source not in SOURCES:
         problems.append(f"data.source '{d.source}' is not one of {', '.join(SOURCES)}")
     if d.source != "synthetic" and not d.path:

@@ -34,6 +34,8 @@ from PIL import Image
 
 from hywu_nodes.core import square_resize
 
+from .buckets import ScaleNode, fit_target, template_scale
+
 SOURCE_KEYS = ("source", "source_image", "input_image", "original_image", "source_img", "src_img", "input")
 TARGET_KEYS = ("target", "target_image", "edited_image", "output_image", "target_img", "tgt_img", "edited", "output")
 TEXT_KEYS = ("instruction", "edit_prompt", "edit_instruction", "prompt", "text")
@@ -110,14 +112,33 @@ class EditDataset:
     """Random access to raw rows; :meth:`load` decodes one row or raises :class:`BadRow`.
     ``locations[i]`` says where row ``i`` came from (file and line / row number) for messages."""
 
-    def __init__(self, rows: list[dict], root: Path | None = None, locations: list[str] | None = None):
-        self.rows, self.root = rows, root
+    def __init__(self, rows: list[dict], root: Path | None = None, locations: list[str] | None = None,
+                 scale: ScaleNode | None = None):
+        """``scale``: the family template's scale node (base.buckets template, trainer/buckets.py); None:
+        every image is cropped to the square of the resolution :meth:`load` is given."""
+        self.rows, self.root, self.scale = rows, root, scale
         self.locations = locations if locations is not None else [f"row {i + 1}" for i in range(len(rows))]
         self.tasks = sorted({str(t) for t in (_pick(r, TASK_KEYS) for r in rows) if t is not None})
+        self._sizes: dict[int, tuple[int, int]] = {}
 
     def subset(self, indices) -> "EditDataset":
         indices = list(indices)
-        return EditDataset([self.rows[i] for i in indices], self.root, [self.locations[i] for i in indices])
+        return EditDataset([self.rows[i] for i in indices], self.root, [self.locations[i] for i in indices], self.scale)
+
+    def bucket(self, i: int, resolution: int) -> tuple[int, int]:
+        """(width, height) of row ``i``'s images as :meth:`load` gives them, from the source's size
+        alone (its header; nothing decoded twice); raises BadRow."""
+        if self.scale is None:
+            return resolution, resolution
+        if i not in self._sizes:
+            row = self.rows[i]
+            if "_error" in row:
+                raise BadRow(row["_error"])
+            src = _pick(row, SOURCE_KEYS)
+            if src is None:
+                raise BadRow("missing source")
+            self._sizes[i] = self.scale.size(*_image_size(src, self.root))
+        return self._sizes[i]
 
     def images(self, i: int) -> tuple[Image.Image, Image.Image, str, str]:
         """Row ``i`` decoded at its own size: (source, target, instruction, task); raises BadRow."""
@@ -141,10 +162,15 @@ class EditDataset:
 
     def load(self, i: int, resolution: int) -> dict:
         source, target, text, task = self.images(i)
+        src, tgt = pil_to_tensor(source)[None], pil_to_tensor(target)[None]
+        if self.scale is None:  # both images in one square bucket (shorter side to R, centre crop), like the condition
+            src, tgt = square_resize(src, resolution).clamp(0, 1), square_resize(tgt, resolution).clamp(0, 1)
+        else:  # the source as the template's scale node sizes it, the target at that size
+            src = self.scale(src)
+            tgt = fit_target(tgt, src.shape[-1], src.shape[-2], self.scale)
         return {
-            # Both images share one square bucket (shorter side to R, centre crop), like the condition.
-            "source": square_resize(pil_to_tensor(source)[None], resolution)[0].clamp(0, 1),
-            "target": square_resize(pil_to_tensor(target)[None], resolution)[0].clamp(0, 1),
+            "source": src[0],
+            "target": tgt[0],
             "instruction": text,
             "task": task,
             "edits": self.edits(i),
@@ -153,6 +179,21 @@ class EditDataset:
 
 def _as_image(value, root):
     return value if isinstance(value, Image.Image) else _open_image(value, root)
+
+
+def _image_size(value, root) -> tuple[int, int]:
+    """(width, height) of an image value, from its header; raises the BadRow a load would."""
+    if isinstance(value, Image.Image):
+        return value.size
+    try:
+        v = (value.get("bytes") or value.get("path")) if isinstance(value, dict) else value
+        f = io.BytesIO(v) if isinstance(v, (bytes, bytearray)) else Path(v)
+        if isinstance(f, Path) and root is not None and not f.is_absolute():
+            f = root / f
+        with Image.open(f) as img:
+            return img.size
+    except Exception:
+        return _open_image(value, root).size  # raises what loading the row raises (missing, corrupt)
 
 
 def read_manifest(path: str | os.PathLike) -> EditDataset:
@@ -288,8 +329,23 @@ def read_source(source: str, path: str, control_path: str = "", caption_ext: str
     return read_manifest(path) if source == "manifest" else read_parquet_folder(path)
 
 
-def preview_rows(cfg, task_index: dict | None = None) -> dict | None:
-    """train.samples as one batch: the user's images, square-resized as training rows are, with their
+def bucket_scale(cfg) -> ScaleNode | None:
+    """The scale node rows go through (base.buckets template), or None (square crops)."""
+    return template_scale(cfg.base.family, cfg.base.megapixels) if cfg.base.buckets == "template" else None
+
+
+def collate_groups(items: list[dict], task_index: dict | None = None, batch_size: int | None = None) -> list[dict]:
+    """Items as batches of one image size each (sizes in order of first appearance, at most ``batch_size``
+    rows per batch): the held-out rows and previews of a bucketed run are of several sizes."""
+    groups: dict[tuple, list[dict]] = {}
+    for it in items:
+        groups.setdefault(tuple(it["source"].shape), []).append(it)
+    step = batch_size or max(1, len(items))
+    return [collate(g[k:k + step], task_index) for g in groups.values() for k in range(0, len(g), step)]
+
+
+def preview_rows(cfg, task_index: dict | None = None) -> list[dict] | None:
+    """train.samples as batches (one per size): the user's images, sized as training rows are, with their
     instructions (no target: the preview grid shows source | base | generated LoRA); None without."""
     from .config import sample_fields
 
@@ -297,8 +353,8 @@ def preview_rows(cfg, task_index: dict | None = None) -> dict | None:
         return None
     rows = [{"source": image, "target": image, "instruction": text}
             for image, text in map(sample_fields, cfg.train.samples)]
-    ds = EditDataset(rows)
-    return collate([ds.load(i, cfg.base.resolution) for i in range(len(ds))], task_index)
+    ds = EditDataset(rows, scale=bucket_scale(cfg))
+    return collate_groups([ds.load(i, cfg.base.resolution) for i in range(len(ds))], task_index)
 
 
 def val_split(n: int, fraction: float) -> list[int]:
@@ -318,11 +374,14 @@ def build_datasets(cfg, usable: list[int] | None = None, val_usable: list[int] |
     if d.source == "synthetic":
         train = synthetic_dataset("train", d.n_train or SYNTHETIC_N_TRAIN, cfg.train.seed, r, d.tasks)
         val = synthetic_dataset("val", d.n_val, cfg.train.seed, r, d.tasks)
+        train.scale = val.scale = bucket_scale(cfg)
         return train, val
     everything = read_source(d.source, d.path, d.control_path, d.caption_ext)
+    everything.scale = bucket_scale(cfg)
     good = everything.subset(usable if usable is not None else range(len(everything)))
     if d.val_path:
         val = read_source(source_kind(d.val_path), d.val_path, caption_ext=d.caption_ext)
+        val.scale = everything.scale
         val = val.subset(val_usable) if val_usable is not None else val
         train = good
     else:
@@ -357,10 +416,35 @@ class BatchStream:
         self.skipped: Counter = Counter()
         self._bad: set[int] = set()
         self._task_index = {t: i for i, t in enumerate(dataset.tasks)}
+        self._bucketed: tuple = (None, None)  # (epoch, its bucketed order)
 
     def _order(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(len(self.ds), generator=g)
+        order = torch.randperm(len(self.ds), generator=g)
+        if getattr(self.ds, "scale", None) is None:
+            return order
+        if self._bucketed[0] != self.epoch:
+            self._bucketed = (self.epoch, self._bucket_order(order, g))
+        return self._bucketed[1]
+
+    def _bucket_order(self, order: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """``order`` rearranged so that every global batch is one bucket (one image size): each
+        bucket's rows in ``order``'s order, its last batch filled up with its own first rows, then
+        the batches shuffled. Every row still comes once per epoch (a bucket smaller than a batch
+        comes more often)."""
+        n = self.b * self.world
+        buckets: dict = {}
+        for i in order.tolist():
+            try:
+                key = self.ds.bucket(i, self.res)
+            except BadRow:
+                key = None  # loading it raises again: counted and refilled as any bad row
+            buckets.setdefault(key, []).append(i)
+        batches = []
+        for rows in buckets.values():
+            rows = rows + [rows[k % len(rows)] for k in range(-len(rows) % n)]
+            batches += [rows[k:k + n] for k in range(0, len(rows), n)]
+        return torch.tensor([i for k in torch.randperm(len(batches), generator=g).tolist() for i in batches[k]])
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "skipped": dict(self.skipped), "bad": sorted(self._bad)}

@@ -61,7 +61,7 @@ class EditPlan:
         """The generator's condition of every edit from a batch's encodings: the family's own
         training condition (``encoded_condition``) for the row's source and the edit's text (kept
         from the row cache, else encoded now: only what the generator reads)."""
-        sub = {"source": _rows(enc["source"], self.owner)}
+        sub = {k: _rows(enc[k], self.owner) for k in ("source", "condition_source") if k in enc}
         items = self.text_items
         if items is None:
             images = ()

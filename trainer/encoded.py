@@ -45,7 +45,8 @@ class EncodedRows:
     def __init__(self, adapter, dataset: EditDataset, resolution: int, max_mb: float, chunk: int = 16):
         self.adapter, self.ds, self.res, self.chunk = adapter, dataset, resolution, max(1, chunk)
         self.max_bytes = int(max_mb * 2**20)
-        self.rows: dict[int, tuple] = {}  # index -> (source latent, target latent, instruction, task)
+        # index -> (source latent, target latent, instruction, task, the generator's source latent or None)
+        self.rows: dict[int, tuple] = {}
         self.texts: dict[str, object] = {}  # instruction -> text item (adapter.text_items)
         self.edit_texts: dict[str, object] = {}  # edit sentence -> generator item, where not an instruction
         self.bad: dict[int, str] = {}  # index -> reason (counted by the stream when it reaches the row)
@@ -75,8 +76,11 @@ class EncodedRows:
                     idx.append(i)
                 except BadRow as e:
                     self.bad[i] = str(e)
-            if items:
-                self._store(idx, items)
+            groups: dict[tuple, list] = {}  # rows of one image size are encoded together (template buckets)
+            for i, it in zip(idx, items):
+                groups.setdefault(tuple(it["source"].shape), []).append((i, it))
+            for group in groups.values():
+                self._store([i for i, _ in group], [it for _, it in group])
         if cache_file and write:
             self._write(Path(cache_file))
         self.seconds = time.perf_counter() - t0
@@ -90,8 +94,10 @@ class EncodedRows:
                 tensors[f"text.{k}.{j}"] = x.cpu().contiguous()
         rows = sorted(self.rows)
         for i in rows:
-            src, tgt, _, _ = self.rows[i]
+            src, tgt, _, _, cond = self.rows[i]
             tensors[f"source.{i}"], tensors[f"target.{i}"] = src.cpu().contiguous(), tgt.cpu().contiguous()
+            if cond is not None:
+                tensors[f"condition_source.{i}"] = cond.cpu().contiguous()
         edits = list(self.edit_texts)
         for k, t in enumerate(edits):
             for j, x in enumerate(_parts(self.edit_texts[t])):
@@ -121,7 +127,7 @@ class EncodedRows:
             parts = [t[f"edit.{k}.{j}"] for j in range(sum(1 for x in t if x.startswith(f"edit.{k}.")))]
             self.edit_texts[text] = tuple(parts) if meta["edit_tuple"] else parts[0]
         for i, (k, task) in meta["rows"].items():
-            self.rows[int(i)] = (t[f"source.{i}"], t[f"target.{i}"], meta["texts"][k], task)
+            self.rows[int(i)] = (t[f"source.{i}"], t[f"target.{i}"], meta["texts"][k], task, t.get(f"condition_source.{i}"))
         self.bad = {int(i): r for i, r in meta["bad"].items()}
         self.nbytes = sum(v.numel() * v.element_size() for v in t.values())
 
@@ -135,15 +141,16 @@ class EncodedRows:
         the text sees the image)."""
         a = self.adapter
         sources = torch.stack([it["source"] for it in items])
-        src, tgt = a.latent(sources), a.latent(torch.stack([it["target"] for it in items]))
+        lat, tgt = a.source_latents(sources), a.latent(torch.stack([it["target"] for it in items]))
+        src, cond = lat["source"], lat.get("condition_source")
         rows = list(enumerate(zip(idx, items)))
         self._keep(self.texts, [(k, i, it["instruction"]) for k, (i, it) in rows], sources,
                    lambda sentences, *images: a.text_items(a.training_text(sentences, *images)))
         self._keep(self.edit_texts, [(k, i, e) for k, (i, it) in rows for e in it.get("edits", ())], sources,
                    a.generator_text_items)
         for k, (i, it) in rows:
-            self.rows[i] = (src[k], tgt[k], self._text_key(i, it["instruction"]), it["task"])
-        self.nbytes += _nbytes(src) + _nbytes(tgt)
+            self.rows[i] = (src[k], tgt[k], self._text_key(i, it["instruction"]), it["task"], None if cond is None else cond[k])
+        self.nbytes += _nbytes(src) + _nbytes(tgt) + (0 if cond is None else _nbytes(cond))
 
     def _keep(self, store: dict, sentences: list[tuple[int, int, str]], sources: torch.Tensor, encode) -> None:
         """Encode, in one call, the sentences not kept yet, and keep them in ``store``
@@ -163,11 +170,12 @@ class EncodedRows:
         """Row ``i`` encoded; raises BadRow for a row the data could not give."""
         if i in self.bad:
             raise BadRow(self.bad[i])
-        src, tgt, text, task = self.rows[i]
+        src, tgt, text, task, cond = self.rows[i]
         edits = self.ds.edits(i)
         edit_text = [self._edit_item(self._text_key(i, e)) for e in edits] or [self._edit_item(text)]  # no edits: one edit
         return {"source": src, "target": tgt, "text": self.texts[text], "instruction": text.split("\x00")[0], "task": task,
-                "edits": edits, "edit_text": None if any(t is None for t in edit_text) else edit_text}
+                "edits": edits, "edit_text": None if any(t is None for t in edit_text) else edit_text,
+                **({} if cond is None else {"condition_source": cond})}
 
     def _edit_item(self, key: str):
         """What the generator reads of a sentence's text; None where it was not encoded."""
@@ -179,7 +187,9 @@ class EncodedRows:
         """A batch as ``adapter.prepare_encoded`` takes it (``enc``), plus labels."""
         return {
             "enc": {"source": torch.stack([it["source"] for it in items]), "target": torch.stack([it["target"] for it in items]),
-                    "text": self.adapter.stack_text([it["text"] for it in items])},
+                    "text": self.adapter.stack_text([it["text"] for it in items]),
+                    **({"condition_source": torch.stack([it["condition_source"] for it in items])}
+                       if "condition_source" in items[0] else {})},
             "instruction": [it["instruction"] for it in items],
             "task": [it["task"] for it in items],
             "task_id": torch.tensor([task_index.get(it["task"], -1) for it in items], dtype=torch.long),
@@ -218,6 +228,8 @@ def cache_key(cfg, dtype: torch.dtype) -> str:
            "text_layer": b.text_layer, "text_mask": b.text_mask,
            "source": d.source, "data": d.path, "data_files": data_files, "n_train": d.n_train, "tasks": d.tasks,
            "seed": cfg.train.seed if d.source == "synthetic" else None, "dtype": str(dtype), "version": 2}
+    if b.buckets != "square":  # template buckets (keys of square runs unchanged)
+        key["buckets"] = [b.buckets, b.megapixels]
     if b.vl_pixels is not None or b.reference_pixels is not None:  # qwen image sizes (keys without them unchanged)
         key["qwen_pixels"] = [b.vl_pixels, b.reference_pixels]
     from .replay import key as replay_key

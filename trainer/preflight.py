@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import (SOURCE_KEYS, SYNTHETIC_N_TRAIN, TARGET_KEYS, TASK_KEYS, TEXT_KEYS, BadRow, EditDataset, _pick,
-                   read_source, source_kind, synthetic_dataset, val_split)
+                   bucket_scale, read_source, source_kind, synthetic_dataset, val_split)
 
 SHOW_ROWS = 5  # row numbers listed per reason
 # (tokenizer folder, default text length) of each family's text condition (trainer/families)
@@ -55,6 +55,7 @@ class DataReport:
     used: dict = field(default_factory=dict)  # role -> column name
     sizes: Counter = field(default_factory=Counter)  # (w, h) of the sources
     aspects: Counter = field(default_factory=Counter)
+    buckets: Counter = field(default_factory=Counter)  # (w, h) the base sees (base.buckets template); empty: square crops
     small: list = field(default_factory=list)  # locations of images below the training resolution
     tokens: list = field(default_factory=list)  # instruction lengths
     token_unit: str = "tokens"
@@ -71,7 +72,8 @@ class DataReport:
         return {"where": self.where, "rows": self.rows, "usable": len(self.usable), "bad": self.counts(),
                 "columns": sorted(self.columns), "used": self.used, "duplicates": len(self.duplicates),
                 "source_equals_target": len(self.identical), "instructions_over_limit": len(self.over),
-                "text_limit": self.limit, "seconds": round(self.seconds, 2)}
+                "text_limit": self.limit, "seconds": round(self.seconds, 2),
+                **({"buckets": {f"{w}x{h}": n for (w, h), n in self.buckets.most_common()}} if self.buckets else {})}
 
     def lines(self, resolution: int) -> list[str]:
         out = [f"{self.label}: {self.where}: {self.rows} rows, {len(self.usable)} usable ({self.seconds:.1f} s)"]
@@ -89,12 +91,19 @@ class DataReport:
         if self.sizes:
             top = ", ".join(f"{w}x{h} ({n})" for (w, h), n in self.sizes.most_common(5))
             out.append(f"  source sizes: {top}" + (f", {len(self.sizes) - 5} more sizes" if len(self.sizes) > 5 else ""))
-            out.append(f"  aspect ratio (w/h) histogram; training crops the centre square at {resolution}x{resolution}:")
+            if self.buckets:
+                top = ", ".join(f"{w}x{h} ({n})" for (w, h), n in self.buckets.most_common(8))
+                more = f", {len(self.buckets) - 8} more" if len(self.buckets) > 8 else ""
+                out.append(f"  buckets (the template's size of each source; a batch is one bucket): {len(self.buckets)}: {top}{more}")
+                out.append("  aspect ratio (w/h) histogram:")
+            else:
+                out.append(f"  aspect ratio (w/h) histogram; training crops the centre square at {resolution}x{resolution}:")
             peak = max(self.aspects.values())
             for a, n in sorted(self.aspects.items()):
                 out.append(f"    {a:5.2f} {'#' * max(1, round(30 * n / peak))} {n}")
         if self.small:
-            out.append(f"  warning: {len(self.small)} row(s) have an image smaller than {resolution} px (upscaled), "
+            size = "its bucket" if self.buckets else f"{resolution} px"
+            out.append(f"  warning: {len(self.small)} row(s) have an image smaller than {size} (upscaled), "
                        f"e.g. {', '.join(self.small[:SHOW_ROWS])}")
         if self.tokens:
             limit = f" of the text encoder's limit {self.limit}" if self.limit else ""
@@ -153,6 +162,7 @@ def scan(ds: EditDataset, label: str, where: str, cfg, count_tokens=None, progre
             rep.used[role] = hit
     seen: dict[str, str] = {}
     res = cfg.base.resolution
+    ds.scale = bucket_scale(cfg)
     bar = None
     if progress and len(ds) > 500:
         from tqdm.auto import tqdm
@@ -172,7 +182,10 @@ def scan(ds: EditDataset, label: str, where: str, cfg, count_tokens=None, progre
         w, h = src.size
         rep.sizes[(w, h)] += 1
         rep.aspects[round(w / h * 4) / 4] += 1  # quarter steps: 1.0 square, 1.25, 1.5 (3:2), 1.75 (16:9)...
-        if min(w, h, *tgt.size) < res:
+        bw, bh = (res, res) if ds.scale is None else ds.scale.size(w, h)
+        if ds.scale is not None:
+            rep.buckets[(bw, bh)] += 1
+        if min(w, *tgt.size[:1]) < bw or min(h, tgt.size[1]) < bh:
             rep.small.append(loc)
         s, t = _digest(src), _digest(tgt)
         if s == t:

@@ -106,7 +106,7 @@ def mix(train, cfg):
         d, order = sets[i], orders[i]
         k = j // len(sets)
         rows.append(_absolute(d.rows[int(order[k % len(order)])], d.root))
-    mixed = EditDataset(rows, train.root)
+    mixed = EditDataset(rows, train.root, scale=train.scale)
     mixed.replay_rows = want  # counted in the summary
     return mixed
 
@@ -118,7 +118,9 @@ def old_rows(cfg):
     from .data import EditDataset
 
     sets = [_source_dataset(s, cfg) for s in cfg.data.replay.sources]
-    return EditDataset([_absolute(r, d.root) for d in sets for r in d.rows])
+    from .data import bucket_scale
+
+    return EditDataset([_absolute(r, d.root) for d in sets for r in d.rows], scale=bucket_scale(cfg))
 
 
 def is_replay(train, rows: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,9 @@ import torch
 
 from hywu_nodes.core import Condition, build_target_spec, condition_statistics, describe, lora_patched
 
+from .buckets import file_record
 from .config import ConfigError, TrainConfig, load_config
-from .data import BadRow, BatchStream, build_datasets, collate, preview_rows
+from .data import BadRow, BatchStream, build_datasets, collate_groups, preview_rows
 from .encoded import EncodedRows, cache_key
 from .families import BaseFolderError, check_base, load_family, module_digest
 from .families.libraries import LibraryVersionError, check_libraries
@@ -55,7 +56,12 @@ config keys (YAML sections; override any with --section.key=value):
   base.tiny          true: build a seeded tiny base into base.path if missing (tests/demo)
   base.synthetic_full  true: build the full-size architecture (trainer/architectures) with
                      seeded RANDOM weights instead of reading base.path (benchmarks only)
-  base.resolution    square training bucket and condition resolution (multiple of 16)
+  base.resolution    the generator's square image condition (multiple of 16); with buckets
+                     square also the size every training image is cropped to
+  base.buckets       square | template: each row's images at the size the family's template
+                     scale node gives its source (FluxKontextImageScale, ImageScaleToTotalPixels);
+                     a batch shares one size
+  base.megapixels    buckets template: ImageScaleToTotalPixels' megapixels (default: the template's)
   base.text_tokens   text condition length (default: 77 / 256 / 1024 by family)
   base.guidance      flux_kontext: embedded guidance in training (default 2.5, the template's
                      FluxGuidance); recorded in the generator file: set FluxGuidance to it
@@ -196,18 +202,18 @@ def _tensorboard(output: str, enabled: bool):
 def condition_stats(adapter, dataset, rows, cfg: TrainConfig, batch: int = 64) -> dict:
     """Mean/std of the generator's condition over the first ``generator.norm_examples`` rows
     (from the pre-encoded rows when there are, else encoded here)."""
-    def chunks():
-        items = []
+    def chunks():  # of one image size each (the rows of a bucketed run have several)
+        pending: dict[tuple, list] = {}
         for i in range(min(len(dataset), cfg.generator.norm_examples)):
             try:
-                items.append(rows.load(i) if rows else dataset.load(i, cfg.base.resolution))
+                item = rows.load(i) if rows else dataset.load(i, cfg.base.resolution)
             except BadRow:
                 continue
+            items = pending.setdefault(tuple(item["source"].shape), [])
+            items.append(item)
             if len(items) == batch:
-                yield items
-                items = []
-        if items:
-            yield items
+                yield pending.pop(tuple(item["source"].shape))
+        yield from (items for items in pending.values() if items)
 
     def conditions():
         for items in chunks():
@@ -406,13 +412,12 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
         val_items = [train_ds.load(i, cfg.base.resolution) for i in range(min(len(train_ds), cfg.data.n_val))]
         val_loss = None
     else:
-        val_loss = ValidationLoss(adapter, [collate(val_items[k:k + t.batch_size], task_index)
-                                            for k in range(0, len(val_items), t.batch_size)], task_index, accelerator.autocast,
+        val_loss = ValidationLoss(adapter, collate_groups(val_items, task_index, t.batch_size), task_index, accelerator.autocast,
                                   chain=chain)
         accelerator.print(f"validation: the loss on {val_loss.rows} held-out rows ({VAL_DRAWS} fixed noise draws each) with "
                           f"the LoRA and for the base without it, " + (f"every {t.validate_every} steps and " if t.validate_every
                                                                         else "") + "at the end", flush=True)
-    val_batch = collate(val_items[:cfg.data.n_val], task_index) if val_items[:cfg.data.n_val] else None
+    val_batch = collate_groups(val_items[:cfg.data.n_val], task_index) if val_items[:cfg.data.n_val] else None
     preview_batch = preview_rows(cfg, task_index)
     val_history: list = [tuple(x) for x in history.get("val", [])]
     loss_history: list = list(history.get("losses", []))
@@ -439,7 +444,7 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
         """Checkpoint ``step``; a failed write is reported and (unless ``must``) training goes on."""
         states = gather_object([stream.state_dict()]) if world > 1 else [stream.state_dict()]
         extra = {"steps": step, "method": method.name, "base_path": str(cfg.base.path), "name": cfg.name, **adapter.file_extra(),
-                 **lineage}
+                 **file_record(cfg), **lineage}
         writer = plain_method()
         err = None
         try:
@@ -647,7 +652,7 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
     writer = plain_method()
     if accelerator.is_main_process:
         extra = {"steps": t.max_steps, "method": method.name, "base_path": str(cfg.base.path), "name": cfg.name,
-                 **adapter.file_extra(), **lineage}
+                 **adapter.file_extra(), **file_record(cfg), **lineage}
         final_files = [str(Path(f).resolve()) for f in writer.save(str(output), cfg.name, extra)]
         for f in final_files:
             publish(f)

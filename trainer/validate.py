@@ -19,13 +19,33 @@ def to_pil_row(images: list[torch.Tensor]) -> Image.Image:
 
 
 @torch.no_grad()
-def validation_grid(adapter, method, val_batch: dict, steps: int, path: str, seed: int = 0, write: bool = True,
+def validation_grid(adapter, method, val_batches: dict | list[dict], steps: int, path: str, seed: int = 0, write: bool = True,
                     chain=None, with_target: bool = True) -> str:
     """Sample the grid; ``write=False`` on the other processes of a sharded run (they take part
-    in the generator's forward but write nothing). ``chain`` (a trainer.edits.Chaining, HY-WU runs
-    only): rows with edits get the sum of their edits' LoRAs. ``with_target=False``: previews on
-    images without a target (train.samples): source | base | generated LoRA."""
-    src, tgt, text = val_batch["source"], val_batch["target"], val_batch["instruction"]
+    in the generator's forward but write nothing). ``val_batches``: one batch, or one per image
+    size (bucketed runs). ``chain`` (a trainer.edits.Chaining, HY-WU runs only): rows with edits
+    get the sum of their edits' LoRAs. ``with_target=False``: previews on images without a target
+    (train.samples): source | base | generated LoRA."""
+    rows, captions = [], []
+    for val_batch in ([val_batches] if isinstance(val_batches, dict) else val_batches):
+        src, tgt, text = val_batch["source"], val_batch["target"], val_batch["instruction"]
+        base, edited = _edits(adapter, method, val_batch, steps, seed, chain)
+        rows += [[s, t, b, e] if with_target else [s, b, e] for s, t, b, e in zip(src, tgt, base, edited)]
+        captions += text
+    if not write:
+        return path
+    grid = labelled_grid(rows, captions, COLUMNS if with_target else PREVIEW_COLUMNS)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid.save(path)
+    from .state import publish
+
+    publish(path)
+    return path
+
+
+def _edits(adapter, method, val_batch: dict, steps: int, seed: int, chain) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the base's edits, the edits with the generated LoRA) of one batch."""
+    src, text = val_batch["source"], val_batch["instruction"]
     base = adapter.sample(src, text, steps, seed=seed)
     module = method.module
     was_training = module.training
@@ -41,18 +61,7 @@ def validation_grid(adapter, method, val_batch: dict, steps: int, path: str, see
             edited = adapter.sample(src, text, steps, seed=seed)
     finally:
         module.train(was_training)
-    if not write:
-        return path
-    if with_target:
-        grid = labelled_grid([[s, t, b, e] for s, t, b, e in zip(src, tgt, base, edited)], text, COLUMNS)
-    else:
-        grid = labelled_grid([[s, b, e] for s, b, e in zip(src, base, edited)], text, PREVIEW_COLUMNS)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    grid.save(path)
-    from .state import publish
-
-    publish(path)
-    return path
+    return base, edited
 
 
 COLUMNS = ("source", "target", "base (no LoRA)", "generated LoRA")
@@ -69,8 +78,9 @@ def _fit(draw, text: str, font, width: int) -> str:
 
 
 def labelled_grid(rows: list[list[torch.Tensor]], captions: list[str], columns=COLUMNS) -> Image.Image:
-    """Images (3, H, W) in [0, 1] per row, a header with the column names and each row's caption."""
-    h, w = rows[0][0].shape[-2:]
+    """Images (3, H, W) in [0, 1] per row, a header with the column names and each row's caption. Rows
+    of several sizes (bucketed runs) share the largest cell, each image centred in it on white."""
+    h, w = max(im.shape[-2] for r in rows for im in r), max(im.shape[-1] for r in rows for im in r)
     k = max(1, -(-MIN_CELL // max(h, w)))  # integer zoom
     cw, ch = w * k, h * k
     font = ImageFont.load_default()
@@ -81,8 +91,10 @@ def labelled_grid(rows: list[list[torch.Tensor]], captions: list[str], columns=C
         draw.text((c * cw + 3, 2), _fit(draw, name, font, cw - 6), fill="black", font=font)
     y = line
     for imgs, caption in zip(rows, captions):
-        strip = to_pil_row(list(imgs)).resize((cw * len(imgs), ch), Image.NEAREST)
-        grid.paste(strip, (0, y))
+        for c, im in enumerate(imgs):
+            ih, iw = im.shape[-2:]
+            cell = to_pil_row([im]).resize((iw * k, ih * k), Image.NEAREST)
+            grid.paste(cell, (c * cw + (w - iw) * k // 2, y + (h - ih) * k // 2))
         draw.text((3, y + ch + 2), _fit(draw, caption, font, grid.width - 6), fill="black", font=font)
         y += ch + line
     return grid

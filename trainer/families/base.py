@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hywu_nodes.core import Condition, ConditionSpec, patchify_latent
+from hywu_nodes.core import Condition, ConditionSpec, patchify_latent, square_resize
+
+from ..buckets import VAE_MULTIPLE, vae_crop
 
 
 class BaseFolderError(FileNotFoundError):
@@ -201,6 +203,29 @@ class FamilyAdapter:
     def frozen_modules(self) -> dict[str, nn.Module]:
         raise NotImplementedError
 
+    # images: the base reads them at their (bucket) size, the generator at the condition's square --------
+    def vae_pixels(self, images01: torch.Tensor) -> torch.Tensor:
+        """Images cropped (centred) to a multiple of the VAE's downscale, as ComfyUI's VAE.encode crops them."""
+        return vae_crop(images01, VAE_MULTIPLE.get(self.name, 8))
+
+    def condition_image(self, images01: torch.Tensor) -> torch.Tensor:
+        """The image the generator's condition encodes: HY-WU Condition Encode's square resize (the
+        identity on images already ``resolution`` square, the square buckets)."""
+        return square_resize(images01, self.resolution).clamp(0, 1)
+
+    def source_latents(self, images01: torch.Tensor) -> dict:
+        """The source latents a row keeps: ``source`` (what the base reads) and, for images that are
+        not the condition's square (template buckets), ``condition_source`` (what the generator reads)."""
+        out = {"source": self.latent(images01)}
+        if tuple(images01.shape[-2:]) != (self.resolution, self.resolution):
+            out["condition_source"] = self.latent(self.condition_image(images01))
+        return out
+
+    @staticmethod
+    def condition_latent(enc: dict) -> torch.Tensor:
+        """The source latent the generator's image condition is made from (see :meth:`source_latents`)."""
+        return enc.get("condition_source", enc["source"])
+
     def empty_text(self):
         """The empty instruction's text encoding, which CFG dropout puts in place of an instruction, encoded once
         (also before the encoders leave the accelerator, trainer/offload.py); None where a family keeps its
@@ -220,7 +245,7 @@ class FamilyAdapter:
         """The frozen, deterministic encodings of a decoded batch, which the trainer caches per
         example: ``source`` / ``target`` latents (as the denoiser sees them) and ``text`` (what
         :meth:`training_text` returns)."""
-        return {"source": self.latent(batch["source"]), "target": self.latent(batch["target"]),
+        return {**self.source_latents(batch["source"]), "target": self.latent(batch["target"]),
                 "text": self.training_text(batch["instruction"])}
 
     def training_text(self, texts: list[str]):

@@ -129,9 +129,9 @@ class Flux2Klein(FlowMatchingFamily):
 
     @torch.no_grad()
     def latent(self, images01):
-        """(B, 3, H, W) in [0, 1], sides multiples of 16 -> (B, 128, H/16, W/16): what VAEEncode gives ComfyUI's
+        """(B, 3, H, W) in [0, 1] -> (B, 128, H//16, W//16) (sides cropped to multiples of 16): what VAEEncode gives ComfyUI's
         Flux2 model (mean, 2x2 patches into channels c*4 + i*2 + j, batch-norm statistics)."""
-        x = images01.to(self.device, self.dtype) * 2 - 1
+        x = self.vae_pixels(images01).to(self.device, self.dtype) * 2 - 1
         z = self.vae.encode(x).latent_dist.mode().float()
         b, c, h, w = z.shape
         z = z.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
@@ -145,11 +145,11 @@ class Flux2Klein(FlowMatchingFamily):
 
     @torch.no_grad()
     def encode_condition(self, source, instructions):
-        return self.encoded_condition({"text": self.encode_text(instructions), "source": self.latent(source)})
+        return self.encoded_condition({"text": self.encode_text(instructions), "source": self.latent(self.condition_image(source))})
 
     @torch.no_grad()
     def encoded_condition(self, enc):
-        return Condition({"text": enc["text"][:, : self.text_tokens].float(), "image": patchify_latent(enc["source"], 1).float()})
+        return Condition({"text": enc["text"][:, : self.text_tokens].float(), "image": patchify_latent(self.condition_latent(enc), 1).float()})
 
     def empty_text(self):
         if self._empty is None:

@@ -74,13 +74,13 @@ class FluxKontext(FlowMatchingFamily):
 
     @torch.no_grad()
     def latent(self, images01):
-        x = images01.to(self.device, self.dtype) * 2 - 1
+        x = self.vae_pixels(images01).to(self.device, self.dtype) * 2 - 1
         lat = self.vae.encode(x).latent_dist.mode()
         return (lat - self.vae.config.shift_factor) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def encode_condition(self, source, instructions):
-        return Condition({"text": self.encode_text(instructions)[0].float(), "image": patchify_latent(self.latent(source).float(), 2)})
+        return Condition({"text": self.encode_text(instructions)[0].float(), "image": patchify_latent(self.latent(self.condition_image(source)).float(), 2)})
 
     def _ids(self, h, w, first):
         ids = torch.zeros(h // 2, w // 2, 3)
@@ -117,7 +117,7 @@ class FluxKontext(FlowMatchingFamily):
 
     @torch.no_grad()
     def encoded_condition(self, enc):
-        return Condition({"text": enc["text"][0].float(), "image": patchify_latent(enc["source"], 2).float()})
+        return Condition({"text": enc["text"][0].float(), "image": patchify_latent(self.condition_latent(enc), 2).float()})
 
     @torch.no_grad()
     def prepare_encoded(self, enc, step, keys):

@@ -86,9 +86,11 @@ def _pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
-def _text_rope_after_output(pos_embed) -> None:
-    """Make diffusers' QwenEmbedRope start the text positions after the first image (the output
-    latent), as ComfyUI's Qwen-Image model does, instead of after the largest image."""
+def _rope_as_comfyui(pos_embed) -> None:
+    """Make diffusers' QwenEmbedRope place tokens as ComfyUI's Qwen-Image model does: the text positions start
+    after the first image (the output latent), not after the largest one; and an odd number of patches along a
+    side is centred with the extra one after the centre (positions -(n//2) .. n-1-n//2; diffusers puts it before).
+    Even sizes are unchanged."""
     inner = pos_embed.forward
 
     def forward(self, video_fhw, *args, **kwargs):  # any diffusers signature: the text length is what it returns
@@ -98,7 +100,21 @@ def _text_rope_after_output(pos_embed) -> None:
         start = max(h // 2, w // 2) if self.scale_rope else max(h, w)
         return vid, self.pos_freqs.to(txt.device)[start : start + txt.shape[0]]
 
+    def video_freqs(self, frame, height, width, idx=0, device=None):
+        pos, neg = self.pos_freqs.to(device), self.neg_freqs.to(device)
+        split = [x // 2 for x in self.axes_dim]
+        pos, neg = pos.split(split, dim=1), neg.split(split, dim=1)
+
+        def centred(axis, n):  # neg's last row is position -1
+            return torch.cat([neg[axis][len(neg[axis]) - n // 2:], pos[axis][: n - n // 2]]) if self.scale_rope else pos[axis][:n]
+
+        f = pos[0][idx: idx + frame].view(frame, 1, 1, -1).expand(frame, height, width, -1)
+        fh = centred(1, height).view(1, height, 1, -1).expand(frame, height, width, -1)
+        fw = centred(2, width).view(1, 1, width, -1).expand(frame, height, width, -1)
+        return torch.cat([f, fh, fw], dim=-1).reshape(frame * height * width, -1).contiguous()
+
     pos_embed.forward = types.MethodType(forward, pos_embed)
+    pos_embed._compute_video_freqs = types.MethodType(video_freqs, pos_embed)
 
 
 class QwenImageEdit(FlowMatchingFamily):
@@ -134,7 +150,7 @@ class QwenImageEdit(FlowMatchingFamily):
             self.tokenizer = parts.tokenizer("tokenizer", max_length=1 << 17)
         self.vae = parts.model("vae", AutoencoderKLQwenImage, device, dtype)
         freeze(self.transformer, self.text_encoder, self.vae)
-        _text_rope_after_output(self.transformer.pos_embed)
+        _rope_as_comfyui(self.transformer.pos_embed)
         self.denoiser = self.transformer
         self.latent_channels = self.vae.config.z_dim
         self.vl_pixels = cfg.base.vl_pixels or self.VL_PIXELS
@@ -246,20 +262,25 @@ class QwenImageEdit(FlowMatchingFamily):
 
     @torch.no_grad()
     def latent(self, images01):
-        x = (images01.to(self.device, self.dtype) * 2 - 1)[:, :, None]  # (B, C, 1, H, W): one frame
+        x = (self.vae_pixels(images01).to(self.device, self.dtype) * 2 - 1)[:, :, None]  # (B, C, 1, H, W): one frame
         lat = self.vae.encode(x).latent_dist.mode()[:, :, 0]
         return (lat - self.lat_mean.to(lat.dtype)) / self.lat_std.to(lat.dtype)
 
+    def source_latents(self, images01):
+        """Only the generator reads a source latent (the base reads the reference, kept with the text)."""
+        return {"source": self.latent(self.condition_image(images01))}
+
     @torch.no_grad()
     def encode(self, batch):
-        return {"source": self.latent(batch["source"]), "target": self.latent(batch["target"]),
+        return {**self.source_latents(batch["source"]), "target": self.latent(batch["target"]),
                 "text": self.stack_text(self.training_text(batch["instruction"], batch["source"]))}
 
     @torch.no_grad()
     def encode_condition(self, source, instructions):
         hidden, mask, start, *_ = self.stack_text(self.training_text(instructions, source))
         text, tmask = self.generator_text(hidden, mask, start)
-        return Condition({"text": text.float(), "image": patchify_latent(self.latent(source).float(), 2)}, {"text": tmask})
+        image = patchify_latent(self.latent(self.condition_image(source)).float(), 2)
+        return Condition({"text": text.float(), "image": image}, {"text": tmask})
 
     # --- denoiser -----------------------------------------------------------------------------------
     def _forward(self, noisy_tokens, ref_tokens, t, text, h, w, rh=None, rw=None):
@@ -269,6 +290,22 @@ class QwenImageEdit(FlowMatchingFamily):
         out = self.transformer(hidden_states=torch.cat([noisy_tokens, ref_tokens], 1).to(self.dtype), encoder_hidden_states=text.to(self.dtype),
                                encoder_hidden_states_mask=mask, timestep=t.to(self.dtype), img_shapes=shapes).sample
         return out[:, :n]
+
+    def _velocity(self, x, ref_tokens, t, text, rh, rw):
+        """The denoiser's velocity for latents ``x`` (B, C, h, w) of any size: padded to whole 2x2 patches
+        (circular, ComfyUI's pad_to_patch_size) for the forward, cropped back after it."""
+        h, w = x.shape[-2:]
+        xp = pad_even(x)
+        out = self._forward(patchify_latent(xp, 2), ref_tokens, t, text, *xp.shape[-2:], rh, rw)
+        return unpatchify_latent(out, self.latent_channels, *xp.shape[-2:])[..., :h, :w]
+
+    def loss(self, prep):
+        if "crop" not in prep:
+            return super().loss(prep)
+        h, w, rh, rw = prep["hw"]
+        pred = self._forward(prep["noisy"], prep["ref"], prep["t"], prep["text"], h, w, rh, rw)
+        pred = unpatchify_latent(pred, self.latent_channels, h, w)[..., : prep["crop"][0], : prep["crop"][1]]
+        return F.mse_loss(pred.float(), prep["target"].float(), reduction="none").flatten(1).mean(1)
 
     @torch.no_grad()
     def encoded_condition(self, enc):
@@ -287,13 +324,17 @@ class QwenImageEdit(FlowMatchingFamily):
                                       for x in (hidden, mask, empty, emask))
         base_text = torch.where(drop_t[:, None, None], empty, hidden)
         base_mask = torch.where(drop_t[:, None], emask, mask)
+        ref = pad_even(ref)
         rh, rw = ref.shape[-2:]
         ref = patchify_latent(ref, 2)
         ref = torch.where(drop_i[:, None, None], torch.zeros_like(ref), ref)
         noisy, t, target = self.flow_noisy(x0, gens)
         h, w = x0.shape[-2:]
-        return {"condition": cond, "noisy": patchify_latent(noisy, 2), "ref": ref, "t": t, "text": (base_text, base_mask),
-                "target": patchify_latent(target, 2), "hw": (h, w, rh, rw)}
+        prep = {"condition": cond, "t": t, "text": (base_text, base_mask), "ref": ref}
+        if h % 2 or w % 2:  # a bucket with odd latent sides: the forward pads as ComfyUI's model does, the loss is on the crop
+            noisy = pad_even(noisy)
+            return {**prep, "noisy": patchify_latent(noisy, 2), "target": target, "hw": (*noisy.shape[-2:], rh, rw), "crop": (h, w)}
+        return {**prep, "noisy": patchify_latent(noisy, 2), "target": patchify_latent(target, 2), "hw": (h, w, rh, rw)}
 
     @torch.no_grad()
     def sample(self, source, instructions, steps, seed=0, cfg=1.0, shift=None, cfg_norm=None):
@@ -304,30 +345,35 @@ class QwenImageEdit(FlowMatchingFamily):
         (the 2509 template's 1.0): the CFG prediction's per-pixel channel norm capped at the conditional one's."""
         hidden, mask, _, empty, emask, ref = self.stack_text(self.training_text(instructions, source))
         src = self.latent(source)
-        h, w = src.shape[-2:]
+        ref = pad_even(ref)
         rh, rw = ref.shape[-2:]
         ref = patchify_latent(ref, 2)
         g = torch.Generator().manual_seed(seed)
-        x = patchify_latent(torch.randn(src.shape, generator=g), 2).to(self.device, torch.float32)
+        x = torch.randn(src.shape, generator=g).to(self.device, torch.float32)
         sigmas = flow_sigmas(steps, shift)
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):  # Euler on the flow ODE
             t = torch.full((x.shape[0],), float(s), device=self.device)
-            v = self._forward(x, ref, t, (hidden, mask), h, w, rh, rw).float()
+            v = self._velocity(x, ref, t, (hidden, mask), rh, rw).float()
             if cfg != 1.0:
-                vu = self._forward(x, ref, t, (empty, emask), h, w, rh, rw).float()
+                vu = self._velocity(x, ref, t, (empty, emask), rh, rw).float()
                 v_cond, v = v, vu + cfg * (v - vu)
                 if cfg_norm is not None:  # on the denoised prediction x - s v, as CFGNorm's post-CFG function
-                    lat = lambda t: unpatchify_latent(t, self.latent_channels, h, w)  # noqa: E731
-                    den_c, den = lat(x - s * v_cond), lat(x - s * v)
+                    den_c, den = x - s * v_cond, x - s * v
                     scale = (den_c.norm(dim=1, keepdim=True) / (den.norm(dim=1, keepdim=True) + 1e-8)).clamp(0, 1)
-                    v = (x - patchify_latent(den * scale * cfg_norm, 2)) / s
+                    v = (x - den * scale * cfg_norm) / s
             x = x + (s_next - s) * v
-        lat = unpatchify_latent(x, self.latent_channels, h, w).to(self.dtype)
-        return ((self.decode_latent(lat).float() + 1) / 2).clamp(0, 1).cpu()
+        return ((self.decode_latent(x.to(self.dtype)).float() + 1) / 2).clamp(0, 1).cpu()
 
     def decode_latent(self, lat):
         lat = lat * self.lat_std.to(lat.dtype) + self.lat_mean.to(lat.dtype)
         return self.vae.decode(lat[:, :, None]).sample[:, :, 0]  # the Qwen VAE has a frame axis
+
+
+def pad_even(lat: torch.Tensor) -> torch.Tensor:
+    """Latents (B, C, h, w) padded to even sides, circularly: ComfyUI's pad_to_patch_size before Qwen-Image's
+    2x2 patches (a bucket whose VAE crop leaves an odd latent side)."""
+    h, w = lat.shape[-2:]
+    return F.pad(lat, (0, w % 2, 0, h % 2), mode="circular") if h % 2 or w % 2 else lat
 
 
 def flow_sigmas(steps: int, shift: float | None = None) -> torch.Tensor:

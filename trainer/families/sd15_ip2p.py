@@ -115,13 +115,13 @@ class SD15IP2P(FamilyAdapter):
     @torch.no_grad()
     def vae_latent(self, images01: torch.Tensor) -> torch.Tensor:
         """Deterministic latent of images in [0, 1], in the space the denoiser works in."""
-        x = (images01.to(self.device, self.dtype) * 2 - 1)
+        x = (self.vae_pixels(images01).to(self.device, self.dtype) * 2 - 1)
         out = self.vae.encode(x)
         return out.latents if hasattr(out, "latents") else out.latent_dist.mode() * self.scaling
 
     @torch.no_grad()
     def encode_condition(self, source, instructions):
-        lat = self.vae_latent(source)
+        lat = self.vae_latent(self.condition_image(source))
         return self.text_condition(instructions, patchify_latent(lat.float(), 2))
 
     def empty_text(self) -> torch.Tensor:
@@ -147,7 +147,7 @@ class SD15IP2P(FamilyAdapter):
         ctx, *rest = enc["text"]
         gen_text, mask = (ctx, rest[0]) if len(rest) == 1 else rest
         masks = {"text": mask} if self.text_source.padding_mask else {}
-        return Condition({"text": gen_text.float(), "image": patchify_latent(enc["source"].float(), 2)}, masks)
+        return Condition({"text": gen_text.float(), "image": patchify_latent(self.condition_latent(enc).float(), 2)}, masks)
 
     @torch.no_grad()
     def prepare_encoded(self, enc, step, keys):
