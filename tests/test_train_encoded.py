@@ -1,5 +1,6 @@
 """Pre-encoded rows: the cached encodings give the same training inputs as encoding each batch,
-bad rows stay bad rows, and a dataset beyond the memory budget is not cached at all."""
+bad rows stay bad rows, and a dataset beyond the memory budget streams from disk shards (or, without a
+cache_dir, is not cached at all)."""
 import torch
 
 from trainer.data import BadRow, BatchStream, EditDataset, build_datasets
@@ -78,3 +79,58 @@ def test_disk_cache_roundtrip_and_key(tmp_path):
     key = cache_key(cfg, torch.float32)
     cfg.base.text_layer = -2  # the generator reads another layer: other encodings
     assert cache_key(cfg, torch.float32) != key
+
+
+def _same_item(a: dict, b: dict) -> None:
+    assert a["instruction"] == b["instruction"] and a["task"] == b["task"] and a["edits"] == b["edits"]
+    for k in ("source", "target", "condition_source"):
+        assert (k in a) == (k in b) and (k not in a or torch.equal(a[k], b[k])), k
+    ta, tb = (x if isinstance(x, tuple) else (x,) for x in (a["text"], b["text"]))
+    assert len(ta) == len(tb) and all(torch.equal(x, y) for x, y in zip(ta, tb))
+    ea, eb = a["edit_text"], b["edit_text"]
+    flat = lambda items: [t for it in items for t in (it if isinstance(it, tuple) else (it,))]  # noqa: E731
+    assert len(ea) == len(eb) and all(torch.equal(x, y) for x, y in zip(flat(ea), flat(eb)))
+
+
+def test_a_dataset_over_the_budget_streams_from_disk_shards(tmp_path):
+    """Over data.cache_mb with a cache_dir: encoded once into shards that each fit the budget and read back row by
+    row; every row equals the in-memory encoding (SD1.5: texts shared across rows; Qwen-Image-Edit: text per row,
+    template buckets of three sizes, a bad row), a second fill reads the shards, and a training run on the streamed
+    rows gives the in-memory run's losses."""
+    from mixed_aspect import mixed_aspect_folders
+    from trainer.encoded import StreamedRows, cache_key
+    from trainer.train import run
+
+    data = mixed_aspect_folders(tmp_path / "pairs", 12)
+    (data / "target" / "005.txt").unlink()  # a bad row
+    for family in ("sd15_ip2p", "qwen_image_edit"):
+        base = {"buckets": "template", "megapixels": 0.01} if family == "qwen_image_edit" else {}
+        cfg = tiny_config(family, tmp_path / family, base=base,
+                          data={"source": "folders", "path": str(data), "n_train": None, "val_fraction": 0.0})
+        adapter = load_family(cfg, torch.device("cpu"), torch.float32)
+        train, _ = build_datasets(cfg)
+        memory = EncodedRows(adapter, train, cfg.base.resolution, max_mb=256, chunk=2).fill()
+        path = tmp_path / f"enc-{family}" / f"encoded-{cache_key(cfg, torch.float32)}.safetensors"
+        per_row = memory.nbytes / len(memory.rows)
+        streamed = EncodedRows(adapter, train, cfg.base.resolution, max_mb=4.5 * per_row / 2**20, chunk=2).fill(path)
+        memory = EncodedRows(adapter, train, cfg.base.resolution, max_mb=256, chunk=2).fill()  # the same chunks
+        assert isinstance(streamed, StreamedRows) and streamed.shard_rows == 4
+        assert len(list(streamed.folder.glob("part-*.safetensors"))) == 3 and not path.is_file()
+        again = EncodedRows(adapter, train, cfg.base.resolution, max_mb=256).fill(path)
+        assert isinstance(again, StreamedRows) and again.summary()["from_disk"] == str(streamed.folder)
+        for i in range(len(train)):
+            if i in memory.bad:
+                assert i in streamed.bad and i in again.bad
+                continue
+            _same_item(memory.load(i), streamed.load(i))
+            _same_item(memory.load(i), again.load(i))
+    # the trainer on streamed rows (Qwen, 40 rows: 3 shards of the default 16-row chunks): the in-memory run's losses
+    data = mixed_aspect_folders(tmp_path / "pairs40", 40)
+    settings = {"max_steps": 3, "batch_size": 2, "validate_every": 0, "log_every": 1}
+    runs = []
+    for name, cache in (("memory", {}), ("disk", {"cache_mb": 20 * per_row / 2**20, "cache_dir": str(tmp_path / "c")})):
+        c = tiny_config("qwen_image_edit", tmp_path / name, base={"buckets": "template", "megapixels": 0.01}, train=settings,
+                        data={"source": "folders", "path": str(data), "n_train": None, "val_fraction": 0.0, **cache})
+        runs.append(run(c, progress=False))
+    assert runs[1]["encoded_rows"]["shards"] == 3 and "streamed_from" not in runs[0]["encoded_rows"]
+    assert runs[1]["losses"] == runs[0]["losses"]

@@ -57,7 +57,7 @@ class DataConfig:
     val_path: str = ""  # a separate validation manifest, parquet folder or folders dataset (then nothing is held out)
     tasks: list[str] | None = None  # synthetic: restrict to these tasks
     cache_mb: float = 2048.0  # memory for pre-encoded rows (latents + text features); 0 = encode every batch
-    cache_dir: str = ""  # also keep the encodings on disk here, for the next run on the same base and data
+    cache_dir: str = ""  # also keep the encodings on disk here (next run); rows over cache_mb go to shards here
     replay: ReplayConfig = field(default_factory=ReplayConfig)  # old data mixed in a set share (trainer/replay.py)
     chain_edits: bool = True  # rows with an `edits` list train as those edits chained (trainer/edits.py); false: ignored
     chain_shared: str = "once"  # once | per_edit: the generator's shared rank counted once per chained row, or per edit

@@ -9,8 +9,10 @@ data-parallel slicing stay exact. Noise, timesteps and CFG dropout are still dra
 and per global sample slot (``families.base.sample_generators``).
 
 Memory is bounded (``data.cache_mb``): when the first chunk shows that the whole dataset would
-not fit, nothing is kept and the trainer encodes every batch as it comes (a partial cache would
-delay the first step and still encode most rows). Text features are kept once per distinct
+not fit, the rows go to disk instead, with ``data.cache_dir``: encoded once in shards that each fit
+the budget (:class:`StreamedRows`), then read row by row from the memory-mapped files; without
+``data.cache_dir`` nothing is kept and the trainer encodes every batch as it comes (a partial cache
+would delay the first step and still encode most rows). Text features are kept once per distinct
 instruction, and once per distinct sentence of the rows' chained edits (trainer/edits.py), so a
 chained row costs no text encoding per step either; of an edit only what the generator reads
 (``adapter.generator_text_items``: for Qwen-Image-Edit one Qwen2.5-VL pass, no negative or
@@ -35,6 +37,9 @@ from safetensors.torch import save_file
 from .data import BadRow, EditDataset
 
 
+UNBOUNDED_MB = 2.0 ** 40  # a shard's rows are bounded by the shard size, not by data.cache_mb
+
+
 def _nbytes(x) -> int:
     if isinstance(x, (tuple, list)):
         return sum(_nbytes(t) for t in x)
@@ -54,10 +59,13 @@ class EncodedRows:
 
     @torch.no_grad()
     def fill(self, cache_file: str | os.PathLike | None = None, write: bool = True) -> "EncodedRows | None":
-        """Encode every row in index order, ``chunk`` at a time; None (and nothing kept) when the
-        dataset would not fit the memory budget. ``cache_file``: read it when present, else write
-        it after encoding (``write``: the main process only)."""
+        """Encode every row in index order, ``chunk`` at a time. ``cache_file``: read it when present,
+        else write it after encoding (``write``: the main process only). A dataset that would not fit
+        the memory budget is kept on disk beside ``cache_file`` (:class:`StreamedRows`), or, without a
+        ``cache_file``, not at all (None: the trainer encodes every batch)."""
         t0 = time.perf_counter()
+        if cache_file and (_shards(cache_file) / "index.json").is_file():
+            return StreamedRows(self.adapter, self.ds, self.res, _shards(cache_file), 1, self.chunk).fill()
         if cache_file and Path(cache_file).is_file():
             self._read(Path(cache_file))
             self.seconds, self.source = time.perf_counter() - t0, str(cache_file)
@@ -66,8 +74,17 @@ class EncodedRows:
             done = len(self.rows) + len(self.bad)
             if self.nbytes > self.max_bytes or (done and self.nbytes / done * len(self.ds) > self.max_bytes):
                 est = self.nbytes / max(done, 1) * len(self.ds) / 2**20
+                if cache_file:  # kept on disk in shards that each fit the budget, read row by row
+                    # whole chunks per shard: rows are encoded in the same groups as in memory (the same values)
+                    fit = int(self.max_bytes / max(self.nbytes / max(done, 1), 1))
+                    shard_rows = max(1, fit // self.chunk) * self.chunk
+                    print(f"note: the encoded dataset would take about {est:.0f} MB, more than data.cache_mb="
+                          f"{self.max_bytes / 2**20:.0f}; encoding it once into {_shards(cache_file)} ({shard_rows} rows "
+                          "per file) and reading each batch from there", flush=True)
+                    return StreamedRows(self.adapter, self.ds, self.res, _shards(cache_file), shard_rows, self.chunk).fill()
                 print(f"note: the encoded dataset would take about {est:.0f} MB, more than data.cache_mb="
-                      f"{self.max_bytes / 2**20:.0f}; encoding every batch instead", flush=True)
+                      f"{self.max_bytes / 2**20:.0f}; encoding every batch instead (set data.cache_dir to encode it once "
+                      "to disk)", flush=True)
                 return None
             items, idx = [], []
             for i in range(start, min(start + self.chunk, len(self.ds))):
@@ -202,6 +219,109 @@ class EncodedRows:
     def summary(self) -> dict:
         return {"rows": len(self.rows), "bad_rows": len(self.bad), "instructions": len(self.texts), "edits": len(self.edit_texts),
                 "mb": round(self.nbytes / 2**20, 1), "seconds": round(self.seconds, 2), "from_disk": self.source}
+
+
+class StreamedRows(EncodedRows):
+    """The encodings of a dataset larger than ``data.cache_mb``, kept on disk under ``data.cache_dir``:
+    encoded once, ``shard_rows`` consecutive rows at a time (what fits the budget), each shard written
+    as its own safetensors file; a batch reads its rows' tensors from the memory-mapped shards, so
+    memory holds the index only. ``index.json`` is written last: a folder without it is encoded again."""
+
+    def __init__(self, adapter, dataset: EditDataset, resolution: int, folder: Path, shard_rows: int, chunk: int = 16):
+        super().__init__(adapter, dataset, resolution, max_mb=UNBOUNDED_MB, chunk=chunk)
+        self.folder, self.shard_rows = Path(folder), max(1, shard_rows)
+        self._open: dict[int, tuple] = {}  # shard -> (safe_open handle, row -> text index, edit key -> index, meta)
+
+    @torch.no_grad()
+    def fill(self, cache_file=None, write: bool = True) -> "StreamedRows":
+        t0 = time.perf_counter()
+        index = self.folder / "index.json"
+        if index.is_file():
+            meta = json.loads(index.read_text())
+            self.shard_rows, self.bad = int(meta["shard_rows"]), {int(i): r for i, r in meta["bad"].items()}
+            self.source = str(self.folder)
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for s, start in enumerate(range(0, len(self.ds), self.shard_rows)):
+                rows = range(start, min(start + self.shard_rows, len(self.ds)))
+                part = EncodedRows(self.adapter, _Shifted(self.ds, start, len(rows)), self.res, UNBOUNDED_MB, self.chunk)
+                part.fill()
+                part._write(self._shard(s))
+                self.bad.update({start + i: r for i, r in part.bad.items()})
+            tmp = index.with_name(f".tmp-{os.getpid()}-index.json")
+            tmp.write_text(json.dumps({"shard_rows": self.shard_rows, "rows": len(self.ds), "bad": {str(i): r for i, r in self.bad.items()}}))
+            os.replace(tmp, index)
+        self.nbytes = sum(p.stat().st_size for p in self.folder.glob("part-*.safetensors"))
+        self.seconds = time.perf_counter() - t0
+        return self
+
+    def _shard(self, s: int) -> Path:
+        return self.folder / f"part-{s:05d}.safetensors"
+
+    def _handle(self, s: int):
+        if s not in self._open:
+            f = safe_open(str(self._shard(s)), framework="pt", device="cpu")
+            meta = json.loads(f.metadata()["hywu.encoded"])
+            self._open[s] = (f, meta, {t: k for k, t in enumerate(meta["texts"])},
+                             {t: k for k, t in enumerate(meta.get("edit_texts", ()))})
+        return self._open[s]
+
+    def load(self, i: int) -> dict:
+        if i in self.bad:
+            raise BadRow(self.bad[i])
+        s, j = divmod(i, self.shard_rows)
+        f, meta, text_index, edit_index = self._handle(s)
+        dev = self.adapter.device
+        get = lambda key: f.get_tensor(key).to(dev)  # noqa: E731
+        keys = set(f.keys())
+        k, task = meta["rows"][str(j)]
+        text_key = meta["texts"][k]
+        text = self._item(get, "text", k, meta["tuple"], keys)
+        edits = self.ds.edits(i)
+        edit_text = []
+        for e in edits or [None]:
+            key = text_key if e is None else self._text_key(j, e)
+            if key in edit_index:
+                edit_text.append(self._item(get, "edit", edit_index[key], meta["edit_tuple"], keys))
+            elif key in text_index:
+                edit_text.append(self.adapter.generator_item(self._item(get, "text", text_index[key], meta["tuple"], keys)))
+            else:
+                edit_text.append(None)
+        cond = get(f"condition_source.{j}") if f"condition_source.{j}" in keys else None
+        return {"source": get(f"source.{j}"), "target": get(f"target.{j}"), "text": text, "instruction": text_key.split("\x00")[0],
+                "task": task, "edits": edits, "edit_text": None if any(t is None for t in edit_text) else edit_text,
+                **({} if cond is None else {"condition_source": cond})}
+
+    @staticmethod
+    def _item(get, kind: str, k: int, is_tuple: bool, keys: set):
+        parts = [get(f"{kind}.{k}.{j}") for j in range(sum(1 for x in keys if x.startswith(f"{kind}.{k}.")))]
+        return tuple(parts) if is_tuple else parts[0]
+
+    def summary(self) -> dict:
+        return {**super().summary(), "rows": len(self.ds) - len(self.bad), "streamed_from": str(self.folder),
+                "shards": len(list(self.folder.glob("part-*.safetensors")))}
+
+
+class _Shifted:
+    """Rows ``start .. start + n`` of a dataset, numbered from 0 (one shard's rows)."""
+
+    def __init__(self, ds, start: int, n: int):
+        self._ds, self._start, self._n = ds, start, n
+
+    def __len__(self):
+        return self._n
+
+    def load(self, i, resolution):
+        return self._ds.load(self._start + i, resolution)
+
+    def edits(self, i):
+        return self._ds.edits(self._start + i)
+
+
+def _shards(cache_file) -> Path:
+    """The folder of a dataset's encodings on disk in shards, beside its single-file name."""
+    p = Path(cache_file)
+    return p.with_name(p.stem + "-shards")
 
 
 def _parts(item) -> tuple:

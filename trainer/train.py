@@ -82,7 +82,8 @@ config keys (YAML sections; override any with --section.key=value):
   data.cache_mb      memory for rows encoded once before the first step (latents + text
                      features; default 2048, 0 = encode every batch)
   data.cache_dir     also keep those encodings on disk there (next run on the same base/data
-                     loads them instead of encoding again)
+                     loads them instead of encoding again); rows over data.cache_mb are
+                     encoded once into shards there and read from disk
   data.replay.fraction, data.replay.sources   old data mixed into every epoch in this share
                      (sources: [{{source: synthetic|manifest|parquet|folders, path, tasks, n_train}}])
   data.replay.distill  with --init-from a generator: weight of a loss that keeps the LoRAs it
@@ -524,7 +525,7 @@ def _run(cfg, resume, progress, check_frozen, stop_after, stop, argv) -> dict:
                           "the validation grids need them (train.offload_encoders)")
     elif parking.enabled:
         accelerator.print("note: the text encoders and the VAE stay on the accelerator: the rows did not fit "
-                          "data.cache_mb, so every batch is encoded when drawn")
+                          "data.cache_mb, so every batch is encoded when drawn (data.cache_dir keeps them on disk instead)")
     tb = _tensorboard(str(output), accelerator.is_main_process)
     if accelerator.is_main_process:
         print(tensorboard_note(tb is not None, str(output / "tensorboard")), flush=True)
