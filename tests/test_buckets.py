@@ -37,7 +37,7 @@ def test_scale_nodes_match_comfyui(node, monkeypatch):
     import trainer.buckets
 
     monkeypatch.setitem(trainer.buckets.TEMPLATE_SCALE, "probe", node)
-    for k, (w, h) in enumerate(SOURCES):
+    for k, (w, h) in enumerate(SOURCES[:3] if node.kind == "kontext" else SOURCES):  # kontext: every output ~1 MP
         image = as_comfy(picture(w, h, seed=k))
         theirs = comfy_scaled("probe", image)
         ours = node(image.movedim(-1, 1)).movedim(1, -1)

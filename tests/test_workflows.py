@@ -224,11 +224,14 @@ def test_runnable_workflow_runs_and_saves_an_image(hywu_env, name):
 
 
 def test_real_use_sd15_workflow_runs_with_the_micro_models_swapped_in(hywu_env):
-    """The real-use SD1.5 graph is the demo graph with other file names: run it with the micro files."""
+    """The real-use SD1.5 graph is the demo graph with other file names and a scale node (0.25 MP): run it with the
+    micro files, the scale node at its smallest setting (0.01 MP) for CPU time."""
     wf = g.load_api("hywu_edit_sd15_ip2p")
     wf["1"]["inputs"]["ckpt_name"] = "hywu_micro_sd15_ip2p.safetensors"
     wf["3"]["inputs"]["generator_name"] = hywu_env.generators["seeded"]
     wf["9"]["inputs"]["steps"] = 2
+    assert wf["12"]["class_type"] == "ImageScaleToTotalPixels" and wf["4"]["inputs"]["image"] == ["12", 0]
+    wf["12"]["inputs"]["megapixels"] = 0.01
     entry = hywu_env.server.run(wf, timeout=300)
     assert hywu_env.server.output_images(entry)
 

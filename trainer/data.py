@@ -10,6 +10,10 @@ Sources:
     (control) images with the same names, as ai-toolkit and musubi-tuner lay edit data out;
   * ``synthetic``: :mod:`trainer.synthetic`'s edit world (exact targets, conflicting tasks).
 
+Images: with ``base.buckets: square`` both images of a row are cropped to the square of
+``base.resolution``; with ``template`` the source is sized by the family template's scale node and the
+target brought to its size (trainer/buckets.py), and BatchStream draws each global batch from one size.
+
 A row with a missing field or an image that does not decode is skipped and counted by reason;
 the pre-flight (:mod:`trainer.preflight`) finds them all before any model loads, with row numbers,
 and the trainer trains on the usable rows only. A run never stops on bad data.
