@@ -144,3 +144,19 @@ def test_bucket_cache_bench(tmp_path):
     assert len(tiny["template"]["target_latent_sizes"]) == 3 and tiny["size_ratio"] > 1
     row = bucket_cache.full_size_row_bytes("flux2_klein")  # 1254 x 836: 78 x 52 latent of 128 channels
     assert row["target"] == row["source"] == 128 * 78 * 52 * 2 and row["condition_source"] == 128 * 64 * 64 * 2
+
+
+@pytest.mark.parametrize("base,message", [
+    ({"buckets": "aspect"}, r"base.buckets must be one of square, template, got 'aspect'"),
+    ({"megapixels": 0.5}, r"base.megapixels sizes the template buckets: set base.buckets: template"),
+    ({"family": "flux_kontext", "buckets": "template", "megapixels": 0.5}, r"FluxKontextImageScale, which has fixed"),
+    ({"buckets": "template", "megapixels": 40.0}, r"base.megapixels must be in \[0.01, 16\]"),
+])
+def test_bucket_options_are_checked(base, message):
+    from trainer.config import ConfigError, TrainConfig, apply, validate
+
+    cfg = TrainConfig()
+    cfg.base.path = "models/somewhere"
+    apply(cfg, {"base": base})
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)

@@ -79,6 +79,23 @@ def test_disk_cache_roundtrip_and_key(tmp_path):
     key = cache_key(cfg, torch.float32)
     cfg.base.text_layer = -2  # the generator reads another layer: other encodings
     assert cache_key(cfg, torch.float32) != key
+    key = cache_key(cfg, torch.float32)
+    cfg.base.buckets = "template"  # other image sizes
+    assert cache_key(cfg, torch.float32) != key
+
+
+def test_cache_key_of_a_folders_dataset_follows_its_files(tmp_path):
+    """A folders dataset is its files: an edited image, instruction or source gives another key."""
+    from mixed_aspect import mixed_aspect_folders
+    from trainer.encoded import cache_key
+
+    data = mixed_aspect_folders(tmp_path / "pairs", 3)
+    cfg = tiny_config("sd15_ip2p", tmp_path / "out", data={"source": "folders", "path": str(data), "n_train": None})
+    keys = {cache_key(cfg, torch.float32)}
+    for f in (data / "target" / "001.txt", data / "control" / "002.png"):
+        f.write_bytes(f.read_bytes() + b" ")  # one more byte: another size
+        keys.add(cache_key(cfg, torch.float32))
+    assert len(keys) == 3
 
 
 def _same_item(a: dict, b: dict) -> None:

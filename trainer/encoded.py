@@ -339,7 +339,14 @@ def cache_key(cfg, dtype: torch.dtype) -> str:
                 st = p.stat()
                 files.append([str(p.relative_to(b.path)), st.st_size, st.st_mtime_ns])
     data_files = []
-    if d.path and Path(d.path).exists():
+    if d.source == "folders" and d.path:  # the pairs are files: every image, instruction and sidecar counts
+        from .data import folder_pair
+
+        for folder in folder_pair(d.path, d.control_path):
+            for p in (sorted(f for f in folder.iterdir() if f.is_file()) if folder is not None and folder.is_dir() else ()):
+                st = p.stat()
+                data_files.append([str(p), st.st_size, st.st_mtime_ns])
+    elif d.path and Path(d.path).exists():
         for p in ([Path(d.path)] if Path(d.path).is_file() else sorted(Path(d.path).rglob("*.parquet"))):
             st = p.stat()
             data_files.append([str(p), st.st_size, st.st_mtime_ns])
