@@ -222,3 +222,34 @@ def test_real_server_unetloader_apply_and_sample(full_width_files, tmp_path):
             # measured here: 6.9e-6 against an effect of 6.9 (FLUX), 4.3e-6 against 2.4 (Qwen)
             assert float((runtime - patch).abs().max()) <= 1e-5 * effect, family
             requests.post(srv.url + "/free", json={"unload_models": True, "free_memory": True}, timeout=30)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_trainer_reads_the_file_as_its_transformer(family, full_width_files, tmp_path):
+    """base.files (trainer/single_files.py) on the full-width file: its keys converted (BFL names, fused q/k/v
+    split) and loaded strictly into the diffusers transformer of the file's architecture, at the real widths."""
+    import json
+
+    import diffusers
+    from safetensors import safe_open
+
+    from trainer.single_files import load_component
+
+    _skip_without(family)
+    kind = FAMILIES[family]["kind"]
+    cls = {"flux_kontext": diffusers.FluxTransformer2DModel, "qwen_image_edit": diffusers.QwenImageTransformer2DModel,
+           "flux2_klein": diffusers.Flux2Transformer2DModel}[family]
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": cls.__name__, **_builder().DIFFUSERS_CONFIGS[kind]}))
+    path = full_width_files[kind]
+    model = load_component(family, "transformer", path, cls, tmp_path, family, torch.bfloat16)
+    sd = model.state_dict()
+    assert not any(v.is_meta for v in sd.values())
+    with safe_open(str(path), "pt") as f:  # one fused weight split back: q is the first third of the file's qkv
+        keys = set(f.keys())
+        if family == "qwen_image_edit":
+            name = next(k for k in keys if k.endswith("attn.to_q.weight"))
+            assert torch.equal(sd[name.split("diffusion_model.")[-1]], f.get_tensor(name).to(torch.bfloat16))
+        else:
+            qkv = f.get_tensor(next(k for k in keys if k.endswith("double_blocks.0.img_attn.qkv.weight"))).to(torch.bfloat16)
+            assert torch.equal(sd["transformer_blocks.0.attn.to_q.weight"], qkv[: qkv.shape[0] // 3])
+    print(f"{family}: {sum(v.numel() for v in sd.values()) / 1e6:.1f}M parameters read from {Path(path).name}")

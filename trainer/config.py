@@ -17,6 +17,7 @@ from .edits import CHAIN_SHARED
 from .buckets import BUCKET_MODES, TEMPLATE_SCALE
 from .fp8_base import WEIGHT_DTYPES
 from .replay import ReplayConfig, replay_problems
+from .single_files import supported as supported_files
 
 METHODS = ("hywu", "shared_lora", "per_task_lora")
 SOURCES = ("synthetic", "manifest", "parquet", "folders")
@@ -43,6 +44,7 @@ class BaseConfig:
     guidance: float | None = None  # flux_kontext: embedded guidance the base gets (the graph's FluxGuidance); None = 2.5
     vl_pixels: int | None = None  # qwen families: area of the image shown to Qwen2.5-VL; None = ComfyUI's (1024^2 / 384^2 Plus)
     reference_pixels: int | None = None  # qwen families: area of the reference latent's image; None = ComfyUI's 1024^2
+    files: dict = field(default_factory=dict)  # component -> a ComfyUI single file instead of base.path/<component> (transformer)
 
 
 @dataclass
@@ -250,6 +252,12 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("base.tiny and base.synthetic_full exclude each other: pick the seeded tiny base or the full-size random one")
     if b.resolution % 16 or b.resolution < 16:
         problems.append(f"base.resolution {b.resolution} must be a positive multiple of 16")
+    for sub, path in (b.files or {}).items():
+        if sub not in supported_files(b.family):
+            problems.append(f"base.files.{sub}: {b.family} reads a ComfyUI single file for "
+                            f"{', '.join(supported_files(b.family)) or 'no component'}; give {sub} in the diffusers folder base.path")
+        elif not Path(str(path)).is_file():
+            problems.append(f"base.files.{sub}: no file at {path}")
     if b.buckets not in BUCKET_MODES:
         problems.append(f"base.buckets must be one of {', '.join(BUCKET_MODES)}, got {b.buckets!r}")
     if b.megapixels is not None:

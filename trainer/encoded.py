@@ -355,6 +355,9 @@ def cache_key(cfg, dtype: torch.dtype) -> str:
            "text_layer": b.text_layer, "text_mask": b.text_mask,
            "source": d.source, "data": d.path, "data_files": data_files, "n_train": d.n_train, "tasks": d.tasks,
            "seed": cfg.train.seed if d.source == "synthetic" else None, "dtype": str(dtype), "version": 2}
+    if b.files:  # ComfyUI single files as components (keys without them unchanged)
+        key["single_files"] = sorted([sub, str(Path(p).resolve()), *((Path(p).stat().st_size, Path(p).stat().st_mtime_ns)
+                                                                    if Path(p).is_file() else ())] for sub, p in b.files.items())
     if b.buckets != "square":  # template buckets (keys of square runs unchanged)
         key["buckets"] = [b.buckets, b.megapixels]
     if b.vl_pixels is not None or b.reference_pixels is not None:  # qwen image sizes (keys without them unchanged)

@@ -70,7 +70,10 @@ config keys (YAML sections; override any with --section.key=value):
   base.targets       list of regexes of adapted linear layers (default: attention + FFN)
   base.weight_dtype  bf16 | fp8_e4m3fn | fp8_scaled: the denoiser's linear weights stored in fp8,
                      computed in bf16 (fp8_scaled: with per-tensor scales, as ComfyUI's fp8 scaled files)
-  base.architecture  with base.synthetic_full: which shipped architecture (e.g. flux2_klein_9b)
+  base.architecture  with base.synthetic_full, or a base.files file without a config in base.path:
+                     which shipped architecture (e.g. flux2_klein_9b)
+  base.files         {{transformer: file}}: ComfyUI's diffusion-model file (bf16 / fp8 / fp8 scaled)
+                     instead of base.path/transformer (the DiT families)
   data.source        synthetic | manifest (.jsonl/.csv) | parquet (folder) | folders (target
                      images with same-name .txt instructions + control images of the same names)
   data.path          manifest file, parquet folder, or folders: a folder with target/ and control/

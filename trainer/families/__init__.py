@@ -26,7 +26,7 @@ def check_base(cfg) -> None:
     module, _ = _family_module(cfg)
     if cfg.base.synthetic_full:
         return  # built from the shipped architecture configs, no folder
-    check_base_folder(cfg.base.path, cfg.base.family, module.REQUIRED)
+    check_base_folder(cfg.base.path, cfg.base.family, module.REQUIRED, cfg.base.files)
 
 
 def load_family(cfg, device, dtype) -> FamilyAdapter:

@@ -25,9 +25,11 @@ class BaseFolderError(FileNotFoundError):
     """The configured base is missing or incomplete; the message names the path and what it needs."""
 
 
-def check_base_folder(path: str, family: str, required: dict[str, str]) -> Path:
-    """Fail at start (not an hour in) when ``path`` is not a usable diffusers folder."""
+def check_base_folder(path: str, family: str, required: dict[str, str], files: dict | None = None) -> Path:
+    """Fail at start (not an hour in) when ``path`` is not a usable diffusers folder. ``files``: components given
+    as ComfyUI single files (base.files), which the folder need not hold."""
     p = Path(path)
+    required = {k: v for k, v in required.items() if k not in (files or {})}
     need = "\n".join(f"    {k}/  ({v})" for k, v in required.items())
     if not p.exists():
         raise BaseFolderError(f"base.path {p} does not exist. For base.family={family} it must be a local diffusers folder containing:\n{need}")
@@ -52,7 +54,8 @@ class BaseParts:
         self.family, self.synthetic = family, bool(cfg.base.synthetic_full)
         self.weight_dtype, self.blocks_to_swap = cfg.base.weight_dtype, cfg.train.blocks_to_swap
         self.architecture = cfg.base.architecture or family  # synthetic_full: e.g. flux2_klein_9b for the family flux2_klein
-        self.root = None if self.synthetic else check_base_folder(cfg.base.path, family, required)
+        self.files = dict(cfg.base.files or {})  # component -> a ComfyUI single file (trainer/single_files.py)
+        self.root = None if self.synthetic else check_base_folder(cfg.base.path, family, required, self.files)
 
     def model(self, sub: str, cls, device, dtype) -> nn.Module:
         """Component ``sub`` on ``device``. The denoiser is stored as ``base.weight_dtype`` says (trainer/fp8_base.py)
@@ -69,6 +72,10 @@ class BaseParts:
             from trainer.full_bases import build_component
 
             m = build_component(self.architecture, sub, load_to, dtype, seed=zlib.crc32(sub.encode()))
+        elif sub in self.files:
+            from trainer.single_files import load_component
+
+            m = load_component(self.family, sub, self.files[sub], cls, self.root / sub, self.architecture, dtype).to(load_to)
         else:
             # diffusers and transformers name the dtype argument differently
             key = "torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"
