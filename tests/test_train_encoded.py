@@ -56,6 +56,7 @@ def test_bad_rows_and_budget(tmp_path):
     stream.next_batch()
     assert stream.skipped == {"missing source/target": 1}  # counted by the stream, once, as without the cache
     assert EncodedRows(adapter, train, cfg.base.resolution, max_mb=0.01, chunk=2).fill() is None
+    assert EncodedRows(adapter, train, cfg.base.resolution, max_mb=0.01, chunk=64).fill() is None  # one chunk: checked too
 
 
 def test_disk_cache_roundtrip_and_key(tmp_path):

@@ -71,21 +71,6 @@ class EncodedRows:
             self.seconds, self.source = time.perf_counter() - t0, str(cache_file)
             return self
         for start in range(0, len(self.ds), self.chunk):
-            done = len(self.rows) + len(self.bad)
-            if self.nbytes > self.max_bytes or (done and self.nbytes / done * len(self.ds) > self.max_bytes):
-                est = self.nbytes / max(done, 1) * len(self.ds) / 2**20
-                if cache_file:  # kept on disk in shards that each fit the budget, read row by row
-                    # whole chunks per shard: rows are encoded in the same groups as in memory (the same values)
-                    fit = int(self.max_bytes / max(self.nbytes / max(done, 1), 1))
-                    shard_rows = max(1, fit // self.chunk) * self.chunk
-                    print(f"note: the encoded dataset would take about {est:.0f} MB, more than data.cache_mb="
-                          f"{self.max_bytes / 2**20:.0f}; encoding it once into {_shards(cache_file)} ({shard_rows} rows "
-                          "per file) and reading each batch from there", flush=True)
-                    return StreamedRows(self.adapter, self.ds, self.res, _shards(cache_file), shard_rows, self.chunk).fill()
-                print(f"note: the encoded dataset would take about {est:.0f} MB, more than data.cache_mb="
-                      f"{self.max_bytes / 2**20:.0f}; encoding every batch instead (set data.cache_dir to encode it once "
-                      "to disk)", flush=True)
-                return None
             items, idx = [], []
             for i in range(start, min(start + self.chunk, len(self.ds))):
                 try:
@@ -98,10 +83,29 @@ class EncodedRows:
                 groups.setdefault(tuple(it["source"].shape), []).append((i, it))
             for group in groups.values():
                 self._store([i for i, _ in group], [it for _, it in group])
+            done = len(self.rows) + len(self.bad)  # after every chunk, the first (or only) one too
+            if self.nbytes > self.max_bytes or self.nbytes / done * len(self.ds) > self.max_bytes:
+                return self._over_budget(cache_file, self.nbytes / done)
         if cache_file and write:
             self._write(Path(cache_file))
         self.seconds = time.perf_counter() - t0
         return self
+
+    def _over_budget(self, cache_file, row_bytes: float) -> "StreamedRows | None":
+        """The dataset does not fit data.cache_mb: to disk shards beside ``cache_file``, or (without one) not kept."""
+        est = row_bytes * len(self.ds) / 2**20
+        self.rows, self.texts, self.edit_texts, self.nbytes = {}, {}, {}, 0
+        if cache_file:  # kept on disk in shards that each fit the budget, read row by row
+            # whole chunks per shard: rows are encoded in the same groups as in memory (the same values)
+            shard_rows = max(1, int(self.max_bytes / max(row_bytes, 1)) // self.chunk) * self.chunk
+            print(f"note: the encoded dataset would take about {est:.0f} MB, more than data.cache_mb="
+                  f"{self.max_bytes / 2**20:.0f}; encoding it once into {_shards(cache_file)} ({shard_rows} rows "
+                  "per file) and reading each batch from there", flush=True)
+            return StreamedRows(self.adapter, self.ds, self.res, _shards(cache_file), shard_rows, self.chunk).fill()
+        print(f"note: the encoded dataset would take about {est:.0f} MB, more than data.cache_mb="
+              f"{self.max_bytes / 2**20:.0f}; encoding every batch instead (set data.cache_dir to encode it once "
+              "to disk)", flush=True)
+        return None
 
     def _write(self, path: Path) -> None:
         texts = list(self.texts)
