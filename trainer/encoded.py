@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -263,43 +264,47 @@ class StreamedRows(EncodedRows):
         return self.folder / f"part-{s:05d}.safetensors"
 
     def _handle(self, s: int):
+        """Shard ``s`` opened once: (handle, metadata, text -> index, edit -> index, its keys, parts per text item)."""
         if s not in self._open:
             f = safe_open(str(self._shard(s)), framework="pt", device="cpu")
             meta = json.loads(f.metadata()["hywu.encoded"])
+            keys = set(f.keys())
+            parts = Counter(k.rsplit(".", 1)[0] for k in keys if k.startswith(("text.", "edit.")))
             self._open[s] = (f, meta, {t: k for k, t in enumerate(meta["texts"])},
-                             {t: k for k, t in enumerate(meta.get("edit_texts", ()))})
+                             {t: k for k, t in enumerate(meta.get("edit_texts", ()))}, keys, parts)
         return self._open[s]
 
     def load(self, i: int) -> dict:
         if i in self.bad:
             raise BadRow(self.bad[i])
         s, j = divmod(i, self.shard_rows)
-        f, meta, text_index, edit_index = self._handle(s)
+        f, meta, text_index, edit_index, keys, parts = self._handle(s)
         dev = self.adapter.device
-        get = lambda key: f.get_tensor(key).to(dev)  # noqa: E731
-        keys = set(f.keys())
+
+        def get(key):
+            return f.get_tensor(key).to(dev)
+
+        def item(kind: str, k: int):
+            got = [get(f"{kind}.{k}.{n}") for n in range(parts[f"{kind}.{k}"])]
+            return tuple(got) if meta["tuple" if kind == "text" else "edit_tuple"] else got[0]
+
         k, task = meta["rows"][str(j)]
         text_key = meta["texts"][k]
-        text = self._item(get, "text", k, meta["tuple"], keys)
         edits = self.ds.edits(i)
         edit_text = []
         for e in edits or [None]:
             key = text_key if e is None else self._text_key(j, e)
             if key in edit_index:
-                edit_text.append(self._item(get, "edit", edit_index[key], meta["edit_tuple"], keys))
+                edit_text.append(item("edit", edit_index[key]))
             elif key in text_index:
-                edit_text.append(self.adapter.generator_item(self._item(get, "text", text_index[key], meta["tuple"], keys)))
+                edit_text.append(self.adapter.generator_item(item("text", text_index[key])))
             else:
                 edit_text.append(None)
         cond = get(f"condition_source.{j}") if f"condition_source.{j}" in keys else None
-        return {"source": get(f"source.{j}"), "target": get(f"target.{j}"), "text": text, "instruction": text_key.split("\x00")[0],
-                "task": task, "edits": edits, "edit_text": None if any(t is None for t in edit_text) else edit_text,
+        return {"source": get(f"source.{j}"), "target": get(f"target.{j}"), "text": item("text", k),
+                "instruction": text_key.split("\x00")[0], "task": task, "edits": edits,
+                "edit_text": None if any(t is None for t in edit_text) else edit_text,
                 **({} if cond is None else {"condition_source": cond})}
-
-    @staticmethod
-    def _item(get, kind: str, k: int, is_tuple: bool, keys: set):
-        parts = [get(f"{kind}.{k}.{j}") for j in range(sum(1 for x in keys if x.startswith(f"{kind}.{k}.")))]
-        return tuple(parts) if is_tuple else parts[0]
 
     def summary(self) -> dict:
         return {**super().summary(), "rows": len(self.ds) - len(self.bad), "streamed_from": str(self.folder),
